@@ -1,0 +1,79 @@
+// Torch glue for the SwiGLU gate.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "activation/silu_and_mul.h"
+#include "common/op_checks.h"
+
+namespace torchkiln {
+namespace {
+
+// Returns d (half the last dim of x) after checking x.
+int64_t check_gate_input(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_not_empty(x, op, "x");
+  kernel_dtype(x, op, "x");
+  TORCH_CHECK_VALUE(x.size(-1) % 2 == 0, op, ": the last dim of x holds [gate, up] and must be even, got ",
+                    x.size(-1));
+  return x.size(-1) / 2;
+}
+
+std::vector<int64_t> half_last(const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() /= 2;
+  return shape;
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  const char* op = "silu_and_mul";
+  const int64_t d = check_gate_input(op, x);
+  at::Tensor out = at::empty(half_last(x), x.options());
+  SiluAndMulParams p;
+  p.x = x.data_ptr();
+  p.x_row_stride = row_stride(x, op, "x");
+  p.out = out.data_ptr();
+  p.out_row_stride = d;
+  p.rows = x.numel() / x.size(-1);
+  p.d = d;
+  p.dtype = kernel_dtype(x, op, "x");
+  TK_LAUNCH(x, silu_and_mul_fwd, p);
+  return out;
+}
+
+at::Tensor silu_and_mul_backward(const at::Tensor& grad_out, const at::Tensor& x) {
+  const char* op = "silu_and_mul_backward";
+  const int64_t d = check_gate_input(op, x);
+  check_same_dtype(grad_out, x, op, "grad_out", "x");
+  check_same_device(grad_out, x, op, "grad_out", "x");
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(half_last(x)), op, ": grad_out must have shape ",
+                    at::IntArrayRef(half_last(x)), ", got ", grad_out.sizes());
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  SiluAndMulBwdParams p;
+  p.grad_out = grad_out.data_ptr();
+  p.grad_out_row_stride = row_stride(grad_out, op, "grad_out");
+  p.x = x.data_ptr();
+  p.x_row_stride = row_stride(x, op, "x");
+  p.grad_x = grad_x.data_ptr();
+  p.grad_x_row_stride = 2 * d;
+  p.rows = x.numel() / x.size(-1);
+  p.d = d;
+  p.dtype = kernel_dtype(x, op, "x");
+  TK_LAUNCH(x, silu_and_mul_bwd, p);
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("silu_and_mul_backward", &silu_and_mul_backward);
+}
+
+#ifdef TORCHKILN_WITH_CUDA
+TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("silu_and_mul_backward", &silu_and_mul_backward);
+}
+#endif
+
+}  // namespace torchkiln

@@ -1,0 +1,102 @@
+// Argument checks and small helpers shared by the torch glue (*_ops.cpp).
+// Every failure is a TORCH_CHECK whose message names the op and the argument,
+// so Python callers get a RuntimeError/ValueError that says what to fix.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include "common/dtype.h"
+
+struct CUstream_st;
+
+namespace torchkiln {
+
+inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    default:
+      break;
+  }
+  TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  return DType::kFloat32;  // unreachable
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                             const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the same dtype as ",
+                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                              const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+}
+
+inline void check_not_empty(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.numel() > 0, op, ": ", name, " must not be empty, got shape ", t.sizes());
+}
+
+// Views t as (rows, t.size(-1)) without copying and returns the row stride.
+// Needs a contiguous last dimension, non-overlapping rows, and leading
+// dimensions that collapse into one stride (true for contiguous tensors and
+// for slices along the last dimension such as x[..., :d]).
+inline int64_t row_stride(const at::Tensor& t, const char* op, const char* name) {
+  const int64_t n = t.dim(), last = t.size(-1);
+  TORCH_CHECK_VALUE(last == 1 || t.stride(-1) == 1, op, ": ", name,
+                    " must be contiguous in its last dimension, got strides ", t.strides());
+  int64_t rs = -1, expected = -1;
+  for (int64_t i = n - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (rs < 0) {
+      rs = t.stride(i);
+      expected = rs * t.size(i);
+      continue;
+    }
+    TORCH_CHECK_VALUE(t.stride(i) == expected, op, ": ", name,
+                      " must have evenly strided rows (leading dimensions that flatten into one); got sizes ",
+                      t.sizes(), " and strides ", t.strides(), ". Call .contiguous() first");
+    expected *= t.size(i);
+  }
+  if (rs < 0) return last;
+  TORCH_CHECK_VALUE(rs >= last, op, ": ", name, " has overlapping rows (row stride ", rs, " < ", last,
+                    "); call .contiguous() first");
+  return rs;
+}
+
+// Mutated tensors must not write the same memory twice, nor alias each other.
+inline void check_writable(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+                    " is updated in place but has overlapping elements (e.g. from expand()); clone it first");
+}
+
+#ifdef TORCHKILN_WITH_CUDA
+// The current torch CUDA stream of t's device (common/cuda_runtime.cpp).
+CUstream_st* current_cuda_stream(const at::Tensor& t);
+#endif
+
+// Runs the CPU kernel for the active ISA or the CUDA launcher, by t's device.
+#ifdef TORCHKILN_WITH_CUDA
+#define TK_LAUNCH(t, name, params)                                      \
+  do {                                                                  \
+    if ((t).is_cuda()) {                                                \
+      const c10::DeviceGuard tk_device_guard((t).device());            \
+      ::torchkiln::name##_cuda(params, ::torchkiln::current_cuda_stream(t)); \
+    } else {                                                            \
+      TK_CPU_DISPATCH(name, params);                                    \
+    }                                                                   \
+  } while (0)
+#else
+#define TK_LAUNCH(t, name, params)                                                        \
+  do {                                                                                    \
+    TORCH_CHECK(!(t).is_cuda(), "torchkiln was built without CUDA; rebuild with TORCHKILN_CUDA=on"); \
+    TK_CPU_DISPATCH(name, params);                                                        \
+  } while (0)
+#endif
+
+}  // namespace torchkiln

@@ -1,0 +1,111 @@
+// RMSNorm CUDA kernels: one block per row (grid-stride over rows), fp32 sums.
+#include "common/cuda/cuda_helpers.cuh"
+#include "norm/rms_norm.h"
+
+namespace torchkiln {
+namespace {
+
+using cuda::block_sum;
+using cuda::from_float;
+using cuda::to_float;
+
+int threads_for(int64_t hidden) {
+  int t = 32;
+  while (t < 1024 && t < hidden) t *= 2;
+  return t;
+}
+
+template <class T>
+__global__ void rms_norm_fwd_kernel(RmsNormParams p) {
+  __shared__ float scratch[32];
+  const T* w = static_cast<const T*>(p.weight);
+  const float inv_h = 1.0f / static_cast<float>(p.hidden);
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const T* s = static_cast<const T*>(p.x) + r * p.x_row_stride;
+    float ss = 0.0f;
+    if (p.residual) {
+      const T* res = static_cast<const T*>(p.residual) + r * p.residual_row_stride;
+      T* sum = static_cast<T*>(p.residual_out) + r * p.residual_out_row_stride;
+      for (int64_t j = threadIdx.x; j < p.hidden; j += blockDim.x) {
+        const T v = from_float<T>(to_float(s[j]) + to_float(res[j]));
+        sum[j] = v;  // read back below by this same thread only
+        const float f = to_float(v);
+        ss += f * f;
+      }
+      s = sum;
+    } else {
+      for (int64_t j = threadIdx.x; j < p.hidden; j += blockDim.x) {
+        const float f = to_float(s[j]);
+        ss += f * f;
+      }
+    }
+    const float rstd = rsqrtf(block_sum(ss, scratch) * inv_h + p.eps);
+    T* out = static_cast<T*>(p.out) + r * p.out_row_stride;
+    for (int64_t j = threadIdx.x; j < p.hidden; j += blockDim.x)
+      out[j] = from_float<T>(to_float(s[j]) * rstd * to_float(w[j]));
+  }
+}
+
+// Block b handles rows b, b + grid, ... and owns dw_partial row b.
+template <class T>
+__global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
+  __shared__ float scratch[32];
+  const T* w = static_cast<const T*>(p.weight);
+  const float inv_h = 1.0f / static_cast<float>(p.hidden);
+  float* dwp = p.dw_partial + blockIdx.x * p.hidden;
+  for (int64_t j = threadIdx.x; j < p.hidden; j += blockDim.x) dwp[j] = 0.0f;
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const T* dy = static_cast<const T*>(p.grad_out) + r * p.grad_out_row_stride;
+    const T* s = static_cast<const T*>(p.x) + r * p.x_row_stride;
+    float ss = 0.0f, dot = 0.0f;
+    for (int64_t j = threadIdx.x; j < p.hidden; j += blockDim.x) {
+      const float sv = to_float(s[j]);
+      ss += sv * sv;
+      dot += to_float(dy[j]) * to_float(w[j]) * sv;
+    }
+    const float rstd = rsqrtf(block_sum(ss, scratch) * inv_h + p.eps);
+    const float c = rstd * rstd * rstd * block_sum(dot, scratch) * inv_h;
+    const T* gres =
+        p.grad_residual ? static_cast<const T*>(p.grad_residual) + r * p.grad_residual_row_stride : nullptr;
+    T* dx = static_cast<T*>(p.grad_x) + r * p.hidden;
+    for (int64_t j = threadIdx.x; j < p.hidden; j += blockDim.x) {
+      const float sv = to_float(s[j]), g = to_float(dy[j]);
+      float d = rstd * g * to_float(w[j]) - sv * c;
+      if (gres) d += to_float(gres[j]);
+      dx[j] = from_float<T>(d);
+      dwp[j] += g * sv * rstd;
+    }
+  }
+}
+
+template <class T>
+__global__ void reduce_dw_kernel(RmsNormBwdParams p) {
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (j >= p.hidden) return;
+  float acc = 0.0f;
+  for (int64_t c = 0; c < p.num_partials; ++c) acc += p.dw_partial[c * p.hidden + j];
+  static_cast<T*>(p.grad_weight)[j] = from_float<T>(acc);
+}
+
+}  // namespace
+
+void rms_norm_fwd_cuda(const RmsNormParams& p, CUstream_st* stream) {
+  const int64_t blocks = p.rows < 65535 ? p.rows : 65535;
+  cuda::dispatch_dtype(p.dtype, [&](auto tag) {
+    rms_norm_fwd_kernel<decltype(tag)><<<blocks, threads_for(p.hidden), 0, stream>>>(p);
+  });
+  cuda::check_launch("rms_norm_fwd");
+}
+
+int64_t rms_norm_bwd_cuda_num_partials(int64_t rows, int64_t hidden) { return rows < 512 ? rows : 512; }
+
+void rms_norm_bwd_cuda(const RmsNormBwdParams& p, CUstream_st* stream) {
+  cuda::dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_bwd_kernel<T><<<p.num_partials, threads_for(p.hidden), 0, stream>>>(p);
+    reduce_dw_kernel<T><<<cuda::ceil_div(p.hidden, 256), 256, 0, stream>>>(p);
+  });
+  cuda::check_launch("rms_norm_bwd");
+}
+
+}  // namespace torchkiln

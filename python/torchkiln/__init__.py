@@ -1,0 +1,28 @@
+"""torchkiln: native kernels for training, fine-tuning and serving LLMs from PyTorch.
+
+Every op is a torch custom op (``torch.ops.torchkiln.*``) with CPU (AVX-512 /
+AVX2 / scalar, picked at run time) and CUDA kernels, a fake implementation for
+``torch.compile`` and an autograd formula. The functions below are the typed
+public entry points.
+"""
+
+from __future__ import annotations
+
+from ._ext import _C
+from .info import info
+from .ops.activation import silu_and_mul
+from .ops.norm import fused_add_rms_norm, rms_norm
+from .ops.rotary import apply_rotary
+from . import nn  # noqa: E402  (modules built on the ops above)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply_rotary",
+    "fused_add_rms_norm",
+    "info",
+    "nn",
+    "rms_norm",
+    "silu_and_mul",
+    "__version__",
+]

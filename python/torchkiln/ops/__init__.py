@@ -1,0 +1,6 @@
+"""One module per kernel family: typed wrappers around ``torch.ops.torchkiln``,
+their fake (meta) kernels, autograd formulas and eager ``*_ref`` baselines."""
+
+from . import activation, norm, rotary
+
+__all__ = ["activation", "norm", "rotary"]

@@ -1,0 +1,111 @@
+"""RMSNorm and fused residual-add + RMSNorm.
+
+Kernels: csrc/norm/. Layout: x is (..., hidden) with a contiguous last
+dimension and evenly strided rows; weight is (hidden,) in x's dtype.
+Accumulation is fp32 whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._ext import _C  # noqa: F401  (registers the ops)
+from ._util import compute_dtype, needs_grad
+
+_ops = torch.ops.torchkiln
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x * rsqrt(mean(x**2, -1) + eps) * weight``.
+
+    x: (..., hidden); weight: (hidden,), same dtype and device. Returns a new
+    contiguous tensor shaped like x. Differentiable in x and weight.
+    """
+    return _ops.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Pre-norm block step: ``s = x + residual`` then ``rms_norm(s)``.
+
+    Returns ``(rms_norm(s), s)``. Without autograd (inference) the sum is
+    written into ``residual`` in place and the returned ``s`` *is* ``residual``
+    (vLLM's contract: no extra allocation). When a gradient is needed, the
+    residual is left untouched and ``s`` is a new tensor.
+    """
+    if needs_grad(x, residual, weight):
+        return _ops.fused_add_rms_norm(x, residual, weight, eps)
+    out = _ops.fused_add_rms_norm_(x, residual, weight, eps)
+    return out, residual
+
+
+# ----------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("torchkiln::rms_norm")
+def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("torchkiln::fused_add_rms_norm")
+def _fused_add_rms_norm_fake(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.register_fake("torchkiln::fused_add_rms_norm_")
+def _fused_add_rms_norm_inplace_fake(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("torchkiln::rms_norm_backward")
+def _rms_norm_backward_fake(
+    grad_out: Tensor, x: Tensor, weight: Tensor, eps: float, grad_residual: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _rms_norm_setup(ctx, inputs, output) -> None:
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _rms_norm_backward(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_w = _ops.rms_norm_backward(grad.contiguous(), x, weight, ctx.eps, None)
+    return grad_x, grad_w, None
+
+
+def _fused_add_setup(ctx, inputs, output) -> None:
+    _, _, weight, eps = inputs
+    ctx.save_for_backward(output[1], weight)  # the sum s is what was normalised
+    ctx.eps = eps
+
+
+def _fused_add_backward(ctx, grad_out: Tensor | None, grad_residual: Tensor | None):
+    s, weight = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(s)
+    if grad_residual is not None:
+        grad_residual = grad_residual.contiguous()
+    grad_s, grad_w = _ops.rms_norm_backward(grad_out.contiguous(), s, weight, ctx.eps, grad_residual)
+    return grad_s, grad_s, grad_w, None
+
+
+torch.library.register_autograd("torchkiln::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup)
+torch.library.register_autograd(
+    "torchkiln::fused_add_rms_norm", _fused_add_backward, setup_context=_fused_add_setup
+)
+
+
+# ----------------------------------------------------------------------------- eager baselines
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """Plain PyTorch RMSNorm as Hugging Face's LlamaRMSNorm writes it."""
+    h = x.to(compute_dtype(x))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def fused_add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch residual add followed by RMSNorm (out of place)."""
+    s = x + residual
+    return rms_norm_ref(s, weight, eps), s

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtual environment with one torch build plus everything
+# torchkiln needs to build, test and benchmark.
+#   scripts/make_venv.sh VENV_DIR TORCH_SPEC      e.g. ~/.cache/torchkiln/venv-cpu torch==2.13.0
+# Idempotent: an existing venv whose torch already matches is only topped up.
+set -euo pipefail
+venv=$1
+torch_spec=$2
+py=${PYTHON:-python3}
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$venv/bin/python" -m pip install -q "$torch_spec"
+"$venv/bin/python" -m pip install -q \
+  "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja \
+  numpy pytest pytest-benchmark hypothesis matplotlib
+"$venv/bin/python" -c "import torch; print('venv', '$venv', 'torch', torch.__version__, 'cuda', torch.version.cuda)"
