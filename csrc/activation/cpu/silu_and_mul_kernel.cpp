@@ -56,7 +56,7 @@ void backward(const SiluAndMulBwdParams& p) {
       Vec g = full ? vload(dy + j) : vload_partial(dy + j, m);
       Vec sg = vsigmoid(av);
       Vec silu = av * sg;
-      Vec dav = g * bv * sg * vfma(silu, one - sg, one);  // sg * (1 + a(1 - sg))
+      Vec dav = g * bv * sg * vfma(av, one - sg, one);  // sg * (1 + a(1 - sg))
       Vec dbv = g * silu;
       if (full) {
         vstore(da + j, dav);

@@ -1,0 +1,85 @@
+"""Packaging contract: info, CLI, ISA forcing through the environment, and the
+torch-version guard in _ext.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchkiln
+from conftest import ISAS, isa_supported
+
+
+def run_python(code: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_info_reports_build_and_cpu():
+    info = torchkiln.info()
+    assert info["build"]["torch_version"] == torch.__version__
+    assert info["cpu"]["active_isa"] in ISAS and info["cpu"]["detected_isa"] in ISAS
+    assert info["cpu"]["num_threads"] == torch.get_num_threads()
+    assert isinstance(info["build"]["cuda"], bool)
+
+
+def test_cli_info():
+    proc = subprocess.run([sys.executable, "-m", "torchkiln", "info", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["build"]["torch_version"] == torch.__version__
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_env_forces_isa(isa):
+    if not isa_supported(isa):
+        pytest.skip(f"this CPU cannot run {isa}")
+    code = (
+        "import torch, torchkiln\n"
+        "x = torch.randn(3, 40); w = torch.ones(40)\n"
+        "ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)\n"
+        "torch.testing.assert_close(torchkiln.rms_norm(x, w), ref)\n"
+        "print(torchkiln.info()['cpu']['active_isa'])"
+    )
+    proc = run_python(code, {"TORCHKILN_CPU_ISA": isa})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == isa
+
+
+def test_env_unknown_isa_is_reported_not_used():
+    proc = run_python("import torchkiln, json; print(json.dumps(torchkiln.info()['cpu']))", {"TORCHKILN_CPU_ISA": "sse9"})
+    assert proc.returncode == 0, proc.stderr
+    cpu = json.loads(proc.stdout)
+    assert cpu["rejected_isa_request"] == "sse9"
+    assert cpu["active_isa"] == cpu["detected_isa"]
+
+
+def test_set_cpu_isa_rejects_unknown_name():
+    with pytest.raises(ValueError, match="unknown CPU ISA 'neon'"):
+        torchkiln._C.set_cpu_isa("neon")
+
+
+def test_torch_version_mismatch_raises_clear_import_error():
+    code = (
+        "import sys, types\n"
+        "fake = types.ModuleType('torchkiln._build_config')\n"
+        "fake.TORCH_VERSION, fake.CUDA, fake.CUDA_ARCHS = '1.0.0', False, ''\n"
+        "sys.modules['torchkiln._build_config'] = fake\n"
+        "import torchkiln\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr
+    assert "built against torch 1.0.0" in proc.stderr and f"torch {torch.__version__} is installed" in proc.stderr
+    assert "--no-build-isolation" in proc.stderr
+
+
+def test_cuda_tensor_on_cpu_only_build_is_rejected():
+    if torchkiln.info()["build"]["cuda"] or not torch.cuda.is_available():
+        pytest.skip("only meaningful for a CPU-only build on a GPU machine")
+    with pytest.raises(NotImplementedError):
+        torchkiln.rms_norm(torch.randn(2, 8, device="cuda"), torch.ones(8, device="cuda"))
