@@ -117,18 +117,24 @@ inline Vec vload(const fp16_t* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
 inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
-inline void vstore(bf16_t* p, Vec a) {
+// fp32 -> bf16 bits, round to nearest even, NaN kept quiet.
+inline __m256i cvt_bf16(Vec a) {
   __m512i u = _mm512_castps_si512(a.v);
   __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
   __mmask16 nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
   r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
 }
-inline void vstore(fp16_t* p, Vec a) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+inline __m256i cvt_fp16(Vec a) { return _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline void vstore(bf16_t* p, Vec a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), cvt_bf16(a)); }
+inline void vstore(fp16_t* p, Vec a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), cvt_fp16(a)); }
+// Non-temporal stores (no read-for-ownership of the destination line); p must
+// be aligned to the vector's size in bytes. Use through vstore_out.
+inline void vstore_stream(float* p, Vec a) { _mm512_stream_ps(p, a.v); }
+inline void vstore_stream(bf16_t* p, Vec a) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), cvt_bf16(a)); }
+inline void vstore_stream(fp16_t* p, Vec a) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), cvt_fp16(a)); }
+inline void stream_fence() { _mm_sfence(); }
 inline Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
@@ -169,7 +175,7 @@ inline Vec vload(const fp16_t* p) {
   return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
 }
 inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a.v); }
-inline void vstore(bf16_t* p, Vec a) {
+inline __m128i cvt_bf16(Vec a) {
   __m256i u = _mm256_castps_si256(a.v);
   __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
@@ -178,12 +184,15 @@ inline void vstore(bf16_t* p, Vec a) {
   r = _mm256_blendv_epi8(r, quiet, nan);
   // Values are < 2^16, so unsigned saturation keeps them; fix the lane order.
   __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  return _mm256_castsi256_si128(packed);
 }
-inline void vstore(fp16_t* p, Vec a) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+inline __m128i cvt_fp16(Vec a) { return _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline void vstore(bf16_t* p, Vec a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), cvt_bf16(a)); }
+inline void vstore(fp16_t* p, Vec a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), cvt_fp16(a)); }
+inline void vstore_stream(float* p, Vec a) { _mm256_stream_ps(p, a.v); }
+inline void vstore_stream(bf16_t* p, Vec a) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), cvt_bf16(a)); }
+inline void vstore_stream(fp16_t* p, Vec a) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), cvt_fp16(a)); }
+inline void stream_fence() { _mm_sfence(); }
 inline Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
@@ -242,6 +251,11 @@ inline Vec vexp2i(Vec n) {
 }
 inline Vec vrecip(Vec a) { return {1.0f / a.v}; }
 inline float vsum(Vec a) { return a.v; }
+template <class T>
+inline void vstore_stream(T* p, Vec a) {
+  vstore(p, a);
+}
+inline void stream_fence() {}
 #endif
 
 constexpr int kW = Vec::kWidth;
@@ -261,6 +275,20 @@ inline void vstore_partial(T* p, Vec a, int64_t n) {
   T buf[kW];
   vstore(buf, a);
   std::memcpy(p, buf, static_cast<size_t>(n) * sizeof(T));
+}
+
+// Bytes of output past which kernels write with non-temporal stores: far
+// beyond L2, where skipping the destination's read-for-ownership saves a
+// third of the traffic. Smaller outputs stay cached for the next op.
+constexpr int64_t kStreamingStoreBytes = int64_t{8} << 20;
+
+// Full-vector store; non-temporal when `stream` and p is vector-aligned.
+template <class T>
+inline void vstore_out(T* p, Vec a, bool stream) {
+  if (stream && reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kW) == 0)
+    vstore_stream(p, a);
+  else
+    vstore(p, a);
 }
 
 // exp(x) in fp32, about 1 ulp over the clamped range [-87, 88]: outside it the

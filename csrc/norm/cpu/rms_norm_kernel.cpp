@@ -31,10 +31,21 @@ float dot(const A* a, const B* b, int64_t n) {
   return vsum((acc0 + acc1) + (acc2 + acc3));
 }
 
+// Widens `n` elements of src to fp32 (done once per task for the weight).
+template <class T>
+void widen(const T* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) vstore(dst + j, vload(src + j));
+  if (j < n) vstore_partial(dst + j, vload_partial(src + j, n - j), n - j);
+}
+
 template <class T>
 void forward_rows(const RmsNormParams& p, int64_t row_begin, int64_t row_end) {
   const int64_t H = p.hidden;
-  const T* w = static_cast<const T*>(p.weight);
+  std::vector<float> wbuf(static_cast<size_t>(H));
+  const float* w = wbuf.data();
+  widen(static_cast<const T*>(p.weight), wbuf.data(), H);
+  const bool stream = p.rows * H * static_cast<int64_t>(sizeof(T)) > kStreamingStoreBytes;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* s = static_cast<const T*>(p.x) + r * p.x_row_stride;
     if (p.residual) {
@@ -49,10 +60,18 @@ void forward_rows(const RmsNormParams& p, int64_t row_begin, int64_t row_end) {
     const float rstd = 1.0f / std::sqrt(dot(s, s, H) / static_cast<float>(H) + p.eps);
     const Vec vr = vset1(rstd);
     T* out = static_cast<T*>(p.out) + r * p.out_row_stride;
+    // While this row is finished from L1, pull the next one in from DRAM so
+    // the memory system never idles between the two passes.
+    const char* next = reinterpret_cast<const char*>(static_cast<const T*>(p.x) + (r + 1) * p.x_row_stride);
+    const int64_t next_bytes = r + 1 < row_end ? H * static_cast<int64_t>(sizeof(T)) : 0;
     int64_t j = 0;
-    for (; j + kW <= H; j += kW) vstore(out + j, vload(s + j) * vr * vload(w + j));
+    for (int64_t b = 0; j + kW <= H; j += kW, b += kW * static_cast<int64_t>(sizeof(T))) {
+      if (b < next_bytes) __builtin_prefetch(next + b);
+      vstore_out(out + j, vload(s + j) * vr * vload(w + j), stream);
+    }
     if (j < H) vstore_partial(out + j, vload_partial(s + j, H - j) * vr * vload_partial(w + j, H - j), H - j);
   }
+  if (stream) stream_fence();
 }
 
 // One slice of rows; dw for the slice accumulates into dwp (fp32, hidden).

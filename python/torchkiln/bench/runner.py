@@ -1,0 +1,88 @@
+"""Runs cases and formats results: table, JSON, PNG plot."""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .cases import BenchCase
+from .timing import copy_bandwidth_gbs, time_pair
+
+
+@dataclass
+class BenchResult:
+    family: str
+    name: str
+    shape: str
+    dtype: str
+    device: str
+    ours_ms: float
+    baseline_ms: float
+    ratio: float  # baseline_ms / ours_ms: > 1 means torchkiln is faster
+    ours_gbs: float  # compulsory bytes / our time
+    copy_gbs: float  # measured copy bandwidth in the same run
+    pct_of_copy: float
+
+
+def run_cases(cases: list[BenchCase], device: str = "cpu", repeat: int = 10, warmup: int = 2) -> list[BenchResult]:
+    copy = copy_bandwidth_gbs(device)
+    results = []
+    for case in cases:
+        prepared = case.setup(device)
+        ours, base = time_pair(prepared.ours, prepared.baseline, device, warmup=warmup, repeat=repeat)
+        gbs = prepared.min_bytes / ours / 1e9
+        results.append(
+            BenchResult(
+                case.family, case.name, case.shape, str(case.dtype).removeprefix("torch."), device,
+                ours * 1e3, base * 1e3, base / ours, gbs, copy, 100.0 * gbs / copy,
+            )
+        )
+        del prepared
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def format_table(results: list[BenchResult]) -> str:
+    head = ("family", "op", "shape", "dtype", "torchkiln ms", "baseline ms", "ratio", "GB/s", "% copy bw")
+    rows = [
+        (r.family, r.name, r.shape, r.dtype, f"{r.ours_ms:.3f}", f"{r.baseline_ms:.3f}", f"{r.ratio:.2f}x",
+         f"{r.ours_gbs:.1f}", f"{r.pct_of_copy:.0f}%")
+        for r in results
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    out = [line(head), line("-" * w for w in widths), *map(line, rows)]
+    if results:
+        out.append(f"copy bandwidth ({results[0].device}, read + write): {results[0].copy_gbs:.1f} GB/s; "
+                   "ratio = baseline / torchkiln (> 1 is faster)")
+    return "\n".join(out)
+
+
+def write_json(results: list[BenchResult], path: str | Path, meta: dict) -> None:
+    Path(path).write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+
+
+def write_plot(results: list[BenchResult], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.name}\n{r.shape}" for r in results]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(results)), 4.5))
+    bars = ax.bar(range(len(results)), [r.ratio for r in results], color="#c0504d")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(results)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("speed-up vs eager PyTorch (x)")
+    ax.set_title(f"torchkiln vs eager PyTorch ({results[0].device})" if results else "torchkiln")
+    for bar, r in zip(bars, results):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r.ratio:.2f}x", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

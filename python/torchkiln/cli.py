@@ -1,0 +1,72 @@
+"""``torchkiln`` command line: ``info`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import info
+
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for section, values in data.items():
+            if isinstance(values, dict):
+                print(f"{section}:")
+                for k, v in values.items():
+                    print(f"  {k}: {v}")
+            else:
+                print(f"{section}: {values}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import cases_for, run_cases
+    from .bench.runner import format_table, write_json, write_plot
+    from .info import info
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("torchkiln bench: --device cuda but no GPU is visible", file=sys.stderr)
+        return 2
+    cases = cases_for(args.family, quick=args.quick)
+    results = run_cases(cases, device=args.device, repeat=args.repeat, warmup=args.warmup)
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json, {"info": info(), "quick": args.quick, "repeat": args.repeat})
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="torchkiln", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_info = sub.add_parser("info", help="build and CPU facts")
+    p_info.add_argument("--json", action="store_true", help="print JSON")
+    p_info.set_defaults(fn=_cmd_info)
+
+    p_bench = sub.add_parser("bench", help="time every kernel against its eager PyTorch baseline")
+    p_bench.add_argument("--family", choices=["norm", "activation", "rope"], help="only this kernel family")
+    p_bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p_bench.add_argument("--json", metavar="PATH", help="write results as JSON")
+    p_bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios")
+    p_bench.add_argument("--repeat", type=int, default=10, help="timed calls per implementation (median)")
+    p_bench.add_argument("--warmup", type=int, default=2)
+    p_bench.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
+    p_bench.set_defaults(fn=_cmd_bench)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
