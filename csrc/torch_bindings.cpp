@@ -2,19 +2,23 @@
 // each family's *_ops.cpp; fake (meta) kernels and autograd formulas live in
 // python/torchkiln/ops/<family>.py.
 //
-// Conventions: ops that update an argument in place end in `_`, mark it
-// `Tensor(a!)` and return what they newly allocate (or `()`); functional
-// twins exist where autograd needs them.
+// Conventions: an op that updates arguments marks them `Tensor(a!)` and
+// returns `()`: `*_out` ops write into a caller-provided `out` (vLLM style,
+// for allocation-free hot paths and CUDA graphs), ops ending in `_` update
+// their inputs in place. Functional twins exist where autograd needs them.
 #include <torch/library.h>
 
 TORCH_LIBRARY(torchkiln, m) {
   // ---- norm: RMSNorm (+ fused residual add) -------------------------------
   // out = x * rsqrt(mean(x^2, -1) + eps) * weight
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // same, into a caller-provided buffer shaped like x (which may be x itself)
+  m.def("rms_norm_out(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   // s = x + residual; returns (rms_norm(s), s)
   m.def("fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
-  // residual <- x + residual in place; returns rms_norm(residual)
-  m.def("fused_add_rms_norm_(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
+  // residual <- x + residual in place; out <- rms_norm(residual) (out may be x itself)
+  m.def(
+      "fused_add_rms_norm_out(Tensor(a!) out, Tensor x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   // (grad_x [+ grad_residual], grad_weight) for rms_norm evaluated at x
   m.def(
       "rms_norm_backward(Tensor grad_out, Tensor x, Tensor weight, float eps, Tensor? grad_residual) "
@@ -33,5 +37,6 @@ TORCH_LIBRARY(torchkiln, m) {
   // ---- activation: SwiGLU gate --------------------------------------------
   // silu(x[..., :d]) * x[..., d:]
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("silu_and_mul_out(Tensor(a!) out, Tensor x) -> ()");
   m.def("silu_and_mul_backward(Tensor grad_out, Tensor x) -> Tensor");
 }

@@ -24,20 +24,37 @@ std::vector<int64_t> half_last(const at::Tensor& x) {
   return shape;
 }
 
-at::Tensor silu_and_mul(const at::Tensor& x) {
-  const char* op = "silu_and_mul";
+void launch_forward(const char* op, const at::Tensor& out, const at::Tensor& x) {
   const int64_t d = check_gate_input(op, x);
-  at::Tensor out = at::empty(half_last(x), x.options());
   SiluAndMulParams p;
   p.x = x.data_ptr();
   p.x_row_stride = row_stride(x, op, "x");
   p.out = out.data_ptr();
-  p.out_row_stride = d;
+  p.out_row_stride = row_stride(out, op, "out");
   p.rows = x.numel() / x.size(-1);
   p.d = d;
   p.dtype = kernel_dtype(x, op, "x");
   TK_LAUNCH(x, silu_and_mul_fwd, p);
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  check_gate_input("silu_and_mul", x);
+  at::Tensor out = at::empty(half_last(x), x.options());
+  launch_forward("silu_and_mul", out, x);
   return out;
+}
+
+// Writes into a caller-provided buffer (no allocation on the hot path).
+void silu_and_mul_out(const at::Tensor& out, const at::Tensor& x) {
+  const char* op = "silu_and_mul_out";
+  check_gate_input(op, x);
+  check_same_dtype(out, x, op, "out", "x");
+  check_same_device(out, x, op, "out", "x");
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(half_last(x)), op, ": out must have shape ",
+                    at::IntArrayRef(half_last(x)), ", got ", out.sizes());
+  check_writable(out, op, "out");
+  check_no_overlap(out, x, op, "out", "x");
+  launch_forward(op, out, x);
 }
 
 at::Tensor silu_and_mul_backward(const at::Tensor& grad_out, const at::Tensor& x) {
@@ -66,12 +83,14 @@ at::Tensor silu_and_mul_backward(const at::Tensor& grad_out, const at::Tensor& x
 
 TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("silu_and_mul_out", &silu_and_mul_out);
   m.impl("silu_and_mul_backward", &silu_and_mul_backward);
 }
 
 #ifdef TORCHKILN_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("silu_and_mul_out", &silu_and_mul_out);
   m.impl("silu_and_mul_backward", &silu_and_mul_backward);
 }
 #endif

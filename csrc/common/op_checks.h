@@ -75,6 +75,16 @@ inline void check_writable(const at::Tensor& t, const char* op, const char* name
                     " is updated in place but has overlapping elements (e.g. from expand()); clone it first");
 }
 
+// Same rule as ATen's out= checks: overlap that ATen can prove (dense
+// tensors) is an error; strided views it cannot decide are the caller's
+// responsibility (q and k as interleaved views of one qkv buffer are legal).
+inline void check_no_overlap(const at::Tensor& written, const at::Tensor& other, const char* op,
+                             const char* name, const char* other_name) {
+  const at::MemOverlapStatus status = at::get_overlap_status(written, other);
+  TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ",
+                    name, " is written and must not share memory with ", other_name);
+}
+
 #ifdef TORCHKILN_WITH_CUDA
 // The current torch CUDA stream of t's device (common/cuda_runtime.cpp).
 CUstream_st* current_cuda_stream(const at::Tensor& t);

@@ -30,6 +30,10 @@ NormShape check_norm_inputs(const char* op, const at::Tensor& x, const at::Tenso
   return {x.numel() / x.size(-1), x.size(-1), dtype};
 }
 
+bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
 void check_like(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
   check_same_dtype(t, x, op, name, "x");
   check_same_device(t, x, op, name, "x");
@@ -45,7 +49,7 @@ RmsNormParams forward_params(const char* op, const at::Tensor& x, const at::Tens
   p.x_row_stride = row_stride(x, op, "x");
   p.weight = weight.data_ptr();
   p.out = out.data_ptr();
-  p.out_row_stride = s.hidden;
+  p.out_row_stride = row_stride(out, op, "out");
   p.rows = s.rows;
   p.hidden = s.hidden;
   p.eps = static_cast<float>(eps);
@@ -58,6 +62,17 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   RmsNormParams p = forward_params("rms_norm", x, weight, eps, out);
   TK_LAUNCH(x, rms_norm_fwd, p);
   return out;
+}
+
+// Writes into a caller-provided buffer (no allocation on the hot path).
+// out may be x itself: a row is fully read before any of it is written.
+void rms_norm_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const char* op = "rms_norm_out";
+  check_like(op, out, "out", x);
+  check_writable(out, op, "out");
+  if (!same_view(out, x)) check_no_overlap(out, x, op, "out", "x");
+  RmsNormParams p = forward_params(op, x, weight, eps, out);
+  TK_LAUNCH(x, rms_norm_fwd, p);
 }
 
 // Functional variant (autograd path): the new residual is a fresh tensor.
@@ -76,23 +91,23 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
   return {out, residual_out};
 }
 
-// In-place variant (inference path): residual <- x + residual.
-at::Tensor fused_add_rms_norm_(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                               double eps) {
-  const char* op = "fused_add_rms_norm_";
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  RmsNormParams p = forward_params(op, x, weight, eps, out);
+// Inference path: residual <- x + residual in place, the norm into `out`.
+void fused_add_rms_norm_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& residual,
+                            const at::Tensor& weight, double eps) {
+  const char* op = "fused_add_rms_norm_out";
+  check_like(op, out, "out", x);
   check_like(op, residual, "residual", x);
   check_writable(residual, op, "residual");
-  const at::MemOverlapStatus overlap = at::get_overlap_status(x, residual);
-  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
-                    ": residual is updated in place and must not share memory with x");
+  check_writable(out, op, "out");
+  check_no_overlap(residual, x, op, "residual", "x");
+  check_no_overlap(out, residual, op, "out", "residual");
+  if (!same_view(out, x)) check_no_overlap(out, x, op, "out", "x");
+  RmsNormParams p = forward_params(op, x, weight, eps, out);
   p.residual = residual.data_ptr();
   p.residual_row_stride = row_stride(residual, op, "residual");
   p.residual_out = residual.data_ptr();  // each element is read before it is overwritten, by the same thread
   p.residual_out_row_stride = p.residual_row_stride;
   TK_LAUNCH(x, rms_norm_fwd, p);
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
@@ -137,16 +152,18 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out,
 
 TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
   m.impl("rms_norm", &rms_norm);
+  m.impl("rms_norm_out", &rms_norm_out);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
-  m.impl("fused_add_rms_norm_", &fused_add_rms_norm_);
+  m.impl("fused_add_rms_norm_out", &fused_add_rms_norm_out);
   m.impl("rms_norm_backward", &rms_norm_backward);
 }
 
 #ifdef TORCHKILN_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
   m.impl("rms_norm", &rms_norm);
+  m.impl("rms_norm_out", &rms_norm_out);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
-  m.impl("fused_add_rms_norm_", &fused_add_rms_norm_);
+  m.impl("fused_add_rms_norm_out", &fused_add_rms_norm_out);
   m.impl("rms_norm_backward", &rms_norm_backward);
 }
 #endif

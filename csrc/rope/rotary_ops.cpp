@@ -105,9 +105,7 @@ void rotary_embedding_(const at::Tensor& q, const std::optional<at::Tensor>& k, 
     check_same_dtype(*k, q, op, "k", "q");
     TORCH_CHECK_VALUE(k->dim() == q.dim() && k->size(-1) == q.size(-1), op,
                       ": k must have the same rank and head_dim as q, got ", k->sizes(), " and ", q.sizes());
-    const at::MemOverlapStatus overlap = at::get_overlap_status(q, *k);
-    TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
-                      ": q and k are updated in place and must not share memory");
+    check_no_overlap(*k, q, op, "k", "q");
   }
   set_out(pq, q);
   TK_LAUNCH(q, rotary_fwd, pq);

@@ -34,11 +34,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("torchkiln bench: --device cuda but no GPU is visible", file=sys.stderr)
         return 2
+    from .bench.timing import keep_freed_memory_mapped
+
+    steady_malloc = args.device == "cpu" and not args.system_malloc and keep_freed_memory_mapped()
     cases = cases_for(args.family, quick=args.quick)
     results = run_cases(cases, device=args.device, repeat=args.repeat, warmup=args.warmup)
     print(format_table(results))
+    if args.device == "cpu":
+        print("allocator: " + ("glibc heap kept (no page faults on reuse; --system-malloc to disable)"
+                               if steady_malloc else "system default"))
     if args.json:
-        write_json(results, args.json, {"info": info(), "quick": args.quick, "repeat": args.repeat})
+        meta = {"info": info(), "quick": args.quick, "repeat": args.repeat, "steady_state_malloc": steady_malloc}
+        write_json(results, args.json, meta)
         print(f"wrote {args.json}")
     if args.plot:
         write_plot(results, args.plot)
@@ -62,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--repeat", type=int, default=10, help="timed calls per implementation (median)")
     p_bench.add_argument("--warmup", type=int, default=2)
     p_bench.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
+    p_bench.add_argument(
+        "--system-malloc", action="store_true",
+        help="keep glibc's default of unmapping big frees (every call then page-faults its outputs)",
+    )
     p_bench.set_defaults(fn=_cmd_bench)
 
     args = parser.parse_args(argv)

@@ -59,6 +59,22 @@ def test_silu_and_mul_backward(backend, dtype, shape):
     )
 
 
+def test_out_variant(backend):
+    x = torch.randn(5, 2 * 77, device=backend)
+    buf = torch.full((5, 90), 3.0, device=backend)
+    out = buf[:, 5:82]
+    assert torchkiln.silu_and_mul(x, out=out) is out
+    torch.testing.assert_close(out, torchkiln.silu_and_mul(x), rtol=0, atol=0)
+    assert (buf[:, :5] == 3).all() and (buf[:, 82:] == 3).all()
+    with pytest.raises(ValueError, match=r"out must have shape \[5, 77\]"):
+        torchkiln.silu_and_mul(x, out=buf)
+    shared = torch.randn(5 * 154 + 5 * 77, device=backend)
+    with pytest.raises(ValueError, match="out is written and must not share memory with x"):
+        torchkiln.silu_and_mul(shared[: 5 * 154].view(5, 154), out=shared[5 * 154 - 1 : -1].view(5, 77))
+    with pytest.raises(RuntimeError, match="does not support autograd"):
+        torchkiln.silu_and_mul(x.clone().requires_grad_(), out=out)
+
+
 def test_opcheck(backend):
     x = torch.randn(3, 5, 2 * 37, device=backend)
     g = torch.randn(3, 5, 37, device=backend)
@@ -66,6 +82,7 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.silu_and_mul, (x.clone().requires_grad_(),))
     torch.library.opcheck(ops.silu_and_mul_backward, (g, x))
     torch.library.opcheck(ops.silu_and_mul, (x.bfloat16(),))
+    torch.library.opcheck(ops.silu_and_mul_out, (torch.empty_like(g), x))
 
 
 def test_bad_inputs(backend):

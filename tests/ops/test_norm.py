@@ -112,6 +112,42 @@ def test_fused_add_rms_norm_backward(backend, dtype):
     assert_within_rule(kw, rw, lw, factor=3.0, atol=1e-4, what="grad weight")
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_out_variants(backend, dtype):
+    x, w = make((6,), 300, dtype, backend)
+    residual = torch.randn_like(x, dtype=torch.float32).to(dtype)
+    expected = torchkiln.rms_norm(x, w)
+    # Into a strided view of a bigger buffer: the columns around it stay.
+    buf = torch.full((6, 320), 7.0, device=backend).to(dtype)
+    out = buf[:, 10:310]
+    assert torchkiln.rms_norm(x, w, out=out) is out
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert (buf[:, :10] == 7).all() and (buf[:, 310:] == 7).all()
+    # out=x normalises in place.
+    x2 = x.clone()
+    torchkiln.rms_norm(x2, w, out=x2)
+    torch.testing.assert_close(x2, expected, rtol=0, atol=0)
+    # vLLM style: out=x, residual updated in place.
+    s_expected = x + residual
+    normed_expected = torchkiln.rms_norm(s_expected, w)
+    x3, r3 = x.clone(), residual.clone()
+    normed, s = torchkiln.fused_add_rms_norm(x3, r3, w, out=x3)
+    assert normed is x3 and s is r3
+    torch.testing.assert_close(r3, s_expected, rtol=0, atol=0)
+    torch.testing.assert_close(x3, normed_expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="does not support autograd"):
+        torchkiln.rms_norm(x.clone().requires_grad_(), w, out=out)
+    with pytest.raises(RuntimeError, match="does not support autograd"):
+        torchkiln.fused_add_rms_norm(x.clone().requires_grad_(), residual, w, out=out)
+    with pytest.raises(ValueError, match="out must have the same shape as x"):
+        torchkiln.rms_norm(x, w, out=out[:, :7])
+    shared = torch.randn(6 * 300 + 1, device=backend).to(dtype)
+    with pytest.raises(ValueError, match="out is written and must not share memory with x"):
+        torchkiln.rms_norm(shared[:-1].view(6, 300), w, out=shared[1:].view(6, 300))
+    with pytest.raises(ValueError, match="out is written and must not share memory with residual"):
+        torchkiln.fused_add_rms_norm(x, residual, w, out=residual)
+
+
 def test_rms_norm_backward_of_broadcast_grad(backend):
     # .sum() hands backward an expanded (stride 0) gradient.
     x = torch.randn(4, 64, device=backend, requires_grad=True)
@@ -133,7 +169,8 @@ def test_opcheck(backend, dtype):
     opcheck(ops.rms_norm, (x.clone().requires_grad_(), w.clone().requires_grad_(), 1e-6))
     opcheck(ops.fused_add_rms_norm, (x, r, w, 1e-6))
     opcheck(ops.fused_add_rms_norm, (x.clone().requires_grad_(), r.clone().requires_grad_(), w, 1e-6))
-    opcheck(ops.fused_add_rms_norm_, (x, r.clone(), w, 1e-6))
+    opcheck(ops.fused_add_rms_norm_out, (torch.empty_like(x), x, r.clone(), w, 1e-6))
+    opcheck(ops.rms_norm_out, (torch.empty_like(x), x, w, 1e-6))
     opcheck(ops.rms_norm_backward, (g, x, w, 1e-6, None))
     opcheck(ops.rms_norm_backward, (g, x, w, 1e-6, g.clone()))
 
@@ -163,7 +200,7 @@ def test_bad_inputs(backend):
         torchkiln.fused_add_rms_norm(x, x.half(), w)
     with pytest.raises(ValueError, match="overlapping elements"):
         torchkiln.fused_add_rms_norm(x, torch.randn(16, device=backend).expand(4, 16), w)
-    with pytest.raises(ValueError, match="must not share memory with x"):
+    with pytest.raises(ValueError, match="residual is written and must not share memory with x"):
         torchkiln.fused_add_rms_norm(x, x, w)
     with pytest.raises(ValueError, match="grad_out must have the same shape as x"):
         ops.rms_norm_backward(torch.randn(4, 8, device=backend), x, w, 1e-6, None)

@@ -24,6 +24,7 @@ void for_each_block(int64_t rows, int64_t d, const F& f) {
 
 template <class T>
 void forward(const SiluAndMulParams& p) {
+  const bool stream = p.rows * p.d * static_cast<int64_t>(sizeof(T)) > kStreamingStoreBytes;
   for_each_block(p.rows, p.d, [&](int64_t r, int64_t c0, int64_t n) {
     const T* a = static_cast<const T*>(p.x) + r * p.x_row_stride + c0;
     const T* b = a + p.d;
@@ -31,17 +32,19 @@ void forward(const SiluAndMulParams& p) {
     int64_t j = 0;
     for (; j + kW <= n; j += kW) {
       Vec av = vload(a + j);
-      vstore(out + j, av * vsigmoid(av) * vload(b + j));
+      vstore_out(out + j, av * vsigmoid(av) * vload(b + j), stream);
     }
     if (j < n) {
       Vec av = vload_partial(a + j, n - j);
       vstore_partial(out + j, av * vsigmoid(av) * vload_partial(b + j, n - j), n - j);
     }
+    if (stream) stream_fence();
   });
 }
 
 template <class T>
 void backward(const SiluAndMulBwdParams& p) {
+  const bool stream = 2 * p.rows * p.d * static_cast<int64_t>(sizeof(T)) > kStreamingStoreBytes;
   for_each_block(p.rows, p.d, [&](int64_t r, int64_t c0, int64_t n) {
     const T* a = static_cast<const T*>(p.x) + r * p.x_row_stride + c0;
     const T* b = a + p.d;
@@ -59,8 +62,8 @@ void backward(const SiluAndMulBwdParams& p) {
       Vec dav = g * bv * sg * vfma(av, one - sg, one);  // sg * (1 + a(1 - sg))
       Vec dbv = g * silu;
       if (full) {
-        vstore(da + j, dav);
-        vstore(db + j, dbv);
+        vstore_out(da + j, dav, stream);
+        vstore_out(db + j, dbv, stream);
       } else {
         vstore_partial(da + j, dav, m);
         vstore_partial(db + j, dbv, m);
@@ -69,6 +72,7 @@ void backward(const SiluAndMulBwdParams& p) {
     int64_t j = 0;
     for (; j + kW <= n; j += kW) step(j, kW);
     if (j < n) step(j, n - j);
+    if (stream) stream_fence();
   });
 }
 

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..ops.activation import silu_and_mul, silu_and_mul_ref
-from ..ops.norm import fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from ..ops.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from ..ops.rotary import apply_rotary, rope_cos_sin
 
 _ops = torch.ops.torchkiln
@@ -46,14 +46,33 @@ def _rms_norm_fwd(rows, hidden, dtype):
     return setup
 
 
+def _rms_norm_fwd_out(rows, hidden, dtype):
+    """Both sides write into a preallocated output: the kernel's own bandwidth,
+    without the page faults a fresh output costs on every call."""
+
+    def setup(device):
+        x, w = _randn(rows, hidden, dtype=dtype, device=device), _randn(hidden, dtype=dtype, device=device)
+        out = torch.empty_like(x)
+
+        def baseline():
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return torch.mul(w, h.to(dtype), out=out)
+
+        return Prepared(lambda: rms_norm(x, w, out=out), baseline, 2 * x.nbytes + w.nbytes)
+
+    return setup
+
+
 def _fused_add_fwd(rows, hidden, dtype):
     def setup(device):
         x, w = _randn(rows, hidden, dtype=dtype, device=device), _randn(hidden, dtype=dtype, device=device)
         res = _randn(rows, hidden, dtype=dtype, device=device)
-        # Ours updates the residual in place (the inference contract); the
-        # baseline is the usual eager `h = x + residual; norm(h)`.
+        # Ours updates the residual in place (the inference contract) and
+        # allocates the output; the baseline is the usual eager
+        # `h = x + residual; norm(h)`.
         return Prepared(
-            lambda: _ops.fused_add_rms_norm_(x, res, w, 1e-6),
+            lambda: fused_add_rms_norm(x, res, w, 1e-6),
             lambda: fused_add_rms_norm_ref(x, res, w, 1e-6),
             4 * x.nbytes + w.nbytes,
         )
@@ -102,6 +121,16 @@ def _silu_fwd(rows, d, dtype):
     def setup(device):
         x = _randn(rows, 2 * d, dtype=dtype, device=device)
         return Prepared(lambda: silu_and_mul(x), lambda: silu_and_mul_ref(x), x.nbytes * 3 // 2)
+
+    return setup
+
+
+def _silu_fwd_out(rows, d, dtype):
+    def setup(device):
+        x = _randn(rows, 2 * d, dtype=dtype, device=device)
+        out = torch.empty(rows, d, dtype=dtype, device=device)
+        baseline = lambda: torch.mul(torch.nn.functional.silu(x[:, :d]), x[:, d:], out=out)  # noqa: E731
+        return Prepared(lambda: silu_and_mul(x, out=out), baseline, x.nbytes * 3 // 2)
 
     return setup
 
@@ -170,10 +199,12 @@ def cases_for(family: str | None = None, quick: bool = False) -> list[BenchCase]
     bf16 = torch.bfloat16
     all_cases = [
         BenchCase("norm", "rms_norm fwd", f"{rows}x{hidden}", bf16, _rms_norm_fwd(rows, hidden, bf16)),
+        BenchCase("norm", "rms_norm fwd out=", f"{rows}x{hidden}", bf16, _rms_norm_fwd_out(rows, hidden, bf16)),
         BenchCase("norm", "fused_add_rms_norm fwd", f"{rows}x{hidden}", bf16, _fused_add_fwd(rows, hidden, bf16)),
         BenchCase("norm", "rms_norm fwd+bwd", f"{rows}x{hidden}", bf16, _rms_norm_fwd_bwd(rows, hidden, bf16)),
         BenchCase("norm", "fused_add_rms_norm fwd+bwd", f"{rows}x{hidden}", bf16, _fused_add_fwd_bwd(rows, hidden, bf16)),
         BenchCase("activation", "silu_and_mul fwd", f"{rows}x{2 * inter}", bf16, _silu_fwd(rows, inter, bf16)),
+        BenchCase("activation", "silu_and_mul fwd out=", f"{rows}x{2 * inter}", bf16, _silu_fwd_out(rows, inter, bf16)),
         BenchCase("activation", "silu_and_mul fwd+bwd", f"{rows}x{2 * inter}", bf16, _silu_fwd_bwd(rows, inter, bf16)),
         BenchCase("rope", "rotary q,k in place", f"{rows}x{heads}x128", bf16, _rope_in_place(rows, heads, 128, bf16)),
         BenchCase("rope", "rotary q,k fwd+bwd", f"{rows}x{heads}x128", bf16, _rope_fwd_bwd(rows, heads, 128, bf16)),

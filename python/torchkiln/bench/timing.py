@@ -3,7 +3,9 @@ Ours and the baseline alternate call by call so machine noise hits both."""
 
 from __future__ import annotations
 
+import ctypes
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -47,3 +49,24 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 256 << 20, repeat: int = 10) -
     fn = lambda: dst.copy_(src)  # noqa: E731
     t, _ = time_pair(fn, fn, device, warmup=2, repeat=repeat)
     return 2 * nbytes / t / 1e9
+
+
+def keep_freed_memory_mapped() -> bool:
+    """Make glibc malloc serve large tensors from its heap and keep freed
+    memory, as a long-running trainer or server with jemalloc/tcmalloc would.
+
+    By default glibc mmaps every allocation above 32 MiB and unmaps it on
+    free, so each call that allocates a big output pays a page fault per 4 KiB
+    (the kernel zeroing fresh pages): on these machines that costs more than
+    the op itself, for torchkiln and the eager baseline alike, and hides what
+    the kernels do. Returns False where this is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    # mallopt takes a C int: 2 GiB - 1 is the largest trim threshold it can say.
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -11,18 +11,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
+from ._util import needs_grad
 
 _ops = torch.ops.torchkiln
 
 
-def silu_and_mul(x: Tensor) -> Tensor:
-    """x: (..., 2 * d) -> (..., d). Differentiable in x."""
-    return _ops.silu_and_mul(x)
+def silu_and_mul(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """x: (..., 2 * d) -> (..., d), differentiable in x; or, with ``out``
+    ((..., d), evenly strided rows), writes there and returns it (no
+    allocation, no autograd)."""
+    if out is None:
+        return _ops.silu_and_mul(x)
+    if needs_grad(x):
+        raise RuntimeError("torchkiln.silu_and_mul(out=...) does not support autograd; call it without out")
+    _ops.silu_and_mul_out(out, x)
+    return out
 
 
 @torch.library.register_fake("torchkiln::silu_and_mul")
 def _silu_and_mul_fake(x: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.register_fake("torchkiln::silu_and_mul_out")
+def _silu_and_mul_out_fake(out: Tensor, x: Tensor) -> None:
+    return None
 
 
 @torch.library.register_fake("torchkiln::silu_and_mul_backward")

@@ -16,26 +16,40 @@ from ._util import compute_dtype, needs_grad
 _ops = torch.ops.torchkiln
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, out: Tensor | None = None) -> Tensor:
     """``x * rsqrt(mean(x**2, -1) + eps) * weight``.
 
     x: (..., hidden); weight: (hidden,), same dtype and device. Returns a new
-    contiguous tensor shaped like x. Differentiable in x and weight.
+    contiguous tensor shaped like x, differentiable in x and weight; or, with
+    ``out`` (shaped like x, evenly strided rows), writes there and returns it
+    (no allocation, no autograd).
     """
-    return _ops.rms_norm(x, weight, eps)
+    if out is None:
+        return _ops.rms_norm(x, weight, eps)
+    if needs_grad(x, weight):
+        raise RuntimeError("torchkiln.rms_norm(out=...) does not support autograd; call it without out")
+    _ops.rms_norm_out(out, x, weight, eps)
+    return out
 
 
-def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def fused_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Pre-norm block step: ``s = x + residual`` then ``rms_norm(s)``.
 
     Returns ``(rms_norm(s), s)``. Without autograd (inference) the sum is
     written into ``residual`` in place and the returned ``s`` *is* ``residual``
-    (vLLM's contract: no extra allocation). When a gradient is needed, the
-    residual is left untouched and ``s`` is a new tensor.
+    (vLLM's contract); the norm goes to ``out`` when given (``out=x`` reuses
+    x's memory, as vLLM does) or to a new tensor. When a gradient is needed,
+    nothing is updated in place, ``s`` is a new tensor and ``out`` must be None.
     """
     if needs_grad(x, residual, weight):
+        if out is not None:
+            raise RuntimeError("torchkiln.fused_add_rms_norm(out=...) does not support autograd; call it without out")
         return _ops.fused_add_rms_norm(x, residual, weight, eps)
-    out = _ops.fused_add_rms_norm_(x, residual, weight, eps)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _ops.fused_add_rms_norm_out(out, x, residual, weight, eps)
     return out, residual
 
 
@@ -45,14 +59,19 @@ def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake("torchkiln::rms_norm_out")
+def _rms_norm_out_fake(out: Tensor, x: Tensor, weight: Tensor, eps: float) -> None:
+    return None
+
+
 @torch.library.register_fake("torchkiln::fused_add_rms_norm")
 def _fused_add_rms_norm_fake(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
-@torch.library.register_fake("torchkiln::fused_add_rms_norm_")
-def _fused_add_rms_norm_inplace_fake(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return x.new_empty(x.shape)
+@torch.library.register_fake("torchkiln::fused_add_rms_norm_out")
+def _fused_add_rms_norm_out_fake(out: Tensor, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> None:
+    return None
 
 
 @torch.library.register_fake("torchkiln::rms_norm_backward")
