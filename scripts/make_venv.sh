@@ -14,6 +14,6 @@ fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 "$venv/bin/python" -m pip install -q "$torch_spec"
 "$venv/bin/python" -m pip install -q \
-  "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja \
+  "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.22" ninja \
   numpy pytest pytest-benchmark hypothesis matplotlib
 "$venv/bin/python" -c "import torch; print('venv', '$venv', 'torch', torch.__version__, 'cuda', torch.version.cuda)"
