@@ -3,10 +3,14 @@
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 
+#include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include "common/cpu_isa.h"
+#include "common/parallel.h"
 
 namespace py = pybind11;
 
@@ -27,7 +31,7 @@ py::dict build_info() {
   py::dict d;
   d["torch_version"] = TORCHKILN_TORCH_VERSION;
   d["compiler"] = TORCHKILN_CXX_COMPILER;
-  d["cpu_isas"] = py::make_tuple("scalar", "avx2", "avx512");
+  d["cpu_isas"] = py::make_tuple("scalar", "avx2", "avx512", "avx512bf16");
 #ifdef TORCHKILN_WITH_CUDA
   d["cuda"] = true;
   d["cuda_version"] = TORCHKILN_CUDA_VERSION;
@@ -43,8 +47,21 @@ py::dict build_info() {
 void set_cpu_isa(const std::string& name) {
   torchkiln::CpuIsa isa;
   if (!torchkiln::parse_cpu_isa(name.c_str(), &isa))
-    throw std::invalid_argument("unknown CPU ISA '" + name + "': expected avx512, avx2 or scalar");
+    throw std::invalid_argument("unknown CPU ISA '" + name + "': expected avx512bf16, avx512, avx2 or scalar");
   torchkiln::set_active_cpu_isa(isa);  // throws std::invalid_argument if unsupported
+}
+
+// How many distinct threads torchkiln's parallel_for (the path every CPU
+// kernel takes) runs `items` single-item tasks on: proves kernels really use
+// torch's intra-op pool.
+int parallel_thread_count(int64_t items) {
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  torchkiln::parallel_for(0, items, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mu);
+    ids.insert(std::this_thread::get_id());
+  });
+  return static_cast<int>(ids.size());
 }
 
 }  // namespace
@@ -53,6 +70,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "torchkiln native module: custom ops (torch.ops.torchkiln) and runtime queries";
   m.def("cpu_info", &cpu_info, "CPU code path detected and in use, and torch's intra-op thread count.");
   m.def("build_info", &build_info, "How this extension was built: torch version, CUDA, archs, compiler.");
+  m.def("parallel_thread_count", &parallel_thread_count, py::arg("items"),
+        "Distinct threads that CPU kernels' parallel_for uses for `items` tasks (a test probe).");
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
-        "Select the CPU kernel path ('avx512', 'avx2', 'scalar'); raises ValueError if this CPU lacks it.");
+        "Select the CPU kernel path ('avx512bf16', 'avx512', 'avx2', 'scalar'); ValueError if this CPU lacks it.");
 }

@@ -10,8 +10,8 @@ import torch
 import torchkiln
 from torchkiln import _C
 
-ISAS = ("avx512", "avx2", "scalar")
-_ISA_RANK = {"scalar": 0, "avx2": 1, "avx512": 2}
+ISAS = ("avx512bf16", "avx512", "avx2", "scalar")
+_ISA_RANK = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 
 
 def isa_supported(isa: str) -> bool:

@@ -58,6 +58,16 @@ def test_env_unknown_isa_is_reported_not_used():
     assert cpu["active_isa"] == cpu["detected_isa"]
 
 
+def test_kernels_use_torch_thread_pool():
+    before = torch.get_num_threads()
+    try:
+        for n in sorted({1, min(2, os.cpu_count() or 1)}):
+            torch.set_num_threads(n)
+            assert torchkiln._C.parallel_thread_count(1000) == n
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_set_cpu_isa_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown CPU ISA 'neon'"):
         torchkiln._C.set_cpu_isa("neon")

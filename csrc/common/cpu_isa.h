@@ -1,13 +1,20 @@
 // Which CPU code path the kernels use. Every kernel under csrc/*/cpu/ is
 // compiled once per ISA (see CMakeLists.txt); this picks one copy at run time.
-//   detected: the best ISA this CPU and OS support (CPUID + XGETBV, once).
+// The levels are ordered, each a superset of the one before:
+//   scalar      any x86-64 (the compiler may still use SSE2)
+//   avx2        AVX2 + FMA + F16C (Haswell, Zen 1 and later)
+//   avx512      AVX-512 F/BW/VL/DQ (Skylake-SP, Ice Lake, ...)
+//   avx512bf16  + AVX512_BF16: one-instruction fp32 -> bf16 rounding, which
+//               is much of the work of memory-bound bf16 kernels (Zen 4,
+//               Sapphire Rapids, Cooper Lake)
+//   detected: the best level this CPU and OS support (CPUID + XGETBV, once).
 //   active:   what kernels run; defaults to detected, or to TORCHKILN_CPU_ISA
-//             (avx512|avx2|scalar) when set, and can be changed by tests.
+//             when set, and can be changed by tests.
 #pragma once
 
 namespace torchkiln {
 
-enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 CpuIsa detected_cpu_isa();
 CpuIsa active_cpu_isa();
@@ -26,12 +33,16 @@ const char* rejected_cpu_isa_request();
 #define TK_DECLARE_CPU_KERNEL(ret, name, ...)                \
   namespace cpu_scalar { ret name(__VA_ARGS__); }           \
   namespace cpu_avx2 { ret name(__VA_ARGS__); }             \
-  namespace cpu_avx512 { ret name(__VA_ARGS__); }
+  namespace cpu_avx512 { ret name(__VA_ARGS__); }           \
+  namespace cpu_avx512bf16 { ret name(__VA_ARGS__); }
 
 // Calls the copy of `name` for the active ISA (inside namespace torchkiln).
 #define TK_CPU_DISPATCH(name, ...)                                    \
   do {                                                                \
     switch (::torchkiln::active_cpu_isa()) {                          \
+      case ::torchkiln::CpuIsa::kAvx512Bf16:                          \
+        ::torchkiln::cpu_avx512bf16::name(__VA_ARGS__);               \
+        break;                                                        \
       case ::torchkiln::CpuIsa::kAvx512:                              \
         ::torchkiln::cpu_avx512::name(__VA_ARGS__);                   \
         break;                                                        \
