@@ -62,8 +62,10 @@ void forward_rows(const RmsNormParams& p, int64_t row_begin, int64_t row_end) {
     T* out = static_cast<T*>(p.out) + r * p.out_row_stride;
     // While this row is finished from L1, pull the next one in from DRAM so
     // the memory system never idles between the two passes.
-    const char* next = reinterpret_cast<const char*>(static_cast<const T*>(p.x) + (r + 1) * p.x_row_stride);
-    const int64_t next_bytes = r + 1 < row_end ? H * static_cast<int64_t>(sizeof(T)) : 0;
+    const bool has_next = r + 1 < row_end;
+    const char* next =
+        has_next ? reinterpret_cast<const char*>(static_cast<const T*>(p.x) + (r + 1) * p.x_row_stride) : nullptr;
+    const int64_t next_bytes = has_next ? H * static_cast<int64_t>(sizeof(T)) : 0;
     int64_t j = 0;
     for (int64_t b = 0; j + kW <= H; j += kW, b += kW * static_cast<int64_t>(sizeof(T))) {
       if (b < next_bytes) __builtin_prefetch(next + b);
