@@ -8,12 +8,18 @@ venv=$1
 torch_spec=$2
 py=${PYTHON:-python3}
 
+# This machine's pip config lists local package folders; pip warns once per
+# package that a folder lacks. Those lines say nothing about our install.
+pip_install() {
+  "$venv/bin/python" -m pip install -q "$@" 2> >(grep -v "^WARNING: Location '" >&2)
+}
+
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$venv/bin/python" -m pip install -q "$torch_spec"
-"$venv/bin/python" -m pip install -q \
+pip_install --upgrade pip >/dev/null
+pip_install "$torch_spec"
+pip_install \
   "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.22" ninja \
   numpy pytest pytest-benchmark hypothesis matplotlib
 "$venv/bin/python" -c "import torch; print('venv', '$venv', 'torch', torch.__version__, 'cuda', torch.version.cuda)"

@@ -4,6 +4,7 @@
 
 #include "activation/silu_and_mul.h"
 #include "common/op_checks.h"
+#include "common/op_registration.h"
 
 namespace torchkiln {
 namespace {
@@ -79,20 +80,14 @@ at::Tensor silu_and_mul_backward(const at::Tensor& grad_out, const at::Tensor& x
   return grad_x;
 }
 
+void register_impls(torch::Library& m) {
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("silu_and_mul_out", &silu_and_mul_out);
+  m.impl("silu_and_mul_backward", &silu_and_mul_backward);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
-  m.impl("silu_and_mul", &silu_and_mul);
-  m.impl("silu_and_mul_out", &silu_and_mul_out);
-  m.impl("silu_and_mul_backward", &silu_and_mul_backward);
-}
-
-#ifdef TORCHKILN_WITH_CUDA
-TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
-  m.impl("silu_and_mul", &silu_and_mul);
-  m.impl("silu_and_mul_out", &silu_and_mul_out);
-  m.impl("silu_and_mul_backward", &silu_and_mul_backward);
-}
-#endif
+TK_REGISTER_IMPLS(register_impls)
 
 }  // namespace torchkiln

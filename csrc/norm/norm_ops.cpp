@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "common/op_checks.h"
+#include "common/op_registration.h"
 #include "norm/rms_norm.h"
 
 namespace torchkiln {
@@ -148,24 +149,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out,
   return {grad_x, grad_weight};
 }
 
+void register_impls(torch::Library& m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rms_norm_out", &rms_norm_out);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
+  m.impl("fused_add_rms_norm_out", &fused_add_rms_norm_out);
+  m.impl("rms_norm_backward", &rms_norm_backward);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rms_norm_out", &rms_norm_out);
-  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
-  m.impl("fused_add_rms_norm_out", &fused_add_rms_norm_out);
-  m.impl("rms_norm_backward", &rms_norm_backward);
-}
-
-#ifdef TORCHKILN_WITH_CUDA
-TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rms_norm_out", &rms_norm_out);
-  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
-  m.impl("fused_add_rms_norm_out", &fused_add_rms_norm_out);
-  m.impl("rms_norm_backward", &rms_norm_backward);
-}
-#endif
+TK_REGISTER_IMPLS(register_impls)
 
 }  // namespace torchkiln

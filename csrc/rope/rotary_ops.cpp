@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "common/op_checks.h"
+#include "common/op_registration.h"
 #include "rope/rotary.h"
 
 namespace torchkiln {
@@ -115,18 +116,13 @@ void rotary_embedding_(const at::Tensor& q, const std::optional<at::Tensor>& k, 
   }
 }
 
+void register_impls(torch::Library& m) {
+  m.impl("rotary_embedding", &rotary_embedding);
+  m.impl("rotary_embedding_", &rotary_embedding_);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
-  m.impl("rotary_embedding", &rotary_embedding);
-  m.impl("rotary_embedding_", &rotary_embedding_);
-}
-
-#ifdef TORCHKILN_WITH_CUDA
-TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
-  m.impl("rotary_embedding", &rotary_embedding);
-  m.impl("rotary_embedding_", &rotary_embedding_);
-}
-#endif
+TK_REGISTER_IMPLS(register_impls)
 
 }  // namespace torchkiln
