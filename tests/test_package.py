@@ -68,6 +68,27 @@ def test_kernels_use_torch_thread_pool():
         torch.set_num_threads(before)
 
 
+def test_cli_bench_writes_table_json_and_plot(tmp_path):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    cmd = [sys.executable, "-m", "torchkiln", "bench", "--quick", "--repeat", "1", "--warmup", "1",
+           "--json", str(out_json), "--plot", str(out_png)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio" in proc.stdout and "rms_norm fwd" in proc.stdout
+    results = json.loads(out_json.read_text())["results"]
+    assert {r["family"] for r in results} == {"norm", "activation", "rope"}
+    for r in results:
+        assert r["ours_ms"] > 0 and r["baseline_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["baseline_ms"] / r["ours_ms"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_rejects_unknown_family():
+    proc = subprocess.run([sys.executable, "-m", "torchkiln", "bench", "--family", "nope"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
+
+
 def test_set_cpu_isa_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown CPU ISA 'neon'"):
         torchkiln._C.set_cpu_isa("neon")
@@ -88,6 +109,7 @@ def test_torch_version_mismatch_raises_clear_import_error():
     assert "--no-build-isolation" in proc.stderr
 
 
+@pytest.mark.cuda
 def test_cuda_tensor_on_cpu_only_build_is_rejected():
     if torchkiln.info()["build"]["cuda"] or not torch.cuda.is_available():
         pytest.skip("only meaningful for a CPU-only build on a GPU machine")

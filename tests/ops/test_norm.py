@@ -206,6 +206,7 @@ def test_bad_inputs(backend):
         ops.rms_norm_backward(torch.randn(4, 8, device=backend), x, w, 1e-6, None)
 
 
+@pytest.mark.cuda
 def test_device_mismatch():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU to build a cross-device call")

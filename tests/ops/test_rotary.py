@@ -132,6 +132,21 @@ def test_rotary_backward(backend, interleaved, dtype):
     assert_within_rule(kk, rk, lk, factor=3.0, what="grad k")
 
 
+@pytest.mark.cuda
+def test_cuda_out_of_range_positions_are_skipped_not_read():
+    # No host sync per call on CUDA: bad tokens are left alone, never read past the table.
+    if not (torch.cuda.is_available() and torchkiln.info()["build"]["cuda"]):
+        pytest.skip("needs a GPU and a CUDA build")
+    q = torch.randn(4, 2, 32, device="cuda")
+    cos, sin = tables(32, torch.float32, "cuda")
+    positions = torch.tensor([0, MAX_POS, -5, 3], device="cuda")
+    before = q.clone()
+    torchkiln.apply_rotary(q, None, cos, sin, positions, inplace=True)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(q[1:3], before[1:3], rtol=0, atol=0)
+    torch.testing.assert_close(q[3].double(), rotary_ref(to64(before[3:]), cos, sin, positions[3:])[0])
+
+
 def test_opcheck(backend):
     q, k, positions = make_qk("bshd", 4, 2, 64, torch.float32, backend)
     cos, sin = tables(64, torch.float32, backend)
