@@ -19,7 +19,7 @@ struct CUstream_st;
 namespace torchkiln {
 
 struct RmsNormParams {
-  const void* __restrict__ x = nullptr;  // (rows, hidden)
+  const void* x = nullptr;  // (rows, hidden); `out` may be x itself (rows are read before written)
   int64_t x_row_stride = 0;
   // Fused add: s = x + residual is written to residual_out (which may alias
   // residual for the in-place variant) and normalised as stored, so the
