@@ -34,6 +34,17 @@ TORCH_LIBRARY(torchkiln, m) {
       "rotary_embedding_(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, Tensor positions, "
       "bool interleaved) -> ()");
 
+  // ---- attention: FlashAttention-2 forward (causal = window_right 0) ------
+  // q (batch, seqlen_q, heads, D), k/v (batch, seqlen_k, heads_k, D) -> (out like q, lse (batch, heads, seqlen_q) fp32)
+  m.def(
+      "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left, int window_right, "
+      "float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor)");
+  // packed (total, heads, D) with int32 cu_seqlens (batch + 1) -> (out, lse (heads, total_q))
+  m.def(
+      "flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
+      "float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor)");
+
   // ---- activation: SwiGLU gate --------------------------------------------
   // silu(x[..., :d]) * x[..., d:]
   m.def("silu_and_mul(Tensor x) -> Tensor");

@@ -34,6 +34,18 @@ DEVICES = [
 ]
 
 
+@pytest.fixture(params=ISAS)
+def cpu_isa(request):
+    """Every CPU ISA, for ops that have no CUDA kernel yet."""
+    name = request.param
+    if not isa_supported(name):
+        pytest.skip(f"this CPU cannot run the {name} path")
+    before = _C.cpu_info()["active_isa"]
+    _C.set_cpu_isa(name)
+    yield name
+    _C.set_cpu_isa(before)
+
+
 def pytest_generate_tests(metafunc):
     # `backend` = every CPU ISA plus CUDA: the cases most tests want.
     if "backend" in metafunc.fixturenames:

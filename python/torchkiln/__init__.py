@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._ext import _C
 from .info import info
 from .ops.activation import silu_and_mul
+from .ops.attention import flash_attn_func, flash_attn_varlen_func
 from .ops.norm import fused_add_rms_norm, rms_norm
 from .ops.rotary import apply_rotary
 from . import nn  # noqa: E402  (modules built on the ops above)
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "apply_rotary",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
     "fused_add_rms_norm",
     "info",
     "nn",

@@ -161,6 +161,9 @@ inline Vec vrecip(Vec a) {
   return {_mm512_mul_ps(r, _mm512_fnmadd_ps(a.v, r, _mm512_set1_ps(2.0f)))};
 }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
+inline float vhmax(Vec a) { return _mm512_reduce_max_ps(a.v); }
+inline Vec viota() { return {_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)}; }
+inline Vec vabs(Vec a) { return {_mm512_abs_ps(a.v)}; }
 // (x0,x1,x2,x3,...) -> (x1,x0,x3,x2,...): partner lanes of interleaved pairs.
 inline Vec vswap_pairs(Vec a) { return {_mm512_permute_ps(a.v, 0xB1)}; }
 
@@ -222,6 +225,14 @@ inline float vsum(Vec a) {
   return _mm_cvtss_f32(s);
 }
 inline Vec vswap_pairs(Vec a) { return {_mm256_permute_ps(a.v, 0xB1)}; }
+inline float vhmax(Vec a) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline Vec viota() { return {_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)}; }
+inline Vec vabs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 
 #else
 // ------------------------------------------------------------ scalar fallback
@@ -257,6 +268,9 @@ inline Vec vexp2i(Vec n) {
 }
 inline Vec vrecip(Vec a) { return {1.0f / a.v}; }
 inline float vsum(Vec a) { return a.v; }
+inline float vhmax(Vec a) { return a.v; }
+inline Vec viota() { return {0.0f}; }
+inline Vec vabs(Vec a) { return {std::fabs(a.v)}; }
 template <class T>
 inline void vstore_stream(T* p, Vec a) {
   vstore(p, a);

@@ -1,0 +1,173 @@
+// Torch glue for fused attention: argument checks, layouts -> params, launch.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "attention/flash_attn.h"
+#include "common/op_checks.h"
+#include "common/op_registration.h"
+
+namespace torchkiln {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+FlashAttnTensor view_of(const at::Tensor& t, bool varlen) {
+  FlashAttnTensor v;
+  v.ptr = t.data_ptr();
+  v.batch_stride = varlen ? 0 : t.stride(0);
+  v.row_stride = t.stride(-3);
+  v.head_stride = t.stride(-2);
+  return v;
+}
+
+// Checks shared by both layouts; returns the params without sequence info.
+FlashAttnParams common_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+                              const std::optional<at::Tensor>& alibi_slopes, int64_t batch, bool varlen) {
+  const int64_t rank = varlen ? 3 : 4;
+  const char* layout = varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
+  TORCH_CHECK_VALUE(q.dim() == rank && k.dim() == rank && v.dim() == rank, op, ": q, k and v must be ", layout,
+                    ", got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const DType dtype = kernel_dtype(q, op, "q");
+  check_same_dtype(k, q, op, "k", "q");
+  check_same_dtype(v, q, op, "v", "q");
+  check_same_device(k, q, op, "k", "q");
+  check_same_device(v, q, op, "v", "q");
+  check_not_empty(q, op, "q");
+  check_not_empty(k, op, "k");
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
+                    v.sizes());
+  const int64_t D = q.size(-1), H = q.size(-2), Hk = k.size(-2);
+  TORCH_CHECK_VALUE(k.size(-1) == D, op, ": k and v must have q's head_dim ", D, ", got ", k.size(-1));
+  TORCH_CHECK_VALUE(D <= kMaxHeadDim, op, ": head_dim must be at most ", kMaxHeadDim, ", got ", D);
+  TORCH_CHECK_VALUE(H % Hk == 0, op, ": the heads of q (", H, ") must be a multiple of the heads of k and v (",
+                    Hk, ")");
+  if (!varlen)
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), op, ": k and v must have q's batch size ", q.size(0), ", got ",
+                      k.size(0));
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}})
+    TORCH_CHECK_VALUE(t->stride(-1) == 1, op, ": ", name, " must be contiguous in head_dim, got strides ",
+                      t->strides());
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be >= 0, got ", softcap);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op,
+                    ": window sizes must be >= 0, or -1 for unbounded, got (", window_left, ", ", window_right, ")");
+
+  FlashAttnParams p;
+  p.q = view_of(q, varlen);
+  p.k = view_of(k, varlen);
+  p.v = view_of(v, varlen);
+  p.batch = batch;
+  p.heads = H;
+  p.heads_k = Hk;
+  p.head_dim = D;
+  p.scale = static_cast<float>(softmax_scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.dtype = dtype;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, op, ": alibi_slopes must be float32, got ", a.scalar_type());
+    check_same_device(a, q, op, "alibi_slopes", "q");
+    const bool per_batch = a.dim() == 2;
+    TORCH_CHECK_VALUE((a.dim() == 1 && a.size(0) == H) || (per_batch && a.size(0) == batch && a.size(1) == H), op,
+                      ": alibi_slopes must be (heads,) = (", H, ",) or (batch, heads) = (", batch, ", ", H,
+                      "), got ", a.sizes());
+    TORCH_CHECK_VALUE(a.is_contiguous(), op, ": alibi_slopes must be contiguous");
+    p.alibi_slopes = a.data_ptr<float>();
+    p.alibi_batch_stride = per_batch ? H : 0;
+  }
+  return p;
+}
+
+void set_out(FlashAttnParams& p, const at::Tensor& out, bool varlen) {
+  p.out = out.data_ptr();
+  p.out_batch_stride = varlen ? 0 : out.stride(0);
+  p.out_row_stride = out.stride(-3);
+  p.out_head_stride = out.stride(-2);
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  double softmax_scale, int64_t window_left,
+                                                  int64_t window_right, double softcap,
+                                                  const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "flash_attn_fwd";
+  FlashAttnParams p = common_params(op, q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+                                    q.dim() == 4 ? q.size(0) : 0, /*varlen=*/false);
+  p.seqlen_q = q.size(1);
+  p.seqlen_k = k.size(1);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), p.heads, p.seqlen_q}, q.options().dtype(at::kFloat));
+  set_out(p, out, false);
+  p.lse = lse.data_ptr<float>();
+  p.lse_batch_stride = p.heads * p.seqlen_q;
+  p.lse_head_stride = p.seqlen_q;
+  TORCH_CHECK(!q.is_cuda(), op, ": no CUDA kernel yet");
+  TK_CPU_DISPATCH(flash_attn_fwd, p);
+  return {out, lse};
+}
+
+// Validates cu_seqlens on the host; returns the largest sequence length.
+int64_t check_cu_seqlens(const char* op, const at::Tensor& cu, const char* name, int64_t batch, int64_t total,
+                         const at::Tensor& q) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
+  check_same_device(cu, q, op, name, "q");
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) == batch + 1 && cu.is_contiguous(), op, ": ", name,
+                    " must be a contiguous (batch + 1,) = (", batch + 1, ",) tensor, got ", cu.sizes());
+  const at::Tensor host = cu.cpu();
+  const int32_t* c = host.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(c[0] == 0, op, ": ", name, "[0] must be 0, got ", c[0]);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(c[b + 1] >= c[b], op, ": ", name, " must be non-decreasing, but ", name, "[", b + 1,
+                      "] = ", c[b + 1], " < ", c[b]);
+    longest = std::max<int64_t>(longest, c[b + 1] - c[b]);
+  }
+  TORCH_CHECK_VALUE(c[batch] == total, op, ": ", name, "[-1] must equal the number of packed tokens ", total,
+                    ", got ", c[batch]);
+  return longest;
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "flash_attn_varlen_fwd";
+  TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 2, op,
+                    ": cu_seqlens_q must be (batch + 1,) with batch >= 1, got ", cu_seqlens_q.sizes());
+  const int64_t batch = cu_seqlens_q.size(0) - 1;
+  FlashAttnParams p = common_params(op, q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+                                    batch, /*varlen=*/true);
+  const int64_t longest_q = check_cu_seqlens(op, cu_seqlens_q, "cu_seqlens_q", batch, q.size(0), q);
+  const int64_t longest_k = check_cu_seqlens(op, cu_seqlens_k, "cu_seqlens_k", batch, k.size(0), q);
+  TORCH_CHECK_VALUE(max_seqlen_q >= longest_q && max_seqlen_k >= longest_k, op,
+                    ": max_seqlen_q / max_seqlen_k (", max_seqlen_q, ", ", max_seqlen_k,
+                    ") must be at least the longest sequences (", longest_q, ", ", longest_k, ")");
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.seqlen_q = longest_q;
+  p.seqlen_k = longest_k;
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({p.heads, q.size(0)}, q.options().dtype(at::kFloat));
+  set_out(p, out, true);
+  p.lse = lse.data_ptr<float>();
+  p.lse_head_stride = q.size(0);
+  TORCH_CHECK(!q.is_cuda(), op, ": no CUDA kernel yet");
+  TK_CPU_DISPATCH(flash_attn_fwd, p);
+  return {out, lse};
+}
+
+void register_impls(torch::Library& m) {
+  m.impl("flash_attn_fwd", &flash_attn_fwd);
+  m.impl("flash_attn_varlen_fwd", &flash_attn_varlen_fwd);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchkiln, CPU, m) { register_impls(m); }
+
+}  // namespace torchkiln

@@ -1,0 +1,50 @@
+// FlashAttention-2 forward on CPU: tiled attention with an online softmax,
+// never materialising the (seqlen_q x seqlen_k) score matrix.
+//
+// Semantics follow flash-attn 2.x. For query i and key j of one sequence
+// (lengths sq, sk; d = sk - sq aligns the causal diagonal bottom-right):
+//   s   = scale * <q_i, k_j>;  softcap > 0:  s = softcap * tanh(s / softcap)
+//   s  -= alibi_slope * |i + d - j|                   (when slopes are given)
+//   key j is kept iff  j >= i + d - window_left       (window_left  >= 0)
+//                 and  j <= i + d + window_right      (window_right >= 0; causal = 0)
+//   out_i = sum_j softmax(s)_j v_j;  lse_i = log(sum_j exp(s_j)), fp32
+// A query with no key left outputs zeros and lse = +inf.
+//
+// Fixed-length batches address sequence b at b * batch_stride; varlen
+// batches (cu_seqlens non-null) pack tokens, sequence b at cu_seqlens[b].
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+#include "common/dtype.h"
+
+namespace torchkiln {
+
+struct FlashAttnTensor {
+  const void* ptr = nullptr;
+  int64_t batch_stride = 0;  // unused for varlen
+  int64_t row_stride = 0;    // between tokens
+  int64_t head_stride = 0;
+};
+
+struct FlashAttnParams {
+  FlashAttnTensor q, k, v;  // (.., tokens, heads, head_dim); k/v have heads_k heads
+  void* out = nullptr;      // same layout as q
+  int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
+  float* lse = nullptr;  // fixed: (batch, heads, seqlen_q); varlen: (heads, total_q)
+  int64_t lse_batch_stride = 0, lse_head_stride = 0;
+  const int32_t* cu_seqlens_q = nullptr;  // (batch + 1), varlen only
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;  // varlen: the maxima
+  int64_t heads = 0, heads_k = 0, head_dim = 0;
+  float scale = 1.0f;
+  float softcap = 0.0f;
+  int64_t window_left = -1, window_right = -1;  // -1: unbounded; causal sets right = 0
+  const float* alibi_slopes = nullptr;           // (heads) or (batch, heads)
+  int64_t alibi_batch_stride = 0;
+  DType dtype = DType::kFloat32;
+};
+
+TK_DECLARE_CPU_KERNEL(void, flash_attn_fwd, const FlashAttnParams&)
+
+}  // namespace torchkiln

@@ -1,0 +1,157 @@
+"""Fused attention with FlashAttention-2 semantics (kernels: csrc/attention/).
+
+Layouts follow flash-attn: q (batch, seqlen_q, heads, head_dim), k/v
+(batch, seqlen_k, heads_k, head_dim) with heads % heads_k == 0 (GQA/MQA); the
+varlen form packs sequences as (total_tokens, heads, head_dim) with int32
+cu_seqlens of length batch + 1. Masks align bottom-right when seqlen_q !=
+seqlen_k; a query that sees no key outputs zeros (lse = +inf).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._ext import _C  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.torchkiln
+
+
+def _window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
+    left, right = window_size
+    return (left, 0) if causal else (left, right)
+
+
+def _check_common(q: Tensor, dropout_p: float) -> None:
+    if dropout_p != 0.0:
+        raise NotImplementedError("torchkiln attention: dropout_p must be 0.0 (dropout is not implemented)")
+
+
+def flash_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale [softcap, ALiBi, masks]) v, as flash_attn.flash_attn_func.
+
+    Returns out (batch, seqlen_q, heads, head_dim) in q's dtype, and with
+    ``return_lse`` also the fp32 log-sum-exp (batch, heads, seqlen_q).
+    ``deterministic`` is accepted for API compatibility: the CPU kernels are
+    always deterministic.
+    """
+    _check_common(q, dropout_p)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    left, right = _window(causal, window_size)
+    out, lse = _ops.flash_attn_fwd(q, k, v, scale, left, right, softcap, alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over packed variable-length sequences, as
+    flash_attn.flash_attn_varlen_func: q (total_q, heads, head_dim), k/v
+    (total_k, heads_k, head_dim); sequence b spans tokens
+    [cu_seqlens[b], cu_seqlens[b + 1]). lse is (heads, total_q)."""
+    _check_common(q, dropout_p)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    left, right = _window(causal, window_size)
+    out, lse = _ops.flash_attn_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, alibi_slopes
+    )
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("torchkiln::flash_attn_fwd")
+def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("torchkiln::flash_attn_varlen_fwd")
+def _varlen_fwd_fake(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+    softcap, alibi_slopes,
+):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _no_backward(ctx, *grads):
+    raise NotImplementedError(
+        "torchkiln attention backward is not implemented yet; use torch.nn.functional.scaled_dot_product_attention "
+        "for training"
+    )
+
+
+def _no_setup(ctx, inputs, output) -> None:
+    return None
+
+
+torch.library.register_autograd("torchkiln::flash_attn_fwd", _no_backward, setup_context=_no_setup)
+torch.library.register_autograd("torchkiln::flash_attn_varlen_fwd", _no_backward, setup_context=_no_setup)
+
+
+# ----------------------------------------------------------------------------- eager reference
+def attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch attention in q's dtype with the same semantics, scores
+    materialised: (out (batch, seqlen_q, heads, D), lse (batch, heads, seqlen_q)).
+    A test oracle (run it on fp64 copies), not a kernel."""
+    batch, sq, heads, d = q.shape
+    sk, heads_k = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    k = k.repeat_interleave(heads // heads_k, dim=2)
+    v = v.repeat_interleave(heads // heads_k, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q * scale, k)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(sq, device=q.device).view(-1, 1)
+    j = torch.arange(sk, device=q.device).view(1, -1)
+    diag = i + sk - sq
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(s.dtype).view(-1 if alibi_slopes.dim() == 2 else 1, heads, 1, 1)
+        s = s - slopes * (diag - j).abs().to(s.dtype)
+    left, right = _window(causal, window_size)
+    hidden = torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
+    if left >= 0:
+        hidden |= j < diag - left
+    if right >= 0:
+        hidden |= j > diag + right
+    s = s.masked_fill(hidden, float("-inf"))
+    lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhts,bshd->bthd", p, v)
+    return out, lse.masked_fill(lse == float("-inf"), float("inf"))
