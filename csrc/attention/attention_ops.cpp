@@ -84,11 +84,13 @@ FlashAttnParams common_params(const char* op, const at::Tensor& q, const at::Ten
   return p;
 }
 
-void set_out(FlashAttnParams& p, const at::Tensor& out, bool varlen) {
-  p.out = out.data_ptr();
-  p.out_batch_stride = varlen ? 0 : out.stride(0);
-  p.out_row_stride = out.stride(-3);
-  p.out_head_stride = out.stride(-2);
+FlashAttnOutput output_of(const at::Tensor& t, bool varlen) {
+  FlashAttnOutput o;
+  o.ptr = t.data_ptr();
+  o.batch_stride = varlen ? 0 : t.stride(0);
+  o.row_stride = t.stride(-3);
+  o.head_stride = t.stride(-2);
+  return o;
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -102,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
   p.seqlen_k = k.size(1);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), p.heads, p.seqlen_q}, q.options().dtype(at::kFloat));
-  set_out(p, out, false);
+  p.out = output_of(out, false);
   p.lse = lse.data_ptr<float>();
   p.lse_batch_stride = p.heads * p.seqlen_q;
   p.lse_head_stride = p.seqlen_q;
@@ -153,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(
   p.seqlen_k = longest_k;
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.heads, q.size(0)}, q.options().dtype(at::kFloat));
-  set_out(p, out, true);
+  p.out = output_of(out, true);
   p.lse = lse.data_ptr<float>();
   p.lse_head_stride = q.size(0);
   TORCH_CHECK(!q.is_cuda(), op, ": no CUDA kernel yet");

@@ -20,18 +20,24 @@
 
 namespace torchkiln {
 
+// One (.., tokens, heads, head_dim) tensor: element (b, t, h, d) of a fixed
+// batch is at b * batch_stride + t * row_stride + h * head_stride + d; varlen
+// tensors ignore batch_stride (t counts packed tokens).
 struct FlashAttnTensor {
   const void* ptr = nullptr;
-  int64_t batch_stride = 0;  // unused for varlen
-  int64_t row_stride = 0;    // between tokens
+  int64_t batch_stride = 0;
+  int64_t row_stride = 0;
   int64_t head_stride = 0;
+};
+struct FlashAttnOutput {
+  void* ptr = nullptr;
+  int64_t batch_stride = 0, row_stride = 0, head_stride = 0;
 };
 
 struct FlashAttnParams {
-  FlashAttnTensor q, k, v;  // (.., tokens, heads, head_dim); k/v have heads_k heads
-  void* out = nullptr;      // same layout as q
-  int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
-  float* lse = nullptr;  // fixed: (batch, heads, seqlen_q); varlen: (heads, total_q)
+  FlashAttnTensor q, k, v;  // k/v have heads_k heads
+  FlashAttnOutput out;      // like q
+  float* lse = nullptr;     // fixed: (batch, heads, seqlen_q); varlen: (heads, total_q)
   int64_t lse_batch_stride = 0, lse_head_stride = 0;
   const int32_t* cu_seqlens_q = nullptr;  // (batch + 1), varlen only
   const int32_t* cu_seqlens_k = nullptr;
@@ -45,6 +51,16 @@ struct FlashAttnParams {
   DType dtype = DType::kFloat32;
 };
 
+// Backward: given dout, recomputes the probabilities from lse (the forward's
+// `out` and `lse` are inputs here) and writes dq, dk, dv. dk/dv sum over the
+// query heads of each GQA group. Deterministic: every sum runs in a fixed order.
+struct FlashAttnBwdParams {
+  FlashAttnParams fwd;  // q, k, v, lse and every option; fwd.out.ptr is the forward output (read only)
+  FlashAttnTensor dout;
+  FlashAttnOutput dq, dk, dv;
+};
+
 TK_DECLARE_CPU_KERNEL(void, flash_attn_fwd, const FlashAttnParams&)
+TK_DECLARE_CPU_KERNEL(void, flash_attn_bwd, const FlashAttnBwdParams&)
 
 }  // namespace torchkiln

@@ -1,0 +1,163 @@
+// Pieces shared by the CPU attention kernels (forward and backward): sequence
+// addressing, the mask as a key interval per query, and the two register-tiled
+// fp32 matrix products everything else is built from. Include only from
+// per-ISA kernel files (after common/cpu/vec.h), like vec.h itself.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "attention/flash_attn.h"
+#include "common/cpu/vec.h"
+
+namespace torchkiln {
+namespace TK_CPU_NS {
+namespace attn {
+
+constexpr int64_t kBq = 64;                       // query rows per block
+constexpr int64_t kBk = 64;                       // keys per block
+constexpr int64_t kRows = 4;                      // rows of a register tile
+constexpr int64_t kTileCols = kW >= 16 ? 4 : 2;   // vectors per tile row (16 ymm registers on AVX2)
+constexpr int64_t kTileW = kTileCols * kW;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Sequence {
+  int64_t q_begin, k_begin;  // first packed token (varlen) or 0
+  int64_t sq, sk;
+};
+
+inline Sequence sequence(const FlashAttnParams& p, int64_t b) {
+  if (p.cu_seqlens_q == nullptr) return {0, 0, p.seqlen_q, p.seqlen_k};
+  const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+  return {q0, k0, p.cu_seqlens_q[b + 1] - q0, p.cu_seqlens_k[b + 1] - k0};
+}
+
+// Element offset of token `tok` of sequence b (starting at packed token `first`), head h.
+template <class Strided>
+int64_t token_offset(const Strided& t, const FlashAttnParams& p, int64_t b, int64_t first, int64_t tok, int64_t h) {
+  return (p.cu_seqlens_q ? 0 : b * t.batch_stride) + (first + tok) * t.row_stride + h * t.head_stride;
+}
+
+// Index of (b, h, query i) in lse-shaped fp32 arrays.
+inline int64_t lse_index(const FlashAttnParams& p, const Sequence& s, int64_t b, int64_t h, int64_t i) {
+  return (p.cu_seqlens_q ? s.q_begin + i : b * p.lse_batch_stride + i) + h * p.lse_head_stride;
+}
+
+struct KeyRange {
+  int64_t lo, hi;  // [lo, hi)
+};
+
+// Keys query i may attend to; lo and hi never decrease as i grows.
+inline KeyRange key_range(const FlashAttnParams& p, const Sequence& s, int64_t i) {
+  const int64_t diag = i + s.sk - s.sq;
+  int64_t lo = p.window_left >= 0 ? diag - p.window_left : 0;
+  int64_t hi = p.window_right >= 0 ? diag + p.window_right + 1 : s.sk;
+  lo = std::clamp<int64_t>(lo, 0, s.sk);
+  hi = std::clamp<int64_t>(hi, lo, s.sk);
+  return {lo, hi};
+}
+
+// The columns [lo, hi) of a kBk block starting at key j0 (n real keys) that query i sees.
+inline KeyRange visible(const FlashAttnParams& p, const Sequence& s, int64_t i, int64_t j0, int64_t n) {
+  const KeyRange kr = key_range(p, s, i);
+  const int64_t lo = std::clamp<int64_t>(kr.lo - j0, 0, n);
+  return {lo, std::clamp<int64_t>(kr.hi - j0, lo, n)};
+}
+
+inline void fill_outside(KeyRange keep, float* row, float value) {
+  for (int64_t c = 0; c < keep.lo; ++c) row[c] = value;
+  for (int64_t c = keep.hi; c < kBk; ++c) row[c] = value;
+}
+
+// Scores of one row in place: softcap (returning tanh in `tanh_out` when
+// given, for the backward), then ALiBi, then -inf outside the visible keys.
+inline void shape_scores(const FlashAttnParams& p, const Sequence& s, int64_t i, int64_t j0, int64_t n, float slope,
+                         float* row, float* tanh_out = nullptr) {
+  if (p.softcap > 0.0f) {  // softcap * tanh(x / softcap), tanh(y) = 1 - 2 / (exp(2y) + 1)
+    const Vec inv = vset1(2.0f / p.softcap), cap = vset1(p.softcap), one = vset1(1.0f), two = vset1(2.0f);
+    for (int64_t c = 0; c < kBk; c += kW) {
+      const Vec t = one - two * vrecip(vexp(vload(row + c) * inv) + one);
+      if (tanh_out) vstore(tanh_out + c, t);
+      vstore(row + c, cap * t);
+    }
+  }
+  if (slope != 0.0f) {
+    const Vec diag = vset1(static_cast<float>(i + s.sk - s.sq - j0)), neg_slope = vset1(-slope);
+    for (int64_t c = 0; c < kBk; c += kW) {
+      const Vec dist = vabs(diag - (viota() + vset1(static_cast<float>(c))));
+      vstore(row + c, vfma(neg_slope, dist, vload(row + c)));
+    }
+  }
+  fill_outside(visible(p, s, i, j0, n), row, -kInf);
+}
+
+// C[r][c] = sum_{d < depth} A[r][d] * BT[d][c] for r < rows (a multiple of
+// kRows) and c < cols (a multiple of kTileW). BT is B transposed, so each step
+// broadcasts one A element against contiguous vectors of B.
+inline void gemm_nt(const float* A, int64_t lda, const float* BT, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+                    int64_t depth, int64_t cols) {
+  for (int64_t r = 0; r < rows; r += kRows) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTileW) {
+      Vec acc[kRows][kTileCols];
+      for (auto& row : acc)
+        for (auto& a : row) a = vzero();
+      for (int64_t d = 0; d < depth; ++d) {
+        Vec b[kTileCols];
+        for (int64_t t = 0; t < kTileCols; ++t) b[t] = vload(BT + d * ldb + c0 + t * kW);
+        for (int64_t rr = 0; rr < kRows; ++rr) {
+          const Vec a = vset1(A[(r + rr) * lda + d]);
+          for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = vfma(a, b[t], acc[rr][t]);
+        }
+      }
+      for (int64_t rr = 0; rr < kRows; ++rr)
+        for (int64_t t = 0; t < kTileCols; ++t) vstore(C + (r + rr) * ldc + c0 + t * kW, acc[rr][t]);
+    }
+  }
+}
+
+// C[r][x] += sum_{c < depth} A[r][c] * B[c][x] for r < rows (a multiple of
+// kRows) and x < width (a multiple of kTileW).
+inline void gemm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+                     int64_t depth, int64_t width) {
+  for (int64_t r = 0; r < rows; r += kRows) {
+    for (int64_t x0 = 0; x0 < width; x0 += kTileW) {
+      Vec acc[kRows][kTileCols];
+      for (int64_t rr = 0; rr < kRows; ++rr)
+        for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = vload(C + (r + rr) * ldc + x0 + t * kW);
+      for (int64_t c = 0; c < depth; ++c) {
+        Vec b[kTileCols];
+        for (int64_t t = 0; t < kTileCols; ++t) b[t] = vload(B + c * ldb + x0 + t * kW);
+        for (int64_t rr = 0; rr < kRows; ++rr) {
+          const Vec a = vset1(A[(r + rr) * lda + c]);
+          for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = vfma(a, b[t], acc[rr][t]);
+        }
+      }
+      for (int64_t rr = 0; rr < kRows; ++rr)
+        for (int64_t t = 0; t < kTileCols; ++t) vstore(C + (r + rr) * ldc + x0 + t * kW, acc[rr][t]);
+    }
+  }
+}
+
+// Widens n elements to fp32, times `scale`.
+template <class T>
+void widen(const T* src, float* dst, int64_t n, float scale = 1.0f) {
+  const Vec vs = vset1(scale);
+  int64_t d = 0;
+  for (; d + kW <= n; d += kW) vstore(dst + d, vload(src + d) * vs);
+  if (d < n) vstore_partial(dst + d, vload_partial(src + d, n - d) * vs, n - d);
+}
+
+// Rounds n fp32 values to T, times `scale`.
+template <class T>
+void narrow(const float* src, T* dst, int64_t n, float scale = 1.0f) {
+  const Vec vs = vset1(scale);
+  int64_t d = 0;
+  for (; d + kW <= n; d += kW) vstore(dst + d, vload(src + d) * vs);
+  if (d < n) vstore_partial(dst + d, vload_partial(src + d, n - d) * vs, n - d);
+}
+
+}  // namespace attn
+}  // namespace TK_CPU_NS
+}  // namespace torchkiln
