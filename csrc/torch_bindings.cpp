@@ -34,7 +34,7 @@ TORCH_LIBRARY(torchkiln, m) {
       "rotary_embedding_(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, Tensor positions, "
       "bool interleaved) -> ()");
 
-  // ---- attention: FlashAttention-2 forward (causal = window_right 0) ------
+  // ---- attention: FlashAttention-2 (causal = window_right 0) -------------
   // q (batch, seqlen_q, heads, D), k/v (batch, seqlen_k, heads_k, D) -> (out like q, lse (batch, heads, seqlen_q) fp32)
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left, int window_right, "
@@ -44,6 +44,15 @@ TORCH_LIBRARY(torchkiln, m) {
       "flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
       "float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor)");
+
+  // (dq, dk, dv) from the forward's out and lse; dk/dv summed over each GQA group
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
+      "int window_left, int window_right, float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+      "int window_left, int window_right, float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor, Tensor)");
 
   // ---- activation: SwiGLU gate --------------------------------------------
   // silu(x[..., :d]) * x[..., d:]

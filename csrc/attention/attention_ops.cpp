@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "attention/flash_attn.h"
 #include "common/op_checks.h"
@@ -134,11 +135,10 @@ int64_t check_cu_seqlens(const char* op, const at::Tensor& cu, const char* name,
   return longest;
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  const char* op = "flash_attn_varlen_fwd";
+FlashAttnParams varlen_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                              int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
+                              double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 2, op,
                     ": cu_seqlens_q must be (batch + 1,) with batch >= 1, got ", cu_seqlens_q.sizes());
   const int64_t batch = cu_seqlens_q.size(0) - 1;
@@ -153,6 +153,16 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
   p.seqlen_q = longest_q;
   p.seqlen_k = longest_k;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "flash_attn_varlen_fwd";
+  FlashAttnParams p = varlen_params(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    softmax_scale, window_left, window_right, softcap, alibi_slopes);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.heads, q.size(0)}, q.options().dtype(at::kFloat));
   p.out = output_of(out, true);
@@ -163,9 +173,72 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(
   return {out, lse};
 }
 
+// Checks the forward's saved tensors and the incoming gradient, allocates the
+// gradients and fills the backward params (forward params already set).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, FlashAttnParams& p, bool varlen,
+                                                            const at::Tensor& dout, const at::Tensor& q,
+                                                            const at::Tensor& k, const at::Tensor& v,
+                                                            const at::Tensor& out, const at::Tensor& lse) {
+  for (auto [t, name] : {std::pair{&dout, "dout"}, {&out, "out"}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ",
+                      t->sizes());
+    check_same_dtype(*t, q, op, name, "q");
+    check_same_device(*t, q, op, name, "q");
+    TORCH_CHECK_VALUE(t->stride(-1) == 1, op, ": ", name, " must be contiguous in head_dim");
+  }
+  const std::vector<int64_t> lse_shape =
+      varlen ? std::vector<int64_t>{p.heads, q.size(0)} : std::vector<int64_t>{q.size(0), p.heads, q.size(1)};
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape) && lse.scalar_type() == at::kFloat &&
+                        lse.is_contiguous(),
+                    op, ": lse must be a contiguous float32 tensor of shape ", at::IntArrayRef(lse_shape),
+                    ", got ", lse.scalar_type(), " ", lse.sizes());
+  check_same_device(lse, q, op, "lse", "q");
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  FlashAttnBwdParams bp;
+  p.out = output_of(out, varlen);  // read only in the backward
+  p.lse = lse.data_ptr<float>();
+  p.lse_batch_stride = varlen ? 0 : p.heads * q.size(1);
+  p.lse_head_stride = varlen ? q.size(0) : q.size(1);
+  bp.fwd = p;
+  bp.dout = view_of(dout, varlen);
+  bp.dq = output_of(dq, varlen);
+  bp.dk = output_of(dk, varlen);
+  bp.dv = output_of(dv, varlen);
+  TORCH_CHECK(!q.is_cuda(), op, ": no CUDA kernel yet");
+  TK_CPU_DISPATCH(flash_attn_bwd, bp);
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "flash_attn_bwd";
+  FlashAttnParams p = common_params(op, q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+                                    q.dim() == 4 ? q.size(0) : 0, /*varlen=*/false);
+  p.seqlen_q = q.size(1);
+  p.seqlen_k = k.size(1);
+  return run_backward(op, p, false, dout, q, k, v, out, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "flash_attn_varlen_bwd";
+  FlashAttnParams p = varlen_params(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    softmax_scale, window_left, window_right, softcap, alibi_slopes);
+  return run_backward(op, p, true, dout, q, k, v, out, lse);
+}
+
 void register_impls(torch::Library& m) {
   m.impl("flash_attn_fwd", &flash_attn_fwd);
   m.impl("flash_attn_varlen_fwd", &flash_attn_varlen_fwd);
+  m.impl("flash_attn_bwd", &flash_attn_bwd);
+  m.impl("flash_attn_varlen_bwd", &flash_attn_varlen_bwd);
 }
 
 }  // namespace

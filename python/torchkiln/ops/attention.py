@@ -46,8 +46,9 @@ def flash_attn_func(
 
     Returns out (batch, seqlen_q, heads, head_dim) in q's dtype, and with
     ``return_lse`` also the fp32 log-sum-exp (batch, heads, seqlen_q).
-    ``deterministic`` is accepted for API compatibility: the CPU kernels are
-    always deterministic.
+    Differentiable in q, k and v. ``deterministic`` is accepted for API
+    compatibility: the CPU kernels are always deterministic (gradients are
+    bitwise identical across runs with the same thread count).
     """
     _check_common(q, dropout_p)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -100,20 +101,48 @@ def _varlen_fwd_fake(
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
+@torch.library.register_fake("torchkiln::flash_attn_bwd")
+def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, alibi_slopes):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("torchkiln::flash_attn_varlen_bwd")
+def _varlen_bwd_fake(
+    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+    window_right, softcap, alibi_slopes,
+):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 # ----------------------------------------------------------------------------- autograd
-def _no_backward(ctx, *grads):
-    raise NotImplementedError(
-        "torchkiln attention backward is not implemented yet; use torch.nn.functional.scaled_dot_product_attention "
-        "for training"
-    )
+# Gradients flow to q, k and v; lse is an auxiliary output (its gradient is
+# ignored, as in flash-attn) and alibi slopes / cu_seqlens get none.
+def _fwd_setup(ctx, inputs, output) -> None:
+    q, k, v, scale, left, right, softcap, alibi = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], alibi)
+    ctx.options = (scale, left, right, softcap)
 
 
-def _no_setup(ctx, inputs, output) -> None:
-    return None
+def _fwd_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+    q, k, v, out, lse, alibi = ctx.saved_tensors
+    dq, dk, dv = _ops.flash_attn_bwd(grad_out.contiguous(), q, k, v, out, lse, *ctx.options, alibi)
+    return dq, dk, dv, None, None, None, None, None
 
 
-torch.library.register_autograd("torchkiln::flash_attn_fwd", _no_backward, setup_context=_no_setup)
-torch.library.register_autograd("torchkiln::flash_attn_varlen_fwd", _no_backward, setup_context=_no_setup)
+def _varlen_setup(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, alibi = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, alibi)
+    ctx.options = (max_q, max_k, scale, left, right, softcap)
+
+
+def _varlen_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+    q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+    dq, dk, dv = _ops.flash_attn_varlen_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.options, alibi)
+    return (dq, dk, dv) + (None,) * 9
+
+
+torch.library.register_autograd("torchkiln::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup)
+torch.library.register_autograd("torchkiln::flash_attn_varlen_fwd", _varlen_backward, setup_context=_varlen_setup)
 
 
 # ----------------------------------------------------------------------------- eager reference

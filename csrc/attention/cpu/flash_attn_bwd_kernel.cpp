@@ -1,0 +1,211 @@
+// FlashAttention-2 backward, CPU (compiled once per ISA; see common/cpu/vec.h).
+//
+// With P = exp(S - lse) recomputed block by block (no S matrix is stored):
+//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
+//   dX = dS (* (1 - tanh^2) under softcap),  dK = dX^T (scale Q),  dQ = scale dX K
+// Tasks are (sequence, kv head, chunk of keys): a task owns dK and dV of its
+// keys and sums the whole GQA group into them, so they need no reduction. dQ
+// gets one fp32 partial per key chunk, summed in chunk order at the end:
+// results are bitwise the same on every run.
+#include <cmath>
+#include <vector>
+
+#include "attention/cpu/attn_common.h"
+#include "common/parallel.h"
+
+namespace torchkiln {
+namespace TK_CPU_NS {
+namespace {
+
+using namespace attn;
+
+struct Scratch {
+  std::vector<float> kt, vt, k;      // keys of the task: K^T, V^T (D x ldk), K (ldk x dp)
+  std::vector<float> dk, dv;         // accumulators (ldk x dp)
+  std::vector<float> q, dout;        // one query block (kBq x dp), q pre-scaled
+  std::vector<float> s, dp, th;      // (kBq x kBk): scores -> P, dP -> dS, tanh for softcap
+  std::vector<float> pt, dst, dq;    // P^T, dS^T (kBk x kBq), dQ of the block (kBq x dp)
+  int64_t ldk = 0, dpad = 0;
+};
+
+template <class T>
+void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t hk, int64_t k0, int64_t n,
+               Scratch& w) {
+  const int64_t D = p.head_dim;
+  w.ldk = round_up(n, kBk);
+  w.dpad = round_up(D, kTileW);
+  w.kt.assign(static_cast<size_t>(D * w.ldk), 0.0f);
+  w.vt.assign(static_cast<size_t>(D * w.ldk), 0.0f);
+  w.k.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
+  w.dk.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
+  w.dv.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* kj = static_cast<const T*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, k0 + j, hk);
+    const T* vj = static_cast<const T*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, k0 + j, hk);
+    float* krow = w.k.data() + j * w.dpad;
+    widen(kj, krow, D);
+    for (int64_t d = 0; d < D; ++d) {
+      w.kt[d * w.ldk + j] = krow[d];
+      w.vt[d * w.ldk + j] = to_float(vj[d]);
+    }
+  }
+}
+
+void transpose_block(const float* src, float* dst) {  // (kBq x kBk) -> (kBk x kBq)
+  for (int64_t r = 0; r < kBq; ++r)
+    for (int64_t c = 0; c < kBk; ++c) dst[c * kBq + r] = src[r * kBk + c];
+}
+
+template <class T>
+void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partial, int64_t b, int64_t hk,
+              int64_t k0, int64_t k1, Scratch& w) {
+  const FlashAttnParams& p = bp.fwd;
+  const Sequence s = sequence(p, b);
+  k1 = std::min(k1, s.sk);
+  if (k0 >= k1 || s.sq == 0) return;
+  const int64_t D = p.head_dim, group = p.heads / p.heads_k, nk = k1 - k0;
+  load_keys<T>(p, b, s, hk, k0, nk, w);
+  const int64_t dp = w.dpad;
+  w.q.resize(static_cast<size_t>(kBq * dp));
+  w.dout.resize(static_cast<size_t>(kBq * dp));
+  w.s.resize(kBq * kBk);
+  w.dp.resize(kBq * kBk);
+  w.th.resize(kBq * kBk);
+  w.pt.resize(kBk * kBq);
+  w.dst.resize(kBk * kBq);
+  w.dq.resize(static_cast<size_t>(kBq * dp));
+
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+    for (int64_t i0 = 0; i0 < s.sq; i0 += kBq) {
+      const int64_t nr = std::min(s.sq - i0, kBq), rows = round_up(nr, kRows);
+      // Skip query blocks that see none of this task's keys.
+      if (key_range(p, s, i0 + nr - 1).hi <= k0 || key_range(p, s, i0).lo >= k1) continue;
+      std::fill(w.q.begin(), w.q.end(), 0.0f);
+      std::fill(w.dout.begin(), w.dout.end(), 0.0f);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = i0 + r;
+        widen(static_cast<const T*>(p.q.ptr) + token_offset(p.q, p, b, s.q_begin, i, h), w.q.data() + r * dp, D,
+              p.scale);
+        widen(static_cast<const T*>(bp.dout.ptr) + token_offset(bp.dout, p, b, s.q_begin, i, h),
+              w.dout.data() + r * dp, D);
+      }
+      std::fill(w.dq.begin(), w.dq.end(), 0.0f);
+      const int64_t blo = std::max(key_range(p, s, i0).lo, k0), bhi = std::min(key_range(p, s, i0 + nr - 1).hi, k1);
+      for (int64_t j0 = k0 + (blo - k0) / kBk * kBk; j0 < bhi; j0 += kBk) {
+        const int64_t col0 = j0 - k0, n = std::min(k1 - j0, kBk);
+        gemm_nt(w.q.data(), dp, w.kt.data() + col0, w.ldk, w.s.data(), kBk, rows, D, kBk);
+        gemm_nt(w.dout.data(), dp, w.vt.data() + col0, w.ldk, w.dp.data(), kBk, rows, D, kBk);
+        for (int64_t r = 0; r < kBq; ++r) {
+          float* prow = w.s.data() + r * kBk;
+          float* dsrow = w.dp.data() + r * kBk;
+          if (r >= nr) {
+            std::fill_n(prow, kBk, 0.0f);
+            std::fill_n(dsrow, kBk, 0.0f);
+            continue;
+          }
+          const int64_t i = i0 + r;
+          float* th = p.softcap > 0.0f ? w.th.data() + r * kBk : nullptr;
+          shape_scores(p, s, i, j0, n, slope, prow, th);
+          const float lse = p.lse[lse_index(p, s, b, h, i)];
+          const KeyRange keep = visible(p, s, i, j0, n);
+          if (lse == kInf) {  // the row saw no key: no gradient through it
+            std::fill_n(prow, kBk, 0.0f);
+            std::fill_n(dsrow, kBk, 0.0f);
+            continue;
+          }
+          const Vec vl = vset1(lse), vdelta = vset1(delta[lse_index(p, s, b, h, i)]), one = vset1(1.0f);
+          for (int64_t c = 0; c < kBk; c += kW) {
+            const Vec pv = vexp(vload(prow + c) - vl);
+            Vec ds = pv * (vload(dsrow + c) - vdelta);
+            if (th) {
+              const Vec t = vload(th + c);
+              ds = ds * (one - t * t);
+            }
+            vstore(prow + c, pv);
+            vstore(dsrow + c, ds);
+          }
+          fill_outside(keep, prow, 0.0f);
+          fill_outside(keep, dsrow, 0.0f);
+        }
+        transpose_block(w.s.data(), w.pt.data());
+        transpose_block(w.dp.data(), w.dst.data());
+        const int64_t key_rows = round_up(n, kRows);
+        gemm_acc(w.pt.data(), kBq, w.dout.data(), dp, w.dv.data() + col0 * dp, dp, key_rows, rows, dp);
+        gemm_acc(w.dst.data(), kBq, w.q.data(), dp, w.dk.data() + col0 * dp, dp, key_rows, rows, dp);
+        gemm_acc(w.dp.data(), kBk, w.k.data() + col0 * dp, dp, w.dq.data(), dp, rows, n, dp);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        float* dst = dq_partial + token_offset(bp.dq, p, b, s.q_begin, i0 + r, h);
+        const float* src = w.dq.data() + r * dp;
+        for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+      }
+    }
+  }
+  for (int64_t j = 0; j < nk; ++j) {
+    narrow(w.dk.data() + j * dp, static_cast<T*>(bp.dk.ptr) + token_offset(bp.dk, p, b, s.k_begin, k0 + j, hk), D);
+    narrow(w.dv.data() + j * dp, static_cast<T*>(bp.dv.ptr) + token_offset(bp.dv, p, b, s.k_begin, k0 + j, hk), D);
+  }
+}
+
+// delta_i = sum_d dout_i[d] * out_i[d], laid out like lse.
+template <class T>
+std::vector<float> row_deltas(const FlashAttnBwdParams& bp) {
+  const FlashAttnParams& p = bp.fwd;
+  const int64_t lse_size = p.cu_seqlens_q ? p.heads * p.lse_head_stride : p.batch * p.lse_batch_stride;
+  std::vector<float> delta(static_cast<size_t>(lse_size), 0.0f);
+  parallel_for(0, p.batch * p.heads, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t b = t / p.heads, h = t % p.heads;
+      const Sequence s = sequence(p, b);
+      for (int64_t i = 0; i < s.sq; ++i) {
+        const T* o = static_cast<const T*>(p.out.ptr) + token_offset(p.out, p, b, s.q_begin, i, h);
+        const T* g = static_cast<const T*>(bp.dout.ptr) + token_offset(bp.dout, p, b, s.q_begin, i, h);
+        float acc = 0.0f;
+        for (int64_t d = 0; d < p.head_dim; ++d) acc += to_float(o[d]) * to_float(g[d]);
+        delta[lse_index(p, s, b, h, i)] = acc;
+      }
+    }
+  });
+  return delta;
+}
+
+}  // namespace
+
+void flash_attn_bwd(const FlashAttnBwdParams& bp) {
+  const FlashAttnParams& p = bp.fwd;
+  const int64_t bh = p.batch * p.heads_k;
+  const int64_t want = 4 * static_cast<int64_t>(num_threads());
+  // Key chunks per (sequence, kv head): enough tasks for every thread, at most
+  // four dQ partials.
+  int64_t chunks = std::min<int64_t>(bh >= want ? 1 : (want + bh - 1) / bh, 4);
+  const int64_t chunk_keys = round_up((p.seqlen_k + chunks - 1) / chunks, kBk);
+  chunks = (p.seqlen_k + chunk_keys - 1) / chunk_keys;
+  // dQ partials share dq's (contiguous) layout, one full copy per chunk.
+  const int64_t q_tokens = p.cu_seqlens_q ? p.lse_head_stride : p.batch * p.seqlen_q;
+  const int64_t dq_size = q_tokens * p.heads * p.head_dim;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const std::vector<float> delta = row_deltas<T>(bp);
+    std::vector<float> partial(static_cast<size_t>(chunks * dq_size), 0.0f);
+    parallel_for(0, bh * chunks, 1, [&](int64_t lo, int64_t hi) {
+      Scratch w;
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t b = t / (p.heads_k * chunks), hk = t / chunks % p.heads_k, c = t % chunks;
+        run_task<T>(bp, delta.data(), partial.data() + c * dq_size, b, hk, c * chunk_keys, (c + 1) * chunk_keys, w);
+      }
+    });
+    // dq = scale * sum of the partials, in chunk order.
+    T* dq = static_cast<T*>(bp.dq.ptr);
+    parallel_for(0, dq_size, 1 << 14, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi; ++e) {
+        float acc = 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) acc += partial[c * dq_size + e];
+        dq[e] = from_float<T>(acc * p.scale);
+      }
+    });
+  });
+}
+
+}  // namespace TK_CPU_NS
+}  // namespace torchkiln
