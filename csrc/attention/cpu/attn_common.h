@@ -5,6 +5,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "attention/flash_attn.h"
@@ -139,6 +140,68 @@ inline void gemm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, f
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// bf16 inputs on AVX512_BF16: vdpbf16ps does 32 multiply-adds per instruction,
+// twice the fp32 FMA rate (measured on Zen 4). Operands are pair-interleaved
+// along the reduction dimension: lane i of a vector holds elements (2p, 2p+1)
+// of reduction pair p for output column i, as 32 bits.
+constexpr bool kBf16Dot = true;
+
+inline __m512 dot_bf16(__m512 acc, uint32_t a_pair, const uint16_t* b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a_pair))),
+                          reinterpret_cast<__m512bh>(_mm512_loadu_si512(b)));
+}
+
+// C[r][c] = scale * sum_p A[r][pair p] . B2[p][c] for r < rows (multiple of
+// kRows), c < cols (multiple of kTileW); A rows are bf16 (lda elements, even),
+// B2 is (pairs x ldb x 2) bf16.
+inline void gemm_nt_bf16(const uint16_t* A, int64_t lda, const uint16_t* B2, int64_t ldb, float* C, int64_t ldc,
+                         int64_t rows, int64_t pairs, int64_t cols, float scale) {
+  const Vec vs = vset1(scale);
+  for (int64_t r = 0; r < rows; r += kRows) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTileW) {
+      __m512 acc[kRows][kTileCols];
+      for (auto& row : acc)
+        for (auto& a : row) a = _mm512_setzero_ps();
+      for (int64_t p = 0; p < pairs; ++p) {
+        const uint16_t* b = B2 + (p * ldb + c0) * 2;
+        for (int64_t rr = 0; rr < kRows; ++rr) {
+          uint32_t a_pair;
+          std::memcpy(&a_pair, A + (r + rr) * lda + 2 * p, 4);
+          for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = dot_bf16(acc[rr][t], a_pair, b + t * 2 * kW);
+        }
+      }
+      for (int64_t rr = 0; rr < kRows; ++rr)
+        for (int64_t t = 0; t < kTileCols; ++t) vstore(C + (r + rr) * ldc + c0 + t * kW, Vec{acc[rr][t]} * vs);
+    }
+  }
+}
+
+// C[r][x] += sum_p A[r][pair p] . B2[p][x] for x < width (multiple of kTileW).
+inline void gemm_acc_bf16(const uint16_t* A, int64_t lda, const uint16_t* B2, int64_t ldb, float* C, int64_t ldc,
+                          int64_t rows, int64_t pairs, int64_t width) {
+  for (int64_t r = 0; r < rows; r += kRows) {
+    for (int64_t x0 = 0; x0 < width; x0 += kTileW) {
+      __m512 acc[kRows][kTileCols];
+      for (int64_t rr = 0; rr < kRows; ++rr)
+        for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = _mm512_loadu_ps(C + (r + rr) * ldc + x0 + t * kW);
+      for (int64_t p = 0; p < pairs; ++p) {
+        const uint16_t* b = B2 + (p * ldb + x0) * 2;
+        for (int64_t rr = 0; rr < kRows; ++rr) {
+          uint32_t a_pair;
+          std::memcpy(&a_pair, A + (r + rr) * lda + 2 * p, 4);
+          for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = dot_bf16(acc[rr][t], a_pair, b + t * 2 * kW);
+        }
+      }
+      for (int64_t rr = 0; rr < kRows; ++rr)
+        for (int64_t t = 0; t < kTileCols; ++t) _mm512_storeu_ps(C + (r + rr) * ldc + x0 + t * kW, acc[rr][t]);
+    }
+  }
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
 
 // Widens n elements to fp32, times `scale`.
 template <class T>

@@ -9,6 +9,8 @@
 //   O += P V                   gemm_acc
 // All math is fp32; scratch is O(keys * head_dim) per task, never O(sq * sk).
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "attention/cpu/attn_common.h"
@@ -23,8 +25,35 @@ using namespace attn;
 // Scratch of one task, reused across its query blocks.
 struct Scratch {
   std::vector<float> kt, v, q, s, o, m, l;
+  std::vector<uint16_t> kt2, v2, qb, pb;  // bf16 dot-product path (see attn_common.h)
   int64_t ldk = 0, dp = 0;  // columns of kt (keys), padded head_dim of v / o
 };
+
+// bf16 inputs on CPUs with AVX512_BF16 multiply in bf16 (exact products, fp32
+// sums), the probabilities rounded to bf16 for P V as torch's own CPU kernel does.
+template <class T>
+constexpr bool use_bf16_dot() {
+  return kBf16Dot && std::is_same_v<T, bf16_t>;
+}
+
+#if defined(__AVX512BF16__)
+void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t hk, int64_t lo, int64_t hi,
+                    Scratch& w) {
+  const int64_t D = p.head_dim, pairs = (D + 1) / 2, n = hi - lo;
+  w.ldk = round_up(n, kBk);
+  w.dp = round_up(D, kTileW);
+  w.kt2.assign(static_cast<size_t>(pairs * w.ldk * 2), 0);
+  w.v2.assign(static_cast<size_t>(w.ldk / 2 * w.dp * 2), 0);
+  for (int64_t j = 0; j < n; ++j) {
+    const auto* kj = static_cast<const bf16_t*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, lo + j, hk);
+    const auto* vj = static_cast<const bf16_t*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, lo + j, hk);
+    for (int64_t d = 0; d < D; ++d) {
+      w.kt2[((d / 2) * w.ldk + j) * 2 + d % 2] = kj[d].bits;
+      w.v2[((j / 2) * w.dp + d) * 2 + j % 2] = vj[d].bits;
+    }
+  }
+}
+#endif
 
 template <class T>
 void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t hk, int64_t lo, int64_t hi,
@@ -76,7 +105,16 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t h, int64_t r0, int64_
   const int64_t D = p.head_dim, hk = h / (p.heads / p.heads_k);
   const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
   const int64_t lo = key_range(p, s, r0).lo, hi = std::max(key_range(p, s, r1 - 1).hi, lo);
-  load_keys<T>(p, b, s, hk, lo, hi, w);
+  constexpr bool bf16_dot = use_bf16_dot<T>();
+  const int64_t pairs = (D + 1) / 2;
+#if defined(__AVX512BF16__)
+  if constexpr (bf16_dot) {
+    load_keys_bf16(p, b, s, hk, lo, hi, w);
+    w.qb.resize(static_cast<size_t>(kBq * 2 * pairs));
+    w.pb.resize(static_cast<size_t>(kBq * kBk));
+  } else
+#endif
+    load_keys<T>(p, b, s, hk, lo, hi, w);
   w.q.resize(static_cast<size_t>(kBq * D));
   w.s.resize(static_cast<size_t>(kBq * kBk));
   w.o.resize(static_cast<size_t>(kBq * w.dp));
@@ -85,11 +123,17 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t h, int64_t r0, int64_
 
   for (int64_t i0 = r0; i0 < r1; i0 += kBq) {
     const int64_t nr = std::min(r1 - i0, kBq), rows = round_up(nr, kRows);
-    std::fill(w.q.begin(), w.q.end(), 0.0f);
     std::fill(w.o.begin(), w.o.end(), 0.0f);
+    if (bf16_dot)
+      std::fill(w.qb.begin(), w.qb.end(), 0);
+    else
+      std::fill(w.q.begin(), w.q.end(), 0.0f);
     for (int64_t r = 0; r < nr; ++r) {
       const T* qr = static_cast<const T*>(p.q.ptr) + token_offset(p.q, p, b, s.q_begin, i0 + r, h);
-      widen(qr, w.q.data() + r * D, D, p.scale);
+      if (bf16_dot)
+        std::memcpy(w.qb.data() + r * 2 * pairs, qr, static_cast<size_t>(D) * sizeof(T));
+      else
+        widen(qr, w.q.data() + r * D, D, p.scale);
       w.m[r] = -kInf;
       w.l[r] = 0.0f;
     }
@@ -97,14 +141,28 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t h, int64_t r0, int64_
     const int64_t blo = key_range(p, s, i0).lo, bhi = key_range(p, s, i0 + nr - 1).hi;
     for (int64_t j0 = lo + (blo - lo) / kBk * kBk; j0 < bhi; j0 += kBk) {
       const int64_t n = std::min(bhi - j0, kBk);
-      gemm_nt(w.q.data(), D, w.kt.data() + (j0 - lo), w.ldk, w.s.data(), kBk, rows, D, kBk);
+#if defined(__AVX512BF16__)
+      if constexpr (bf16_dot)
+        gemm_nt_bf16(w.qb.data(), 2 * pairs, w.kt2.data() + (j0 - lo) * 2, w.ldk, w.s.data(), kBk, rows, pairs, kBk,
+                     p.scale);
+      else
+#endif
+        gemm_nt(w.q.data(), D, w.kt.data() + (j0 - lo), w.ldk, w.s.data(), kBk, rows, D, kBk);
       for (int64_t r = 0; r < nr; ++r) {
         float* row = w.s.data() + r * kBk;
         shape_scores(p, s, i0 + r, j0, n, slope, row);
         softmax_step(row, visible(p, s, i0 + r, j0, n), w.m[r], w.l[r], w.o.data() + r * w.dp, w.dp);
       }
       for (int64_t r = nr; r < rows; ++r) std::fill_n(w.s.data() + r * kBk, kBk, 0.0f);
-      gemm_acc(w.s.data(), kBk, w.v.data() + (j0 - lo) * w.dp, w.dp, w.o.data(), w.dp, rows, n, w.dp);
+#if defined(__AVX512BF16__)
+      if constexpr (bf16_dot) {
+        auto* pb = reinterpret_cast<bf16_t*>(w.pb.data());
+        for (int64_t c = 0; c < rows * kBk; c += kW) vstore(pb + c, vload(w.s.data() + c));
+        gemm_acc_bf16(w.pb.data(), kBk, w.v2.data() + (j0 - lo) / 2 * w.dp * 2, w.dp, w.o.data(), w.dp, rows,
+                      (n + 1) / 2, w.dp);
+      } else
+#endif
+        gemm_acc(w.s.data(), kBk, w.v.data() + (j0 - lo) * w.dp, w.dp, w.o.data(), w.dp, rows, n, w.dp);
     }
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t i = i0 + r;

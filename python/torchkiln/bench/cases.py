@@ -10,12 +10,13 @@ from typing import Callable
 import torch
 
 from ..ops.activation import silu_and_mul, silu_and_mul_ref
+from ..ops.attention import flash_attn_func, flash_attn_varlen_func
 from ..ops.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from ..ops.rotary import apply_rotary, rope_cos_sin
 
 _ops = torch.ops.torchkiln
 
-FAMILIES = ("norm", "activation", "rope")
+FAMILIES = ("norm", "activation", "rope", "attention")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Prepared:
     ours: Callable[[], object]
     baseline: Callable[[], object]
     min_bytes: int  # compulsory traffic of the fused op: inputs read once, outputs written once
+    flops: int = 0  # useful floating-point work, for compute-bound ops (0: memory-bound)
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,69 @@ def _rope_fwd_bwd(tokens, heads, head_dim, dtype):
     return setup
 
 
+def _attention_flops(batch, heads, sq, sk, d, causal):
+    pairs = sq * sk - (sq * (sq - 1) // 2 if causal else 0)  # visible (query, key) pairs, sq == sk
+    return 4 * batch * heads * pairs * d  # QK^T and PV, 2 FLOPs per multiply-add
+
+
+def _sdpa(q, k, v, causal):
+    """torch's SDPA on the same (batch, seq, heads, dim) tensors, viewed (batch, heads, seq, dim)."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+    )
+    return out.transpose(1, 2)
+
+
+def _attention_fwd(batch, heads, seq, d, dtype, causal=True):
+    def setup(device):
+        q, k, v = (_randn(batch, seq, heads, d, dtype=dtype, device=device) for _ in range(3))
+        return Prepared(
+            lambda: flash_attn_func(q, k, v, causal=causal),
+            lambda: _sdpa(q, k, v, causal),
+            4 * q.nbytes,
+            _attention_flops(batch, heads, seq, seq, d, causal),
+        )
+
+    return setup
+
+
+def _attention_fwd_bwd(batch, heads, seq, d, dtype, causal=True):
+    def setup(device):
+        q, k, v = (_randn(batch, seq, heads, d, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+        g = _randn(batch, seq, heads, d, dtype=dtype, device=device)
+        ours = lambda a, b, c: flash_attn_func(a, b, c, causal=causal)  # noqa: E731
+        base = lambda a, b, c: _sdpa(a, b, c, causal)  # noqa: E731
+        # The backward does 2.5x the forward's matmul work (flash-attn's count).
+        return Prepared(
+            _grad_call(ours, (q, k, v), g), _grad_call(base, (q, k, v), g), 10 * q.nbytes,
+            int(3.5 * _attention_flops(batch, heads, seq, seq, d, causal)),
+        )
+
+    return setup
+
+
+def _attention_varlen(lengths, heads, d, dtype):
+    """Packed varlen against SDPA on the same batch padded to the longest sequence."""
+
+    def setup(device):
+        total, longest = sum(lengths), max(lengths)
+        q, k, v = (_randn(total, heads, d, dtype=dtype, device=device) for _ in range(3))
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        padded = [torch.zeros(len(lengths), longest, heads, d, dtype=dtype, device=device) for _ in range(3)]
+        for b, n in enumerate(lengths):
+            for dst, src in zip(padded, (q, k, v)):
+                dst[b, :n] = src[cu[b] : cu[b] + n]
+        flops = sum(_attention_flops(1, heads, n, n, d, True) for n in lengths)
+        return Prepared(
+            lambda: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True),
+            lambda: _sdpa(*padded, True),
+            4 * q.nbytes,
+            flops,
+        )
+
+    return setup
+
+
 def cases_for(family: str | None = None, quick: bool = False) -> list[BenchCase]:
     """The benchmark cases of one family (or all). ``quick`` shrinks every
     shape for smoke tests; its timings mean nothing."""
@@ -209,6 +274,25 @@ def cases_for(family: str | None = None, quick: bool = False) -> list[BenchCase]
         BenchCase("rope", "rotary q,k in place", f"{rows}x{heads}x128", bf16, _rope_in_place(rows, heads, 128, bf16)),
         BenchCase("rope", "rotary q,k fwd+bwd", f"{rows}x{heads}x128", bf16, _rope_fwd_bwd(rows, heads, 128, bf16)),
     ]
+    if quick:
+        attn_shapes = [(1, 2, 128, 64)]
+        varlen_lengths = [5, 60, 1, 30]
+    else:
+        attn_shapes = [(4, 8, 2048, 128), (1, 16, 1024, 64)]
+        g = torch.Generator().manual_seed(0)
+        cuts = sorted(torch.randperm(8191, generator=g)[:7].add(1).tolist())
+        varlen_lengths = [b - a for a, b in zip([0, *cuts], [*cuts, 8192])]
+    for b, h, s, d in attn_shapes:
+        shape = f"{b}x{h}x{s}x{d} causal"
+        for dt in (torch.float32, bf16):
+            all_cases.append(BenchCase("attention", "flash_attn fwd", shape, dt, _attention_fwd(b, h, s, d, dt)))
+        all_cases.append(BenchCase("attention", "flash_attn fwd+bwd", shape, bf16, _attention_fwd_bwd(b, h, s, d, bf16)))
+    all_cases.append(
+        BenchCase(
+            "attention", "flash_attn_varlen fwd", f"{len(varlen_lengths)} seqs, {sum(varlen_lengths)} tok, 8x128",
+            bf16, _attention_varlen(varlen_lengths, 8, 128, bf16),
+        )
+    )
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     return [c for c in all_cases if family is None or c.family == family]

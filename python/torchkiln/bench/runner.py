@@ -26,6 +26,8 @@ class BenchResult:
     ours_gbs: float  # compulsory bytes / our time
     copy_gbs: float  # measured copy bandwidth in the same run
     pct_of_copy: float
+    ours_gflops: float | None = None  # compute-bound ops: useful FLOPs / our time
+    baseline_gflops: float | None = None
 
 
 def run_cases(cases: list[BenchCase], device: str = "cpu", repeat: int = 10, warmup: int = 2) -> list[BenchResult]:
@@ -35,10 +37,12 @@ def run_cases(cases: list[BenchCase], device: str = "cpu", repeat: int = 10, war
         prepared = case.setup(device)
         ours, base = time_pair(prepared.ours, prepared.baseline, device, warmup=warmup, repeat=repeat)
         gbs = prepared.min_bytes / ours / 1e9
+        flops = prepared.flops
         results.append(
             BenchResult(
                 case.family, case.name, case.shape, str(case.dtype).removeprefix("torch."), device,
                 ours * 1e3, base * 1e3, base / ours, gbs, copy, 100.0 * gbs / copy,
+                flops / ours / 1e9 if flops else None, flops / base / 1e9 if flops else None,
             )
         )
         del prepared
@@ -49,10 +53,12 @@ def run_cases(cases: list[BenchCase], device: str = "cpu", repeat: int = 10, war
 
 
 def format_table(results: list[BenchResult]) -> str:
-    head = ("family", "op", "shape", "dtype", "torchkiln ms", "baseline ms", "ratio", "GB/s", "% copy bw")
+    head = ("family", "op", "shape", "dtype", "torchkiln ms", "baseline ms", "ratio", "GB/s", "% copy bw",
+            "GFLOP/s (base)")
     rows = [
         (r.family, r.name, r.shape, r.dtype, f"{r.ours_ms:.3f}", f"{r.baseline_ms:.3f}", f"{r.ratio:.2f}x",
-         f"{r.ours_gbs:.1f}", f"{r.pct_of_copy:.0f}%")
+         "-" if r.ours_gflops else f"{r.ours_gbs:.1f}", "-" if r.ours_gflops else f"{r.pct_of_copy:.0f}%",
+         f"{r.ours_gflops:.0f} ({r.baseline_gflops:.0f})" if r.ours_gflops else "-")
         for r in results
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -63,6 +69,8 @@ def format_table(results: list[BenchResult]) -> str:
                    "ratio = baseline / torchkiln (> 1 is faster)")
         out.append("GB/s counts each input read and output written once; kernels that stream their stores past "
                    "the cache can beat copy_, which also reads every destination line before writing it")
+        out.append("attention: useful FLOPs (masked pairs not counted; backward = 2.5x forward); baseline = "
+                   "torch SDPA (varlen: SDPA on the batch padded to the longest sequence)")
     return "\n".join(out)
 
 
