@@ -8,6 +8,7 @@
 // gets one fp32 partial per key chunk, summed in chunk order at the end:
 // results are bitwise the same on every run.
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "attention/cpu/attn_common.h"
@@ -25,8 +26,47 @@ struct Scratch {
   std::vector<float> q, dout;        // one query block (kBq x dp), q pre-scaled
   std::vector<float> s, dp, th;      // (kBq x kBk): scores -> P, dP -> dS, tanh for softcap
   std::vector<float> pt, dst, dq;    // P^T, dS^T (kBk x kBq), dQ of the block (kBq x dp)
+  // bf16 dot-product path (attn_common.h): the same operands in bf16, pair-
+  // interleaved along each product's reduction dimension.
+  std::vector<uint16_t> kt2, vt2, k2;           // over head_dim (K^T, V^T), over keys (K)
+  std::vector<uint16_t> qb, dob, q2, do2;       // rows as given; pair-interleaved over queries
+  std::vector<uint16_t> pt_b, dst_b, ds_b;      // P^T, dS^T, dS rounded to bf16
   int64_t ldk = 0, dpad = 0;
 };
+
+// bf16 inputs on AVX512_BF16: all five products in bf16 with fp32 sums, P and
+// dS rounded to bf16 as torch's own CPU kernel does.
+template <class T>
+constexpr bool use_bf16_dot() {
+  return kBf16Dot && std::is_same_v<T, bf16_t>;
+}
+
+#if defined(__AVX512BF16__)
+void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t hk, int64_t k0, int64_t n,
+                    Scratch& w) {
+  const int64_t D = p.head_dim, pairs = (D + 1) / 2;
+  w.ldk = round_up(n, kBk);
+  w.dpad = round_up(D, kTileW);
+  w.kt2.assign(static_cast<size_t>(pairs * w.ldk * 2), 0);
+  w.vt2.assign(static_cast<size_t>(pairs * w.ldk * 2), 0);
+  w.k2.assign(static_cast<size_t>(w.ldk / 2 * w.dpad * 2), 0);
+  w.dk.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
+  w.dv.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const auto* kj = static_cast<const bf16_t*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, k0 + j, hk);
+    const auto* vj = static_cast<const bf16_t*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, k0 + j, hk);
+    for (int64_t d = 0; d < D; ++d) {
+      w.kt2[((d / 2) * w.ldk + j) * 2 + d % 2] = kj[d].bits;
+      w.vt2[((d / 2) * w.ldk + j) * 2 + d % 2] = vj[d].bits;
+      w.k2[((j / 2) * w.dpad + d) * 2 + j % 2] = kj[d].bits;
+    }
+  }
+}
+
+void to_bf16(const float* src, uint16_t* dst, int64_t n) {  // n a multiple of kW
+  for (int64_t c = 0; c < n; c += kW) vstore(reinterpret_cast<bf16_t*>(dst) + c, vload(src + c));
+}
+#endif
 
 template <class T>
 void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t hk, int64_t k0, int64_t n,
@@ -56,6 +96,39 @@ void transpose_block(const float* src, float* dst) {  // (kBq x kBk) -> (kBk x k
     for (int64_t c = 0; c < kBk; ++c) dst[c * kBq + r] = src[r * kBk + c];
 }
 
+// One block of query rows (and their output gradients) of head h, zero-padded to kBq.
+template <class T>
+void load_query_block(const FlashAttnBwdParams& bp, int64_t b, const Sequence& s, int64_t h, int64_t i0, int64_t nr,
+                      Scratch& w) {
+  const FlashAttnParams& p = bp.fwd;
+  const int64_t D = p.head_dim, dp = w.dpad;
+  std::fill(w.q.begin(), w.q.end(), 0.0f);
+  std::fill(w.dout.begin(), w.dout.end(), 0.0f);
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = i0 + r;
+    widen(static_cast<const T*>(p.q.ptr) + token_offset(p.q, p, b, s.q_begin, i, h), w.q.data() + r * dp, D, p.scale);
+    widen(static_cast<const T*>(bp.dout.ptr) + token_offset(bp.dout, p, b, s.q_begin, i, h), w.dout.data() + r * dp,
+          D);
+  }
+}
+
+void load_query_block_bf16(const FlashAttnBwdParams& bp, int64_t b, const Sequence& s, int64_t h, int64_t i0,
+                           int64_t nr, Scratch& w) {
+  const FlashAttnParams& p = bp.fwd;
+  const int64_t D = p.head_dim, dp = w.dpad, ld = 2 * ((D + 1) / 2);
+  for (auto* v : {&w.qb, &w.dob, &w.q2, &w.do2}) std::fill(v->begin(), v->end(), 0);
+  for (int64_t r = 0; r < nr; ++r) {
+    const auto* q = static_cast<const bf16_t*>(p.q.ptr) + token_offset(p.q, p, b, s.q_begin, i0 + r, h);
+    const auto* g = static_cast<const bf16_t*>(bp.dout.ptr) + token_offset(bp.dout, p, b, s.q_begin, i0 + r, h);
+    for (int64_t d = 0; d < D; ++d) {
+      w.qb[r * ld + d] = q[d].bits;
+      w.dob[r * ld + d] = g[d].bits;
+      w.q2[((r / 2) * dp + d) * 2 + r % 2] = q[d].bits;
+      w.do2[((r / 2) * dp + d) * 2 + r % 2] = g[d].bits;
+    }
+  }
+}
+
 template <class T>
 void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partial, int64_t b, int64_t hk,
               int64_t k0, int64_t k1, Scratch& w) {
@@ -64,7 +137,21 @@ void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partia
   k1 = std::min(k1, s.sk);
   if (k0 >= k1 || s.sq == 0) return;
   const int64_t D = p.head_dim, group = p.heads / p.heads_k, nk = k1 - k0;
-  load_keys<T>(p, b, s, hk, k0, nk, w);
+  constexpr bool bf16_dot = use_bf16_dot<T>();
+  const int64_t pairs = (D + 1) / 2;
+#if defined(__AVX512BF16__)
+  if constexpr (bf16_dot) {
+    load_keys_bf16(p, b, s, hk, k0, nk, w);
+    w.qb.resize(static_cast<size_t>(kBq * 2 * pairs));
+    w.dob.resize(static_cast<size_t>(kBq * 2 * pairs));
+    w.q2.resize(static_cast<size_t>(kBq * w.dpad));
+    w.do2.resize(static_cast<size_t>(kBq * w.dpad));
+    w.pt_b.resize(kBk * kBq);
+    w.dst_b.resize(kBk * kBq);
+    w.ds_b.resize(kBq * kBk);
+  } else
+#endif
+    load_keys<T>(p, b, s, hk, k0, nk, w);
   const int64_t dp = w.dpad;
   w.q.resize(static_cast<size_t>(kBq * dp));
   w.dout.resize(static_cast<size_t>(kBq * dp));
@@ -81,21 +168,26 @@ void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partia
       const int64_t nr = std::min(s.sq - i0, kBq), rows = round_up(nr, kRows);
       // Skip query blocks that see none of this task's keys.
       if (key_range(p, s, i0 + nr - 1).hi <= k0 || key_range(p, s, i0).lo >= k1) continue;
-      std::fill(w.q.begin(), w.q.end(), 0.0f);
-      std::fill(w.dout.begin(), w.dout.end(), 0.0f);
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t i = i0 + r;
-        widen(static_cast<const T*>(p.q.ptr) + token_offset(p.q, p, b, s.q_begin, i, h), w.q.data() + r * dp, D,
-              p.scale);
-        widen(static_cast<const T*>(bp.dout.ptr) + token_offset(bp.dout, p, b, s.q_begin, i, h),
-              w.dout.data() + r * dp, D);
-      }
+      if (bf16_dot)
+        load_query_block_bf16(bp, b, s, h, i0, nr, w);
+      else
+        load_query_block<T>(bp, b, s, h, i0, nr, w);
       std::fill(w.dq.begin(), w.dq.end(), 0.0f);
       const int64_t blo = std::max(key_range(p, s, i0).lo, k0), bhi = std::min(key_range(p, s, i0 + nr - 1).hi, k1);
       for (int64_t j0 = k0 + (blo - k0) / kBk * kBk; j0 < bhi; j0 += kBk) {
         const int64_t col0 = j0 - k0, n = std::min(k1 - j0, kBk);
-        gemm_nt(w.q.data(), dp, w.kt.data() + col0, w.ldk, w.s.data(), kBk, rows, D, kBk);
-        gemm_nt(w.dout.data(), dp, w.vt.data() + col0, w.ldk, w.dp.data(), kBk, rows, D, kBk);
+#if defined(__AVX512BF16__)
+        if constexpr (bf16_dot) {
+          gemm_nt_bf16(w.qb.data(), 2 * pairs, w.kt2.data() + col0 * 2, w.ldk, w.s.data(), kBk, rows, pairs, kBk,
+                       p.scale);
+          gemm_nt_bf16(w.dob.data(), 2 * pairs, w.vt2.data() + col0 * 2, w.ldk, w.dp.data(), kBk, rows, pairs,
+                       kBk, 1.0f);
+        } else
+#endif
+        {
+          gemm_nt(w.q.data(), dp, w.kt.data() + col0, w.ldk, w.s.data(), kBk, rows, D, kBk);
+          gemm_nt(w.dout.data(), dp, w.vt.data() + col0, w.ldk, w.dp.data(), kBk, rows, D, kBk);
+        }
         for (int64_t r = 0; r < kBq; ++r) {
           float* prow = w.s.data() + r * kBk;
           float* dsrow = w.dp.data() + r * kBk;
@@ -131,9 +223,22 @@ void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partia
         transpose_block(w.s.data(), w.pt.data());
         transpose_block(w.dp.data(), w.dst.data());
         const int64_t key_rows = round_up(n, kRows);
-        gemm_acc(w.pt.data(), kBq, w.dout.data(), dp, w.dv.data() + col0 * dp, dp, key_rows, rows, dp);
-        gemm_acc(w.dst.data(), kBq, w.q.data(), dp, w.dk.data() + col0 * dp, dp, key_rows, rows, dp);
-        gemm_acc(w.dp.data(), kBk, w.k.data() + col0 * dp, dp, w.dq.data(), dp, rows, n, dp);
+#if defined(__AVX512BF16__)
+        if constexpr (bf16_dot) {
+          to_bf16(w.pt.data(), w.pt_b.data(), kBk * kBq);
+          to_bf16(w.dst.data(), w.dst_b.data(), kBk * kBq);
+          to_bf16(w.dp.data(), w.ds_b.data(), kBq * kBk);
+          gemm_acc_bf16(w.pt_b.data(), kBq, w.do2.data(), dp, w.dv.data() + col0 * dp, dp, key_rows, rows / 2, dp);
+          gemm_acc_bf16(w.dst_b.data(), kBq, w.q2.data(), dp, w.dk.data() + col0 * dp, dp, key_rows, rows / 2, dp);
+          gemm_acc_bf16(w.ds_b.data(), kBk, w.k2.data() + col0 / 2 * dp * 2, dp, w.dq.data(), dp, rows, (n + 1) / 2,
+                        dp);
+        } else
+#endif
+        {
+          gemm_acc(w.pt.data(), kBq, w.dout.data(), dp, w.dv.data() + col0 * dp, dp, key_rows, rows, dp);
+          gemm_acc(w.dst.data(), kBq, w.q.data(), dp, w.dk.data() + col0 * dp, dp, key_rows, rows, dp);
+          gemm_acc(w.dp.data(), kBk, w.k.data() + col0 * dp, dp, w.dq.data(), dp, rows, n, dp);
+        }
       }
       for (int64_t r = 0; r < nr; ++r) {
         float* dst = dq_partial + token_offset(bp.dq, p, b, s.q_begin, i0 + r, h);
@@ -142,8 +247,11 @@ void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partia
       }
     }
   }
+  // The fp32 path pre-scales Q; the bf16 one keeps Q exact and scales dK here.
+  const float dk_scale = bf16_dot ? p.scale : 1.0f;
   for (int64_t j = 0; j < nk; ++j) {
-    narrow(w.dk.data() + j * dp, static_cast<T*>(bp.dk.ptr) + token_offset(bp.dk, p, b, s.k_begin, k0 + j, hk), D);
+    narrow(w.dk.data() + j * dp, static_cast<T*>(bp.dk.ptr) + token_offset(bp.dk, p, b, s.k_begin, k0 + j, hk), D,
+           dk_scale);
     narrow(w.dv.data() + j * dp, static_cast<T*>(bp.dv.ptr) + token_offset(bp.dv, p, b, s.k_begin, k0 + j, hk), D);
   }
 }
