@@ -19,7 +19,7 @@ QUICK = os.environ.get("TORCHKILN_BENCH_QUICK", "0") == "1"
 
 
 def family_cases(family: str):
-    return [pytest.param(c, id=f"{c.name}-{c.shape}") for c in cases_for(family, quick=QUICK)]
+    return [pytest.param(c, id=f"{c.name}-{c.shape}") for c in cases_for(family, quick=QUICK, device=DEVICE)]
 
 
 @pytest.fixture(params=["torchkiln", "baseline"])

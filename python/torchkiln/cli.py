@@ -37,7 +37,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.timing import keep_freed_memory_mapped
 
     steady_malloc = args.device == "cpu" and not args.system_malloc and keep_freed_memory_mapped()
-    cases = cases_for(args.family, quick=args.quick)
+    cases = cases_for(args.family, quick=args.quick, device=args.device)
     results = run_cases(cases, device=args.device, repeat=args.repeat, warmup=args.warmup)
     print(format_table(results))
     if args.device == "cpu":

@@ -34,6 +34,7 @@ class BenchCase:
     shape: str
     dtype: torch.dtype
     setup: Callable[[str], Prepared]
+    cuda: bool = True  # has a CUDA kernel to time
 
 
 def _randn(*shape, dtype, device, requires_grad=False):
@@ -256,9 +257,9 @@ def _attention_varlen(lengths, heads, d, dtype):
     return setup
 
 
-def cases_for(family: str | None = None, quick: bool = False) -> list[BenchCase]:
-    """The benchmark cases of one family (or all). ``quick`` shrinks every
-    shape for smoke tests; its timings mean nothing."""
+def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu") -> list[BenchCase]:
+    """The benchmark cases of one family (or all) that run on ``device``.
+    ``quick`` shrinks every shape for smoke tests; its timings mean nothing."""
     rows = 64 if quick else 8192
     hidden, inter, heads = (256, 512, 4) if quick else (4096, 11008, 32)
     bf16 = torch.bfloat16
@@ -285,14 +286,18 @@ def cases_for(family: str | None = None, quick: bool = False) -> list[BenchCase]
     for b, h, s, d in attn_shapes:
         shape = f"{b}x{h}x{s}x{d} causal"
         for dt in (torch.float32, bf16):
-            all_cases.append(BenchCase("attention", "flash_attn fwd", shape, dt, _attention_fwd(b, h, s, d, dt)))
-        all_cases.append(BenchCase("attention", "flash_attn fwd+bwd", shape, bf16, _attention_fwd_bwd(b, h, s, d, bf16)))
+            all_cases.append(
+                BenchCase("attention", "flash_attn fwd", shape, dt, _attention_fwd(b, h, s, d, dt), cuda=False)
+            )
+        all_cases.append(
+            BenchCase("attention", "flash_attn fwd+bwd", shape, bf16, _attention_fwd_bwd(b, h, s, d, bf16), cuda=False)
+        )
     all_cases.append(
         BenchCase(
             "attention", "flash_attn_varlen fwd", f"{len(varlen_lengths)} seqs, {sum(varlen_lengths)} tok, 8x128",
-            bf16, _attention_varlen(varlen_lengths, 8, 128, bf16),
+            bf16, _attention_varlen(varlen_lengths, 8, 128, bf16), cuda=False,
         )
     )
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    return [c for c in all_cases if family is None or c.family == family]
+    return [c for c in all_cases if (family is None or c.family == family) and (device == "cpu" or c.cuda)]
