@@ -2,6 +2,7 @@
 // tensor ops. (Ops register through TORCH_LIBRARY and never pass through here.)
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <mutex>
 #include <set>
@@ -11,6 +12,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/parallel.h"
+#include "paged/block_allocator.h"
 
 namespace py = pybind11;
 
@@ -64,6 +66,73 @@ int parallel_thread_count(int64_t items) {
   return static_cast<int>(ids.size());
 }
 
+// Token ids from any Python sequence of ints, without pybind11's per-element
+// caster overhead (match_prefix sees thousands per call).
+std::vector<int64_t> token_ids(py::handle seq) {
+  PyObject* fast = PySequence_Fast(seq.ptr(), "token_ids must be a sequence of ints");
+  if (fast == nullptr) throw py::error_already_set();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  PyObject** items = PySequence_Fast_ITEMS(fast);
+  std::vector<int64_t> out(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    out[i] = PyLong_AsLongLong(items[i]);
+    if (out[i] == -1 && PyErr_Occurred()) {
+      Py_DECREF(fast);
+      throw py::error_already_set();
+    }
+  }
+  Py_DECREF(fast);
+  return out;
+}
+
+void bind_block_allocator(py::module_& m) {
+  using torchkiln::BlockAllocator;
+  py::class_<BlockAllocator>(m, "BlockAllocator", "C++ core of torchkiln.memory.BlockAllocator")
+      .def(py::init<int64_t, int64_t, bool>(), py::arg("num_blocks"), py::arg("block_size"),
+           py::arg("enable_prefix_caching"))
+      .def("try_allocate",
+           [](BlockAllocator& a, int64_t n) -> py::object {
+             std::vector<int32_t> out;
+             if (!a.allocate(n, &out)) return py::none();
+             return py::cast(out);
+           })
+      .def("free", &BlockAllocator::free)
+      .def("fork", &BlockAllocator::fork)
+      .def("try_copy_on_write",
+           [](BlockAllocator& a, int32_t block) -> py::object {
+             std::pair<int32_t, int32_t> out;
+             if (!a.copy_on_write(block, &out)) return py::none();
+             return py::make_tuple(out.first, out.second);
+           })
+      .def("match_prefix",
+           [](BlockAllocator& a, py::handle tokens, uint64_t extra) {
+             const std::vector<int64_t> t = token_ids(tokens);
+             return a.match_prefix(t.data(), static_cast<int64_t>(t.size()), extra);
+           })
+      .def("commit",
+           [](BlockAllocator& a, const std::vector<int32_t>& blocks, py::handle tokens, uint64_t extra) {
+             const std::vector<int64_t> t = token_ids(tokens);
+             a.commit(blocks, t.data(), static_cast<int64_t>(t.size()), extra);
+           })
+      .def("reset_prefix_cache", &BlockAllocator::reset_prefix_cache)
+      .def("ref_count", &BlockAllocator::ref_count)
+      .def("is_cached", &BlockAllocator::is_cached)
+      .def("free_order", &BlockAllocator::free_order)
+      .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
+      .def_property_readonly("block_size", &BlockAllocator::block_size)
+      .def_property_readonly("num_free", &BlockAllocator::num_free)
+      .def_property_readonly("num_cached", &BlockAllocator::num_cached)
+      .def_property_readonly("prefix_caching", &BlockAllocator::prefix_caching)
+      .def("stats", [](const BlockAllocator& a) {
+        const auto& s = a.stats();
+        py::dict d;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        d["evictions"] = s.evictions;
+        return d;
+      });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -72,6 +141,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "How this extension was built: torch version, CUDA, archs, compiler.");
   m.def("parallel_thread_count", &parallel_thread_count, py::arg("items"),
         "Distinct threads that CPU kernels' parallel_for uses for `items` tasks (a test probe).");
+  bind_block_allocator(m);
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
         "Select the CPU kernel path ('avx512bf16', 'avx512', 'avx2', 'scalar'); ValueError if this CPU lacks it.");
 }

@@ -14,7 +14,7 @@ from .ops.activation import silu_and_mul
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
 from .ops.norm import fused_add_rms_norm, rms_norm
 from .ops.rotary import apply_rotary
-from . import nn  # noqa: E402  (modules built on the ops above)
+from . import memory, nn  # noqa: E402  (modules built on the ops above)
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "fused_add_rms_norm",
     "info",
+    "memory",
     "nn",
     "rms_norm",
     "silu_and_mul",

@@ -1,0 +1,5 @@
+"""Paged KV-cache memory (PagedAttention-style)."""
+
+from .block_allocator import BlockAllocator, OutOfBlocks
+
+__all__ = ["BlockAllocator", "OutOfBlocks"]
