@@ -54,6 +54,21 @@ TORCH_LIBRARY(torchkiln, m) {
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
       "int window_left, int window_right, float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor, Tensor)");
 
+  // ---- paged: KV cache in blocks (num_blocks, block_size, kv_heads, D) ------
+  // key/value (tokens, kv_heads, D) -> cache slots (block * block_size + offset); slot < 0 skipped
+  m.def(
+      "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor slot_mapping) -> ()");
+  // block_mapping (n, 2) int64 (src, dst) applied to every layer's caches (copy-on-write)
+  m.def("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()");
+  // blocks between caches on different devices (offload / reload)
+  m.def("swap_blocks(Tensor src, Tensor(a!) dst, Tensor block_mapping) -> ()");
+  // decode: q (seqs, heads, D) over seq_lens cached tokens via block_table -> (out, lse (seqs, heads))
+  m.def(
+      "paged_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_table, Tensor seq_lens, "
+      "float softmax_scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes) "
+      "-> (Tensor, Tensor)");
+
   // ---- activation: SwiGLU gate --------------------------------------------
   // silu(x[..., :d]) * x[..., d:]
   m.def("silu_and_mul(Tensor x) -> Tensor");

@@ -13,6 +13,7 @@ from .info import info
 from .ops.activation import silu_and_mul
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
 from .ops.norm import fused_add_rms_norm, rms_norm
+from .ops.paged import paged_attention
 from .ops.rotary import apply_rotary
 from . import memory, nn  # noqa: E402  (modules built on the ops above)
 
@@ -26,6 +27,7 @@ __all__ = [
     "info",
     "memory",
     "nn",
+    "paged_attention",
     "rms_norm",
     "silu_and_mul",
     "__version__",

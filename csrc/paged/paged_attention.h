@@ -1,0 +1,68 @@
+// Paged KV cache kernels: writing new tokens into cache slots, copying
+// blocks, and decode attention that reads K/V through per-sequence block
+// tables (PagedAttention), split over the context (Flash-Decoding) so a few
+// long sequences still keep every core busy.
+//
+// Cache layout, per layer: (num_blocks, block_size, heads_k, head_dim),
+// token t of a sequence lives at slot block_table[t / block_size] *
+// block_size + t % block_size.
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+#include "common/dtype.h"
+
+namespace torchkiln {
+
+struct CacheLayout {
+  int64_t num_blocks = 0, block_size = 0, heads_k = 0, head_dim = 0;
+  int64_t block_stride = 0, pos_stride = 0, head_stride = 0;  // elements; head_dim contiguous
+};
+
+struct ReshapeAndCacheParams {
+  const void* key = nullptr;  // (tokens, heads_k, head_dim)
+  const void* value = nullptr;
+  int64_t key_token_stride = 0, key_head_stride = 0, value_token_stride = 0, value_head_stride = 0;
+  void* key_cache = nullptr;
+  void* value_cache = nullptr;
+  CacheLayout cache;
+  const int64_t* slot_mapping = nullptr;  // (tokens); < 0 skips the token
+  int64_t num_tokens = 0;
+  int64_t element_size = 0;
+};
+
+// Copies blocks src -> dst in each of num_caches caches of one layout.
+struct CopyBlocksParams {
+  void* const* caches = nullptr;  // num_caches base pointers
+  int64_t num_caches = 0;
+  const int64_t* mapping = nullptr;  // (num_pairs, 2): src, dst
+  int64_t num_pairs = 0;
+  int64_t block_bytes = 0;  // a block is contiguous: block_stride elements
+};
+
+// Decode: one new query token per sequence, at position seq_len - 1, attends
+// to the sequence's seq_len cached keys with the masks and options of
+// flash_attn_fwd (attention/flash_attn.h).
+struct PagedAttnParams {
+  const void* q = nullptr;  // (num_seqs, heads, head_dim)
+  int64_t q_seq_stride = 0, q_head_stride = 0;
+  const void* key_cache = nullptr;
+  const void* value_cache = nullptr;
+  CacheLayout cache;  // shared by key and value caches
+  const int32_t* block_table = nullptr;  // (num_seqs, max_blocks)
+  int64_t block_table_stride = 0;
+  const int32_t* seq_lens = nullptr;  // (num_seqs)
+  void* out = nullptr;                // (num_seqs, heads, head_dim), contiguous
+  float* lse = nullptr;               // (num_seqs, heads)
+  int64_t num_seqs = 0, heads = 0, max_seq_len = 0;
+  float scale = 1.0f, softcap = 0.0f;
+  int64_t window_left = -1, window_right = -1;
+  const float* alibi_slopes = nullptr;  // (heads)
+  DType dtype = DType::kFloat32;
+};
+
+TK_DECLARE_CPU_KERNEL(void, reshape_and_cache, const ReshapeAndCacheParams&)
+TK_DECLARE_CPU_KERNEL(void, copy_blocks, const CopyBlocksParams&)
+TK_DECLARE_CPU_KERNEL(void, paged_attention, const PagedAttnParams&)
+
+}  // namespace torchkiln
