@@ -165,6 +165,7 @@ std::tuple<at::Tensor, at::Tensor> paged_attention(const at::Tensor& q, const at
   check_same_device(key_cache, q, op, "key_cache", "q");
   TORCH_CHECK_VALUE(q.size(2) == c.head_dim, op, ": q's head_dim ", q.size(2), " differs from the cache's ",
                     c.head_dim);
+  TORCH_CHECK_VALUE(c.head_dim <= 256, op, ": head_dim must be at most 256, got ", c.head_dim);
   TORCH_CHECK_VALUE(q.size(1) % c.heads_k == 0, op, ": the heads of q (", q.size(1),
                     ") must be a multiple of the cache's kv heads (", c.heads_k, ")");
   TORCH_CHECK_VALUE(q.stride(-1) == 1, op, ": q must be contiguous in head_dim");

@@ -162,6 +162,18 @@ inline Vec vrecip(Vec a) {
 }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
 inline float vhmax(Vec a) { return _mm512_reduce_max_ps(a.v); }
+// The four sums of a, b, c, d at once: a transpose-add tree, about a third of
+// the work of four separate reductions.
+inline void vsum4(Vec a, Vec b, Vec c, Vec d, float* out) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a.v, b.v), _mm512_unpackhi_ps(a.v, b.v));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c.v, d.v), _mm512_unpackhi_ps(c.v, d.v));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  __m512 x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));  // per 128-bit lane: a b c d
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
+  _mm_storeu_ps(out, _mm512_castps512_ps128(x));
+}
 inline Vec viota() { return {_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)}; }
 inline Vec vabs(Vec a) { return {_mm512_abs_ps(a.v)}; }
 // (x0,x1,x2,x3,...) -> (x1,x0,x3,x2,...): partner lanes of interleaved pairs.
@@ -232,6 +244,14 @@ inline float vhmax(Vec a) {
   return _mm_cvtss_f32(m);
 }
 inline Vec viota() { return {_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)}; }
+inline void vsum4(Vec a, Vec b, Vec c, Vec d, float* out) {
+  const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(a.v, b.v), _mm256_unpackhi_ps(a.v, b.v));
+  const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(c.v, d.v), _mm256_unpackhi_ps(c.v, d.v));
+  const __m256d abd = _mm256_castps_pd(ab), cdd = _mm256_castps_pd(cd);
+  const __m256 x = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(abd, cdd)),
+                                 _mm256_castpd_ps(_mm256_unpackhi_pd(abd, cdd)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1)));
+}
 inline Vec vabs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 
 #else
@@ -270,6 +290,12 @@ inline Vec vrecip(Vec a) { return {1.0f / a.v}; }
 inline float vsum(Vec a) { return a.v; }
 inline float vhmax(Vec a) { return a.v; }
 inline Vec viota() { return {0.0f}; }
+inline void vsum4(Vec a, Vec b, Vec c, Vec d, float* out) {
+  out[0] = a.v;
+  out[1] = b.v;
+  out[2] = c.v;
+  out[3] = d.v;
+}
 inline Vec vabs(Vec a) { return {std::fabs(a.v)}; }
 template <class T>
 inline void vstore_stream(T* p, Vec a) {

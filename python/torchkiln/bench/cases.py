@@ -12,11 +12,12 @@ import torch
 from ..ops.activation import silu_and_mul, silu_and_mul_ref
 from ..ops.attention import flash_attn_func, flash_attn_varlen_func
 from ..ops.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from ..ops.paged import paged_attention
 from ..ops.rotary import apply_rotary, rope_cos_sin
 
 _ops = torch.ops.torchkiln
 
-FAMILIES = ("norm", "activation", "rope", "attention")
+FAMILIES = ("norm", "activation", "rope", "attention", "paged")
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,38 @@ def _attention_varlen(lengths, heads, d, dtype):
     return setup
 
 
+def _paged_decode(seqs, heads, kv_heads, ctx, d, block_size, dtype, baseline):
+    """Decode over a paged cache with shuffled blocks; the baseline reads the
+    same K/V from a contiguous cache (torch SDPA with GQA, or torchkiln's own
+    flash_attn_func)."""
+
+    def setup(device):
+        blocks_per_seq = (ctx + block_size - 1) // block_size
+        num_blocks = seqs * blocks_per_seq
+        k_cache = _randn(num_blocks, block_size, kv_heads, d, dtype=dtype, device=device)
+        v_cache = _randn(num_blocks, block_size, kv_heads, d, dtype=dtype, device=device)
+        table = torch.randperm(num_blocks, device=device).to(torch.int32).view(seqs, blocks_per_seq)
+        lens = torch.full((seqs,), ctx, dtype=torch.int32, device=device)
+        q = _randn(seqs, heads, d, dtype=dtype, device=device)
+        k = k_cache[table.long()].flatten(1, 2)[:, :ctx]  # (seqs, ctx, kv_heads, d), contiguous copy
+        v = v_cache[table.long()].flatten(1, 2)[:, :ctx]
+        if baseline == "sdpa":
+            kt, vt, qt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), q[:, :, None]
+
+            def base():
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+        else:
+
+            def base():
+                return flash_attn_func(q[:, None], k, v, causal=True)
+
+        return Prepared(
+            lambda: paged_attention(q, k_cache, v_cache, table, lens), base, k.nbytes + v.nbytes + 2 * q.nbytes
+        )
+
+    return setup
+
+
 def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu") -> list[BenchCase]:
     """The benchmark cases of one family (or all) that run on ``device``.
     ``quick`` shrinks every shape for smoke tests; its timings mean nothing."""
@@ -296,6 +329,21 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
         BenchCase(
             "attention", "flash_attn_varlen fwd", f"{len(varlen_lengths)} seqs, {sum(varlen_lengths)} tok, 8x128",
             bf16, _attention_varlen(varlen_lengths, 8, 128, bf16), cuda=False,
+        )
+    )
+    seqs, ctx, long_ctx = (2, 64, 256) if quick else (16, 2048, 32768)
+    for dt in (bf16, torch.float32):
+        for base in ("sdpa", "torchkiln contiguous"):
+            all_cases.append(
+                BenchCase(
+                    "paged", f"paged_attention decode vs {base}", f"{seqs}x{ctx} ctx, 32/8 heads, d128, block 16", dt,
+                    _paged_decode(seqs, 32, 8, ctx, 128, 16, dt, "sdpa" if base == "sdpa" else "flash"), cuda=False,
+                )
+            )
+    all_cases.append(
+        BenchCase(
+            "paged", "paged_attention decode vs sdpa", f"1x{long_ctx} ctx, 32/8 heads, d128, block 16", bf16,
+            _paged_decode(1, 32, 8, long_ctx, 128, 16, bf16, "sdpa"), cuda=False,
         )
     )
     if family is not None and family not in FAMILIES:
