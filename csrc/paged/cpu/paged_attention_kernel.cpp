@@ -138,6 +138,22 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
           ++blk;
         }
       }
+      // P V walks V in head_dim slices across rows, a strided pattern: ask for
+      // the chunk's V rows now, sequentially, so they arrive during the scores;
+      // and the K rows of the next chunk (same kv head) one chunk ahead.
+      const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+      for (int64_t c0 = 0; c0 < n; ++c0)
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(vrows[c0]) + b);
+      const int64_t jn = j0 + kChunk;
+      for (int64_t c0 = 0, blk = jn / c.block_size, off = jn % c.block_size; jn + c0 < k1 && c0 < kChunk; ++c0) {
+        const char* kr = reinterpret_cast<const char*>(static_cast<const T*>(p.key_cache) + table[blk] * c.block_stride +
+                                                       off * c.pos_stride + hk * c.head_stride);
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(kr + b);
+        if (++off == c.block_size) {
+          off = 0;
+          ++blk;
+        }
+      }
       for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += HT) {
         group_scores<HT>(q.data() + h0 * dp, dp, D, krows, n, sc);
         // softcap, ALiBi, then one online-softmax rescale per chunk and head.
