@@ -39,11 +39,12 @@ TORCH_LIBRARY(torchkiln, m) {
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left, int window_right, "
       "float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor)");
-  // packed (total, heads, D) with int32 cu_seqlens (batch + 1) -> (out, lse (heads, total_q))
+  // packed (total, heads, D) with int32 cu_seqlens (batch + 1) -> (out, lse (heads, total_q));
+  // with block_table (batch, max_blocks), k/v are paged caches (chunked prefill)
   m.def(
       "flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
-      "float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor)");
+      "float softcap, Tensor? alibi_slopes, Tensor? block_table=None) -> (Tensor, Tensor)");
 
   // (dq, dk, dv) from the forward's out and lse; dk/dv summed over each GQA group
   m.def(

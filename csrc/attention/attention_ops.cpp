@@ -28,11 +28,20 @@ FlashAttnTensor view_of(const at::Tensor& t, bool varlen) {
 // Checks shared by both layouts; returns the params without sequence info.
 FlashAttnParams common_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
-                              const std::optional<at::Tensor>& alibi_slopes, int64_t batch, bool varlen) {
+                              const std::optional<at::Tensor>& alibi_slopes, int64_t batch, bool varlen,
+                              bool paged = false) {
   const int64_t rank = varlen ? 3 : 4;
   const char* layout = varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
-  TORCH_CHECK_VALUE(q.dim() == rank && k.dim() == rank && v.dim() == rank, op, ": q, k and v must be ", layout,
-                    ", got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  if (paged) {
+    TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be (total_tokens, heads, head_dim), got shape ", q.sizes());
+    TORCH_CHECK_VALUE(k.dim() == 4 && v.dim() == 4, op,
+                      ": with a block_table, k and v must be caches (num_blocks, block_size, num_kv_heads, "
+                      "head_dim), got shapes ",
+                      k.sizes(), " and ", v.sizes());
+  } else {
+    TORCH_CHECK_VALUE(q.dim() == rank && k.dim() == rank && v.dim() == rank, op, ": q, k and v must be ", layout,
+                      ", got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  }
   const DType dtype = kernel_dtype(q, op, "q");
   check_same_dtype(k, q, op, "k", "q");
   check_same_dtype(v, q, op, "v", "q");
@@ -115,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
 }
 
 // Validates cu_seqlens on the host; returns the largest sequence length.
+// total < 0: the last entry is not tied to a tensor's size (paged keys).
 int64_t check_cu_seqlens(const char* op, const at::Tensor& cu, const char* name, int64_t batch, int64_t total,
                          const at::Tensor& q) {
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
@@ -130,22 +140,54 @@ int64_t check_cu_seqlens(const char* op, const at::Tensor& cu, const char* name,
                       "] = ", c[b + 1], " < ", c[b]);
     longest = std::max<int64_t>(longest, c[b + 1] - c[b]);
   }
-  TORCH_CHECK_VALUE(c[batch] == total, op, ": ", name, "[-1] must equal the number of packed tokens ", total,
-                    ", got ", c[batch]);
+  TORCH_CHECK_VALUE(total < 0 || c[batch] == total, op, ": ", name,
+                    "[-1] must equal the number of packed tokens ", total, ", got ", c[batch]);
   return longest;
+}
+
+// Paged keys: every block a sequence needs must exist in the cache.
+void check_block_table(const char* op, const at::Tensor& table, const at::Tensor& cu_seqlens_k, const at::Tensor& k,
+                       const at::Tensor& v, FlashAttnParams& p) {
+  TORCH_CHECK_TYPE(table.scalar_type() == at::kInt, op, ": block_table must be int32, got ", table.scalar_type());
+  check_same_device(table, k, op, "block_table", "k");
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == p.batch && table.stride(1) == 1, op,
+                    ": block_table must be (batch, max_blocks) = (", p.batch, ", ...) with contiguous rows, got ",
+                    table.sizes());
+  const int64_t block_size = k.size(1), num_blocks = k.size(0);
+  const at::Tensor cu = cu_seqlens_k.cpu();
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int32_t* t = table.data_ptr<int32_t>();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t need = (c[b + 1] - c[b] + block_size - 1) / block_size;
+    TORCH_CHECK_VALUE(need <= table.size(1), op, ": sequence ", b, " has ", c[b + 1] - c[b], " keys, more than ",
+                      table.size(1), " blocks of ", block_size, " hold");
+    for (int64_t i = 0; i < need; ++i) {
+      const int32_t id = t[b * table.stride(0) + i];
+      TORCH_CHECK_INDEX(id >= 0 && id < num_blocks, op, ": block_table[", b, ", ", i, "] = ", id,
+                        " is not a block of the cache [0, ", num_blocks, ")");
+    }
+  }
+  p.block_table = t;
+  p.block_table_stride = table.stride(0);
+  p.block_size = block_size;
+  p.k.batch_stride = k.stride(0);
+  p.v.batch_stride = v.stride(0);
 }
 
 FlashAttnParams varlen_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                               int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-                              double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+                              double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                              const std::optional<at::Tensor>& block_table = std::nullopt) {
   TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 2, op,
                     ": cu_seqlens_q must be (batch + 1,) with batch >= 1, got ", cu_seqlens_q.sizes());
   const int64_t batch = cu_seqlens_q.size(0) - 1;
+  const bool paged = block_table.has_value();
   FlashAttnParams p = common_params(op, q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes,
-                                    batch, /*varlen=*/true);
+                                    batch, /*varlen=*/true, paged);
   const int64_t longest_q = check_cu_seqlens(op, cu_seqlens_q, "cu_seqlens_q", batch, q.size(0), q);
-  const int64_t longest_k = check_cu_seqlens(op, cu_seqlens_k, "cu_seqlens_k", batch, k.size(0), q);
+  const int64_t longest_k = check_cu_seqlens(op, cu_seqlens_k, "cu_seqlens_k", batch, paged ? -1 : k.size(0), q);
+  if (paged) check_block_table(op, *block_table, cu_seqlens_k, k, v, p);
   TORCH_CHECK_VALUE(max_seqlen_q >= longest_q && max_seqlen_k >= longest_k, op,
                     ": max_seqlen_q / max_seqlen_k (", max_seqlen_q, ", ", max_seqlen_k,
                     ") must be at least the longest sequences (", longest_q, ", ", longest_k, ")");
@@ -159,10 +201,11 @@ FlashAttnParams varlen_params(const char* op, const at::Tensor& q, const at::Ten
 std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& block_table) {
   const char* op = "flash_attn_varlen_fwd";
   FlashAttnParams p = varlen_params(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                    softmax_scale, window_left, window_right, softcap, alibi_slopes);
+                                    softmax_scale, window_left, window_right, softcap, alibi_slopes, block_table);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.heads, q.size(0)}, q.options().dtype(at::kFloat));
   p.out = output_of(out, true);

@@ -48,6 +48,13 @@ struct FlashAttnParams {
   int64_t window_left = -1, window_right = -1;  // -1: unbounded; causal sets right = 0
   const float* alibi_slopes = nullptr;           // (heads) or (batch, heads)
   int64_t alibi_batch_stride = 0;
+  // Paged K/V (varlen forward only): k and v are caches (num_blocks,
+  // block_size, heads_k, head_dim) and key j of sequence b sits in block
+  // block_table[b * block_table_stride + j / block_size]; cu_seqlens_k still
+  // gives the sequences' key counts. k.row_stride is the cache's position
+  // stride and k.batch_stride its block stride.
+  const int32_t* block_table = nullptr;
+  int64_t block_table_stride = 0, block_size = 0;
   DType dtype = DType::kFloat32;
 };
 

@@ -114,6 +114,10 @@ def test_opcheck(cpu_isa):
     torch.library.opcheck(ops.reshape_and_cache, (torch.randn(3, 2, 32), torch.randn(3, 2, 32), k.clone(), v.clone(), slots))
     torch.library.opcheck(ops.copy_blocks, ([k.clone()], [v.clone()], torch.tensor([[0, 1]])))
     torch.library.opcheck(ops.swap_blocks, (k, v.clone(), torch.tensor([[0, 1]])))
+    cu_q, cu_k = torch.tensor([0, 4, 5], dtype=torch.int32), torch.tensor([0, 20, 23], dtype=torch.int32)
+    torch.library.opcheck(
+        ops.flash_attn_varlen_fwd, (torch.randn(5, 4, 32), k, v, cu_q, cu_k, 4, 20, 0.2, -1, 0, 0.0, None, table)
+    )
 
 
 def test_compile():
@@ -178,3 +182,46 @@ def test_bad_inputs():
         swap_blocks(k, v, torch.tensor([[0, 1]], dtype=torch.int32))
     with pytest.raises(ValueError, match="same block shape"):
         swap_blocks(k, v[:, :4], torch.tensor([[0, 1]]))
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_chunked_prefill_through_block_table(cpu_isa, block_size, dtype):
+    # (cached prefix, new tokens): plain prefill, chunked prefill, one new token.
+    shapes = [(0, 37), (50, 20), (129, 1), (16, 16)]
+    heads, kv_heads, d = 4, 2, 64
+    k, v, table, lens = random_cache([p + n for p, n in shapes], block_size, kv_heads, d, dtype)
+    new = [n for _, n in shapes]
+    q = torch.randn(sum(new), heads, d).to(dtype)
+    cu_q = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *lens.cumsum(0).tolist()], dtype=torch.int32)
+    out = torchkiln.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max(new), int(lens.max()), causal=True, block_table=table
+    )
+    for s, n in enumerate(new):
+        qs = slice(int(cu_q[s]), int(cu_q[s + 1]))
+        kc, vc = (gather_cache(c, table[s], int(lens[s]))[None] for c in (k, v))
+        ref, _ = torchkiln.ops.attention.attention_ref(q[qs][None].double(), kc.double(), vc.double(), causal=True)
+        low, _ = torchkiln.ops.attention.attention_ref(q[qs][None], kc, vc, causal=True)
+        assert_within_rule(out[qs][None], ref, low, what=f"sequence {s}")
+
+
+def test_chunked_prefill_bad_inputs():
+    k, v, table, lens = random_cache([20, 3], 8, 2, 32, torch.float32)
+    q = torch.randn(5, 4, 32)
+    cu_q = torch.tensor([0, 4, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 20, 23], dtype=torch.int32)
+    fv = torchkiln.flash_attn_varlen_func
+    bad = table.clone()
+    bad[0, 2] = 1000
+    with pytest.raises(IndexError, match=r"block_table\[0, 2\] = 1000 is not a block of the cache"):
+        fv(q, k, v, cu_q, cu_k, 4, 20, causal=True, block_table=bad)
+    with pytest.raises(ValueError, match="has 30 keys, more than 3 blocks of 8 hold"):
+        fv(q, k, v, cu_q, torch.tensor([0, 30, 33], dtype=torch.int32), 4, 30, causal=True, block_table=table)
+    with pytest.raises(TypeError, match="block_table must be int32"):
+        fv(q, k, v, cu_q, cu_k, 4, 20, block_table=table.long())
+    with pytest.raises(ValueError, match="with a block_table, k and v must be caches"):
+        fv(q, k[0], v[0], cu_q, cu_k, 4, 20, block_table=table)
+    out = fv(q.requires_grad_(), k, v, cu_q, cu_k, 4, 20, causal=True, block_table=table)
+    with pytest.raises(NotImplementedError, match="no backward through a paged KV cache"):
+        out.sum().backward()

@@ -41,6 +41,15 @@ int64_t token_offset(const Strided& t, const FlashAttnParams& p, int64_t b, int6
   return (p.cu_seqlens_q ? 0 : b * t.batch_stride) + (first + tok) * t.row_stride + h * t.head_stride;
 }
 
+// Element offset of key `j` of sequence b, kv head hk, in k or v: through the
+// block table for paged caches, else like token_offset.
+inline int64_t key_offset(const FlashAttnTensor& t, const FlashAttnParams& p, int64_t b, int64_t first, int64_t j,
+                          int64_t hk) {
+  if (p.block_table == nullptr) return token_offset(t, p, b, first, j, hk);
+  const int64_t block = p.block_table[b * p.block_table_stride + j / p.block_size];
+  return block * t.batch_stride + (j % p.block_size) * t.row_stride + hk * t.head_stride;
+}
+
 // Index of (b, h, query i) in lse-shaped fp32 arrays.
 inline int64_t lse_index(const FlashAttnParams& p, const Sequence& s, int64_t b, int64_t h, int64_t i) {
   return (p.cu_seqlens_q ? s.q_begin + i : b * p.lse_batch_stride + i) + h * p.lse_head_stride;

@@ -45,8 +45,8 @@ void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int6
   w.kt2.assign(static_cast<size_t>(pairs * w.ldk * 2), 0);
   w.v2.assign(static_cast<size_t>(w.ldk / 2 * w.dp * 2), 0);
   for (int64_t j = 0; j < n; ++j) {
-    const auto* kj = static_cast<const bf16_t*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, lo + j, hk);
-    const auto* vj = static_cast<const bf16_t*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, lo + j, hk);
+    const auto* kj = static_cast<const bf16_t*>(p.k.ptr) + key_offset(p.k, p, b, s.k_begin, lo + j, hk);
+    const auto* vj = static_cast<const bf16_t*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j, hk);
     for (int64_t d = 0; d < D; ++d) {
       w.kt2[((d / 2) * w.ldk + j) * 2 + d % 2] = kj[d].bits;
       w.v2[((j / 2) * w.dp + d) * 2 + j % 2] = vj[d].bits;
@@ -64,8 +64,8 @@ void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t h
   w.kt.assign(static_cast<size_t>(D * w.ldk), 0.0f);
   w.v.assign(static_cast<size_t>(w.ldk * w.dp), 0.0f);
   for (int64_t j = 0; j < n; ++j) {
-    const T* kj = static_cast<const T*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, lo + j, hk);
-    const T* vj = static_cast<const T*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, lo + j, hk);
+    const T* kj = static_cast<const T*>(p.k.ptr) + key_offset(p.k, p, b, s.k_begin, lo + j, hk);
+    const T* vj = static_cast<const T*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j, hk);
     for (int64_t d = 0; d < D; ++d) w.kt[d * w.ldk + j] = to_float(kj[d]);
     widen(vj, w.v.data() + j * w.dp, D);
   }

@@ -73,16 +73,25 @@ def flash_attn_varlen_func(
     alibi_slopes: Tensor | None = None,
     deterministic: bool = False,
     return_lse: bool = False,
+    block_table: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over packed variable-length sequences, as
     flash_attn.flash_attn_varlen_func: q (total_q, heads, head_dim), k/v
     (total_k, heads_k, head_dim); sequence b spans tokens
-    [cu_seqlens[b], cu_seqlens[b + 1]). lse is (heads, total_q)."""
+    [cu_seqlens[b], cu_seqlens[b + 1]). lse is (heads, total_q).
+
+    With ``block_table`` (int32 (batch, max_blocks)), k and v are paged KV
+    caches (num_blocks, block_size, heads_k, head_dim) and sequence b's keys
+    0 .. cu_seqlens_k[b+1] - cu_seqlens_k[b] - 1 are read through its row of
+    the table: prefill and chunked prefill over a cached prefix (the new
+    queries are the last keys; causal aligns them bottom-right). No gradient
+    flows through a paged cache."""
     _check_common(q, dropout_p)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     left, right = _window(causal, window_size)
     out, lse = _ops.flash_attn_varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, alibi_slopes
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, alibi_slopes,
+        block_table,
     )
     return (out, lse) if return_lse else out
 
@@ -96,7 +105,7 @@ def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_
 @torch.library.register_fake("torchkiln::flash_attn_varlen_fwd")
 def _varlen_fwd_fake(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-    softcap, alibi_slopes,
+    softcap, alibi_slopes, block_table=None,
 ):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
@@ -130,15 +139,19 @@ def _fwd_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
 
 
 def _varlen_setup(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, alibi = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, alibi, *rest = inputs
+    ctx.paged = bool(rest) and rest[0] is not None
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, alibi)
     ctx.options = (max_q, max_k, scale, left, right, softcap)
+    ctx.num_inputs = len(inputs)
 
 
 def _varlen_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+    if ctx.paged:
+        raise NotImplementedError("torchkiln attention: no backward through a paged KV cache (block_table)")
     q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
     dq, dk, dv = _ops.flash_attn_varlen_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.options, alibi)
-    return (dq, dk, dv) + (None,) * 9
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 torch.library.register_autograd("torchkiln::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup)
