@@ -24,7 +24,7 @@ def _window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
     return (left, 0) if causal else (left, right)
 
 
-def _check_common(q: Tensor, dropout_p: float) -> None:
+def _check_dropout(dropout_p: float) -> None:
     if dropout_p != 0.0:
         raise NotImplementedError("torchkiln attention: dropout_p must be 0.0 (dropout is not implemented)")
 
@@ -50,7 +50,7 @@ def flash_attn_func(
     compatibility: the CPU kernels are always deterministic (gradients are
     bitwise identical across runs with the same thread count).
     """
-    _check_common(q, dropout_p)
+    _check_dropout(dropout_p)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     left, right = _window(causal, window_size)
     out, lse = _ops.flash_attn_fwd(q, k, v, scale, left, right, softcap, alibi_slopes)
@@ -86,7 +86,7 @@ def flash_attn_varlen_func(
     the table: prefill and chunked prefill over a cached prefix (the new
     queries are the last keys; causal aligns them bottom-right). No gradient
     flows through a paged cache."""
-    _check_common(q, dropout_p)
+    _check_dropout(dropout_p)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     left, right = _window(causal, window_size)
     out, lse = _ops.flash_attn_varlen_fwd(
