@@ -325,3 +325,20 @@ def test_memory_is_linear_in_seqlen():
     # fp32 copies of K and V a few MiB per thread: ~250 MiB. One head's score
     # matrix alone would be 1 GiB.
     assert grown_mb < 400, f"peak RSS grew by {grown_mb:.0f} MiB"
+
+
+def test_varlen_with_empty_sequences():
+    # Sequences with no queries, or queries but no keys, are legal in a packed batch.
+    lens_q, lens_k = [3, 0, 4, 2], [5, 6, 0, 2]
+    q = torch.randn(sum(lens_q), 2, 32, requires_grad=True)
+    k = torch.randn(sum(lens_k), 2, 32, requires_grad=True)
+    v = torch.randn(sum(lens_k), 2, 32, requires_grad=True)
+    cu_q = torch.tensor([0, 3, 3, 7, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 11, 11, 13], dtype=torch.int32)
+    out, lse = torchkiln.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 6, return_lse=True)
+    assert (out[3:7] == 0).all() and (lse[:, 3:7] == float("inf")).all()  # the sequence without keys
+    out.sum().backward()
+    assert (q.grad[3:7] == 0).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    for b, (qs, ks) in enumerate([(slice(0, 3), slice(0, 5)), (slice(7, 9), slice(11, 13))]):
+        ref, _ = attention_ref(q[qs][None].double(), k[ks][None].double(), v[ks][None].double())
+        torch.testing.assert_close(out[qs].double(), ref[0], rtol=1e-5, atol=1e-5)
