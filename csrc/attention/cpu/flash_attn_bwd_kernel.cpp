@@ -135,8 +135,15 @@ void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partia
   const FlashAttnParams& p = bp.fwd;
   const Sequence s = sequence(p, b);
   k1 = std::min(k1, s.sk);
-  if (k0 >= k1 || s.sq == 0) return;
+  if (k0 >= k1) return;
   const int64_t D = p.head_dim, group = p.heads / p.heads_k, nk = k1 - k0;
+  if (s.sq == 0) {  // keys no query reads: their gradients are zero (and must be written)
+    for (int64_t j = k0; j < k1; ++j) {
+      std::fill_n(static_cast<T*>(bp.dk.ptr) + token_offset(bp.dk, p, b, s.k_begin, j, hk), D, from_float<T>(0.0f));
+      std::fill_n(static_cast<T*>(bp.dv.ptr) + token_offset(bp.dv, p, b, s.k_begin, j, hk), D, from_float<T>(0.0f));
+    }
+    return;
+  }
   constexpr bool bf16_dot = use_bf16_dot<T>();
   const int64_t pairs = (D + 1) / 2;
 #if defined(__AVX512BF16__)
