@@ -138,7 +138,7 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const a
 // Blocks between two caches of one shape but any devices (offload / reload).
 void swap_blocks(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& block_mapping) {
   const char* op = "swap_blocks";
-  TORCH_CHECK_VALUE(src.dim() >= 1 && src.sizes().slice(1) == dst.sizes().slice(1), op,
+  TORCH_CHECK_VALUE(src.dim() >= 1 && dst.dim() == src.dim() && src.sizes().slice(1) == dst.sizes().slice(1), op,
                     ": src and dst must be caches with the same block shape, got ", src.sizes(), " and ",
                     dst.sizes());
   check_same_dtype(dst, src, op, "dst", "src");

@@ -182,6 +182,10 @@ def test_bad_inputs():
         swap_blocks(k, v, torch.tensor([[0, 1]], dtype=torch.int32))
     with pytest.raises(ValueError, match="same block shape"):
         swap_blocks(k, v[:, :4], torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="same block shape"):
+        swap_blocks(k, v[0], torch.tensor([[0, 1]]))
+    with pytest.raises(IndexError, match="outside the caches' blocks"):
+        swap_blocks(k, v[:2].clone(), torch.tensor([[5, 2]]))
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])

@@ -24,6 +24,11 @@ def _window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
     return (left, 0) if causal else (left, right)
 
 
+def softmax_scale_or_default(softmax_scale: float | None, head_dim: int) -> float:
+    """The given scale, or 1 / sqrt(head_dim) as flash-attn defaults it."""
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
 def _check_dropout(dropout_p: float) -> None:
     if dropout_p != 0.0:
         raise NotImplementedError("torchkiln attention: dropout_p must be 0.0 (dropout is not implemented)")
@@ -51,7 +56,7 @@ def flash_attn_func(
     bitwise identical across runs with the same thread count).
     """
     _check_dropout(dropout_p)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     left, right = _window(causal, window_size)
     out, lse = _ops.flash_attn_fwd(q, k, v, scale, left, right, softcap, alibi_slopes)
     return (out, lse) if return_lse else out
@@ -87,7 +92,7 @@ def flash_attn_varlen_func(
     queries are the last keys; causal aligns them bottom-right). No gradient
     flows through a paged cache."""
     _check_dropout(dropout_p)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     left, right = _window(causal, window_size)
     out, lse = _ops.flash_attn_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, alibi_slopes,
@@ -174,7 +179,7 @@ def attention_ref(
     A test oracle (run it on fp64 copies), not a kernel."""
     batch, sq, heads, d = q.shape
     sk, heads_k = k.shape[1], k.shape[2]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale_or_default(softmax_scale, d)
     k = k.repeat_interleave(heads // heads_k, dim=2)
     v = v.repeat_interleave(heads // heads_k, dim=2)
     s = torch.einsum("bthd,bshd->bhts", q * scale, k)

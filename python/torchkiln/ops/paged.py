@@ -8,14 +8,13 @@ at offset t % block_size. CPU kernels only so far.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
-from .attention import attention_ref
+from .attention import attention_ref, softmax_scale_or_default
 
 _ops = torch.ops.torchkiln
 
@@ -57,7 +56,7 @@ def paged_attention(
     GQA when heads is a multiple of the cache's kv heads. The context is split
     across threads (Flash-Decoding) when there are few sequences. Returns out
     (num_seqs, heads, head_dim) and with ``return_lse`` the fp32 lse."""
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     out, lse = _ops.paged_attention(
         q, key_cache, value_cache, block_table, seq_lens, scale, window_size[0], window_size[1], softcap, alibi_slopes
     )
