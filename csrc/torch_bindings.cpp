@@ -75,4 +75,17 @@ TORCH_LIBRARY(torchkiln, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("silu_and_mul_out(Tensor(a!) out, Tensor x) -> ()");
   m.def("silu_and_mul_backward(Tensor grad_out, Tensor x) -> Tensor");
+
+  // ---- quant: matmul with 8 / 4-bit weights (layouts: csrc/quant/quant_matmul.h)
+  // x (..., in) @ W^T + bias, format 'int8' | 'int4' | 'nf4'; scales/zeros fp32 (out, in / group_size)
+  m.def(
+      "quant_matmul_weight_only(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
+      "str format, int group_size) -> Tensor");
+  // the dense W (out, in) in dtype
+  m.def(
+      "quant_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, str format, int group_size, "
+      "int in_features, ScalarType dtype) -> Tensor");
+  // x quantised per row to int8 on the fly; qweight int8 panels (out/16, in/4, 16, 4), scales fp32 (out)
+  m.def(
+      "quant_matmul_w8a8(Tensor x, Tensor qweight, Tensor scales, Tensor weight_sums, Tensor? bias) -> Tensor");
 }

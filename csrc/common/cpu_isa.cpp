@@ -17,7 +17,11 @@ CpuIsa detect() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    return __builtin_cpu_supports("avx512bf16") ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
+    // Every CPU with AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4) also
+    // has AVX512_VNNI; the level requires both.
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")
+               ? CpuIsa::kAvx512Bf16
+               : CpuIsa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c")) {

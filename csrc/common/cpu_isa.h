@@ -4,9 +4,10 @@
 //   scalar      any x86-64 (the compiler may still use SSE2)
 //   avx2        AVX2 + FMA + F16C (Haswell, Zen 1 and later)
 //   avx512      AVX-512 F/BW/VL/DQ (Skylake-SP, Ice Lake, ...)
-//   avx512bf16  + AVX512_BF16: one-instruction fp32 -> bf16 rounding, which
-//               is much of the work of memory-bound bf16 kernels (Zen 4,
-//               Sapphire Rapids, Cooper Lake)
+//   avx512bf16  + AVX512_BF16 and AVX512_VNNI: one-instruction fp32 -> bf16
+//               rounding (much of the work of memory-bound bf16 kernels),
+//               bf16 dot products and int8 dot products (Zen 4, Sapphire
+//               Rapids, Cooper Lake)
 //   detected: the best level this CPU and OS support (CPUID + XGETBV, once).
 //   active:   what kernels run; defaults to detected, or to TORCHKILN_CPU_ISA
 //             when set, and can be changed by tests.

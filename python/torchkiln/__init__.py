@@ -2,7 +2,8 @@
 
 Every op is a torch custom op (``torch.ops.torchkiln.*``) with CPU kernels
 (AVX-512 / AVX2 / scalar, picked at run time), CUDA kernels for the layer ops
-(RMSNorm, rotary, SwiGLU; attention and the paged cache are CPU-only so far),
+(RMSNorm, rotary, SwiGLU; attention, the paged cache and quantised matmul
+are CPU-only so far),
 a fake implementation for ``torch.compile`` and, where it applies, an autograd
 formula. The functions below are the typed public entry points.
 """
@@ -16,19 +17,29 @@ from .ops.attention import flash_attn_func, flash_attn_varlen_func
 from .ops.norm import fused_add_rms_norm, rms_norm
 from .ops.paged import paged_attention
 from .ops.rotary import apply_rotary
-from . import memory, nn
+from .quant import QuantizedWeight, dequantize, from_awq, from_gptq, quant_matmul, quantize
+from .nn.quant_linear import quantize_model
+from . import memory, nn, quant
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "QuantizedWeight",
     "apply_rotary",
+    "dequantize",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "from_awq",
+    "from_gptq",
     "fused_add_rms_norm",
     "info",
     "memory",
     "nn",
     "paged_attention",
+    "quant",
+    "quant_matmul",
+    "quantize",
+    "quantize_model",
     "rms_norm",
     "silu_and_mul",
     "__version__",

@@ -1,0 +1,89 @@
+// Quantised matmul: out = x @ W^T (+ bias) with W stored in 8 or 4 bits and
+// never materialised on the small-batch path.
+//
+// Weight layouts (the Python side packs them once, see
+// python/torchkiln/quant/layout.py):
+//   kInt8  (n, k) int8 codes, row-major.            W[n,k] = scale[n] * q
+//   kInt4  (n, kp/2) uint8, kp = k rounded up to 64. In each 64-wide chunk c
+//          of a row, byte j holds the code of column 64c+j in its low nibble
+//          and of column 64c+32+j in its high nibble, so one unpack gives 32
+//          consecutive columns per nibble and x needs no shuffling.
+//                                                   W[n,k] = scale[n,g] * (q - zero[n,g])
+//   kNf4   same nibble layout.                      W[n,k] = scale[n,g] * kNf4Codebook[q]
+//   with g = k / group_size; scales and zeros are fp32 (n, k / group_size).
+//   W8A8   (n16/16, k4/4, 16, 4) int8: panels of 16 output rows, each k-quad
+//          of the panel one 64-byte line (16 rows x 4 columns), which is one
+//          VNNI `vpdpbusd` operand. n16 = n rounded up to 16, k4 = k rounded
+//          up to 4, padding zero. W[n,k] = scale[n] * q.
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+#include "common/dtype.h"
+
+namespace torchkiln {
+
+enum class WeightFormat : int32_t { kInt8 = 0, kInt4 = 1, kNf4 = 2 };
+
+constexpr int64_t kNibbleChunk = 64;  // columns per 32-byte chunk of a 4-bit row
+constexpr int64_t kPanelRows = 16;    // output rows per W8A8 panel
+
+// QLoRA's NormalFloat4 code values (quantiles of N(0, 1) scaled to [-1, 1]).
+constexpr float kNf4Codebook[16] = {
+    -1.0f,
+    -0.6961928009986877f,
+    -0.5250730514526367f,
+    -0.39491748809814453f,
+    -0.28444138169288635f,
+    -0.18477343022823334f,
+    -0.09105003625154495f,
+    0.0f,
+    0.07958029955625534f,
+    0.16093020141124725f,
+    0.24611230194568634f,
+    0.33791524171829224f,
+    0.44070982933044434f,
+    0.5626170039176941f,
+    0.7229568362236023f,
+    1.0f,
+};
+
+struct WeightOnlyParams {
+  const void* __restrict__ x = nullptr;  // (m, k), rows contiguous
+  int64_t x_row_stride = 0;
+  const uint8_t* __restrict__ qweight = nullptr;  // layout above, rows contiguous
+  int64_t qweight_row_stride = 0;                 // bytes
+  const float* __restrict__ scales = nullptr;     // (n, k / group_size) contiguous
+  const float* __restrict__ zeros = nullptr;      // same shape; kInt4 only
+  const void* __restrict__ bias = nullptr;        // (n) in dtype, or null
+  void* __restrict__ out = nullptr;               // (m, n), rows contiguous
+  int64_t out_row_stride = 0;
+  int64_t m = 0, n = 0, k = 0;
+  int64_t group_size = 0;  // k for kInt8
+  WeightFormat format = WeightFormat::kInt4;
+  DType dtype = DType::kFloat32;  // of x, bias, out
+};
+
+struct W8A8Params {
+  const void* __restrict__ x = nullptr;  // (m, k), rows contiguous
+  int64_t x_row_stride = 0;
+  const int8_t* __restrict__ qweight = nullptr;     // panel layout above
+  const float* __restrict__ scales = nullptr;       // (n)
+  const int32_t* __restrict__ weight_sums = nullptr;  // (n16) 128 * sum_k q[n, k]
+  const void* __restrict__ bias = nullptr;          // (n) in dtype, or null
+  void* __restrict__ out = nullptr;                 // (m, n), rows contiguous
+  int64_t out_row_stride = 0;
+  int64_t m = 0, n = 0, k = 0;
+  DType dtype = DType::kFloat32;
+};
+
+// out = x @ W^T + bias, decoding the weight in registers (few rows of x).
+TK_DECLARE_CPU_KERNEL(void, weight_only_matmul, const WeightOnlyParams&)
+// Writes the dense W (n, k) in p.dtype to `dense` (row stride k); x, bias,
+// out and m are ignored. Each element is (q - zero) * scale rounded once.
+TK_DECLARE_CPU_KERNEL(void, weight_only_dequantize, const WeightOnlyParams&, void* dense)
+// Quantises each row of x to int8 (scale max|x| / 127, round half to even),
+// multiplies with int8 dot products and int32 accumulation, then scales.
+TK_DECLARE_CPU_KERNEL(void, w8a8_matmul, const W8A8Params&)
+
+}  // namespace torchkiln

@@ -1,0 +1,202 @@
+// Torch glue for quantised matmul (weight-only int8 / int4 / nf4, and W8A8).
+// CPU kernels only so far. Weight layouts: quant/quant_matmul.h.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+#include "common/op_checks.h"
+#include "quant/quant_matmul.h"
+
+namespace torchkiln {
+namespace {
+
+// Above this many rows of x the weight is dequantised once to x's dtype and
+// multiplied by ATen's GEMM; below, the kernel decodes it in registers per
+// pass over kRowsPerPass rows. Measured crossover on the 2-core Zen 4 (int4,
+// bf16, 4096 x 4096): see bench_quant.py.
+constexpr int64_t kDenseRowsThreshold = 32;
+
+WeightFormat parse_format(const char* op, const std::string& f) {
+  if (f == "int8") return WeightFormat::kInt8;
+  if (f == "int4") return WeightFormat::kInt4;
+  if (f == "nf4") return WeightFormat::kNf4;
+  TORCH_CHECK_VALUE(false, op, ": format must be 'int8', 'int4' or 'nf4', got '", f, "'");
+  return WeightFormat::kInt8;  // unreachable
+}
+
+void check_cpu(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name,
+                    " must be a CPU tensor (quantised matmul has no CUDA kernel yet), got ", t.device());
+}
+
+void check_fp32_matrix(const char* op, const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name, " must be (", rows,
+                    ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  check_cpu(op, t, name);
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n) {
+  if (!bias) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be (", n, "), got ", bias->sizes());
+  check_same_dtype(*bias, x, op, "bias", "x");
+  check_cpu(op, *bias, "bias");
+  TORCH_CHECK_VALUE(bias->is_contiguous(), op, ": bias must be contiguous");
+}
+
+// Everything about the packed weight; returns the params with the weight
+// fields filled in (k = in_features).
+WeightOnlyParams check_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& zeros, const std::string& format, int64_t group_size,
+                              int64_t k) {
+  WeightOnlyParams p;
+  p.format = parse_format(op, format);
+  TORCH_CHECK_VALUE(k > 0, op, ": in_features must be positive, got ", k);
+  check_cpu(op, qweight, "qweight");
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.size(0) > 0, op,
+                    ": qweight must be (out_features, packed columns), got ", qweight.sizes());
+  TORCH_CHECK_VALUE(qweight.is_contiguous(), op, ": qweight must be contiguous");
+  const int64_t n = qweight.size(0);
+  int64_t row_bytes = k;
+  if (p.format == WeightFormat::kInt8) {
+    TORCH_CHECK_TYPE(qweight.scalar_type() == at::kChar, op, ": qweight must be int8 for format int8, got ",
+                     qweight.scalar_type());
+    TORCH_CHECK_VALUE(group_size == k, op, ": int8 weights have one scale per output row; group_size must be "
+                      "in_features (", k, "), got ", group_size);
+  } else {
+    TORCH_CHECK_TYPE(qweight.scalar_type() == at::kByte, op, ": qweight must be uint8 (two 4-bit codes per byte) "
+                     "for format ", format, ", got ", qweight.scalar_type());
+    TORCH_CHECK_VALUE(group_size > 0 && group_size % 32 == 0, op,
+                      ": group_size must be a positive multiple of 32 for 4-bit formats, got ", group_size);
+    TORCH_CHECK_VALUE(k % group_size == 0, op, ": in_features (", k, ") must be divisible by group_size (",
+                      group_size, ")");
+    row_bytes = (k + kNibbleChunk - 1) / kNibbleChunk * (kNibbleChunk / 2);
+  }
+  TORCH_CHECK_VALUE(qweight.size(1) == row_bytes, op, ": qweight must have ", row_bytes, " columns for ", k,
+                    " in_features in format ", format, ", got ", qweight.size(1));
+  const int64_t groups = k / group_size;
+  check_fp32_matrix(op, scales, "scales", n, groups);
+  if (p.format == WeightFormat::kInt4) {
+    TORCH_CHECK_VALUE(zeros.has_value(), op, ": zeros are required for format int4");
+    check_fp32_matrix(op, *zeros, "zeros", n, groups);
+    p.zeros = zeros->data_ptr<float>();
+  } else {
+    TORCH_CHECK_VALUE(!zeros.has_value(), op, ": zeros must be None for format ", format);
+  }
+  p.qweight = static_cast<const uint8_t*>(qweight.data_ptr());
+  p.qweight_row_stride = row_bytes;
+  p.scales = scales.data_ptr<float>();
+  p.n = n;
+  p.k = k;
+  p.group_size = group_size;
+  return p;
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (..., in_features)");
+  kernel_dtype(x, op, "x");
+  check_cpu(op, x, "x");
+}
+
+at::Tensor quant_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& zeros, const std::string& format, int64_t group_size,
+                            int64_t in_features, at::ScalarType dtype) {
+  const char* op = "quant_dequantize";
+  WeightOnlyParams p = check_weight(op, qweight, scales, zeros, format, group_size, in_features);
+  at::Tensor dense = at::empty({p.n, p.k}, qweight.options().dtype(dtype));
+  p.dtype = kernel_dtype(dense, op, "dtype");
+  TK_CPU_DISPATCH(weight_only_dequantize, p, dense.data_ptr());
+  return dense;
+}
+
+at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                                    const std::string& format, int64_t group_size) {
+  const char* op = "quant_matmul_weight_only";
+  check_x(op, x);
+  const int64_t k = x.size(-1);
+  WeightOnlyParams p = check_weight(op, qweight, scales, zeros, format, group_size, k);
+  check_bias(op, bias, x, p.n);
+  const int64_t m = x.numel() / k;
+  if (m > kDenseRowsThreshold) {
+    at::Tensor dense = quant_dequantize(qweight, scales, zeros, format, group_size, k, x.scalar_type());
+    return at::linear(x, dense, bias);
+  }
+  at::Tensor out = at::empty(output_shape(x, p.n), x.options());
+  if (m == 0) return out;
+  p.x = x.data_ptr();
+  p.x_row_stride = row_stride(x, op, "x");
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.out_row_stride = p.n;
+  p.m = m;
+  p.dtype = kernel_dtype(x, op, "x");
+  TK_CPU_DISPATCH(weight_only_matmul, p);
+  return out;
+}
+
+at::Tensor quant_matmul_w8a8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                             const at::Tensor& weight_sums, const std::optional<at::Tensor>& bias) {
+  const char* op = "quant_matmul_w8a8";
+  check_x(op, x);
+  const int64_t k = x.size(-1);
+  // |q| <= 127 on both sides and x shifted to 0..255: int32 sums stay exact
+  // up to 65536 columns.
+  TORCH_CHECK_VALUE(k > 0 && k <= 65536, op, ": in_features must be in [1, 65536], got ", k);
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ", scales.scalar_type());
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) > 0 && scales.is_contiguous(), op,
+                    ": scales must be a contiguous (out_features) vector, got ", scales.sizes());
+  check_cpu(op, scales, "scales");
+  const int64_t n = scales.size(0);
+  const int64_t n16 = (n + kPanelRows - 1) / kPanelRows * kPanelRows, k4 = (k + 3) / 4 * 4;
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kChar, op, ": qweight must be int8, got ", qweight.scalar_type());
+  TORCH_CHECK_VALUE(qweight.dim() == 4 && qweight.size(0) == n16 / kPanelRows && qweight.size(1) == k4 / 4 &&
+                        qweight.size(2) == kPanelRows && qweight.size(3) == 4,
+                    op, ": qweight must be the panel layout (", n16 / kPanelRows, ", ", k4 / 4, ", 16, 4) for ", n,
+                    " out_features and ", k, " in_features, got ", qweight.sizes());
+  TORCH_CHECK_VALUE(qweight.is_contiguous(), op, ": qweight must be contiguous");
+  check_cpu(op, qweight, "qweight");
+  TORCH_CHECK_TYPE(weight_sums.scalar_type() == at::kInt, op, ": weight_sums must be int32, got ",
+                   weight_sums.scalar_type());
+  TORCH_CHECK_VALUE(weight_sums.dim() == 1 && weight_sums.size(0) == n16 && weight_sums.is_contiguous(), op,
+                    ": weight_sums must be a contiguous (", n16, ") vector, got ", weight_sums.sizes());
+  check_cpu(op, weight_sums, "weight_sums");
+  check_bias(op, bias, x, n);
+  at::Tensor out = at::empty(output_shape(x, n), x.options());
+  const int64_t m = x.numel() / k;
+  if (m == 0) return out;
+  W8A8Params p;
+  p.x = x.data_ptr();
+  p.x_row_stride = row_stride(x, op, "x");
+  p.qweight = qweight.data_ptr<int8_t>();
+  p.scales = scales.data_ptr<float>();
+  p.weight_sums = weight_sums.data_ptr<int32_t>();
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.out_row_stride = n;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.dtype = kernel_dtype(x, op, "x");
+  TK_CPU_DISPATCH(w8a8_matmul, p);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
+  m.impl("quant_matmul_weight_only", &quant_matmul_weight_only);
+  m.impl("quant_dequantize", &quant_dequantize);
+  m.impl("quant_matmul_w8a8", &quant_matmul_w8a8);
+}
+
+}  // namespace torchkiln

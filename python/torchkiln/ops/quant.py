@@ -1,0 +1,130 @@
+"""Quantised matmul ops (kernels: csrc/quant/): fakes, autograd, wrappers.
+
+The weight is frozen: autograd flows to x and bias only. The gradient of x
+is grad @ W with W dequantised to grad's dtype (for W8A8 the activation
+quantisation is treated as identity, the straight-through estimator).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .._ext import _C  # noqa: F401  (registers the ops)
+
+if TYPE_CHECKING:
+    from ..quant.weight import QuantizedWeight
+
+_ops = torch.ops.torchkiln
+
+
+def dequantize_packed(qw: "QuantizedWeight", dtype: torch.dtype) -> Tensor:
+    """Dense W (out, in) of an int8 / int4 / nf4 weight in stored column order."""
+    return _ops.quant_dequantize(qw.qweight, qw.scales, qw.zeros, qw.scheme, qw.group_size, qw.in_features, dtype)
+
+
+def quant_matmul(x: Tensor, qw: "QuantizedWeight", bias: Tensor | None = None) -> Tensor:
+    """``x @ W.T (+ bias)`` for x (..., in_features) in fp32 / bf16 / fp16 with W
+    the quantised weight ``qw``; returns (..., out_features) in x's dtype.
+
+    Differentiable in x and bias. For ``w8a8`` each row of x is quantised to
+    int8 (scale max|row| / 127) and multiplied with int8 dot products.
+    """
+    if x.dim() == 0 or x.shape[-1] != qw.in_features:
+        raise ValueError(
+            f"quant_matmul: x must be (..., {qw.in_features}) to match the weight's in_features, got {tuple(x.shape)}"
+        )
+    if qw.k_perm is not None:
+        x = x.index_select(-1, qw.k_perm)
+    elif x.stride(-1) != 1:
+        x = x.contiguous()
+    if qw.scheme == "w8a8":
+        return _ops.quant_matmul_w8a8(x, qw.qweight, qw.scales, qw.weight_sums, bias)
+    return _ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros, bias, qw.scheme, qw.group_size)
+
+
+# ---------------------------------------------------------------- fakes
+@torch.library.register_fake("torchkiln::quant_matmul_weight_only")
+def _weight_only_fake(x, qweight, scales, zeros, bias, format, group_size):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.register_fake("torchkiln::quant_dequantize")
+def _dequantize_fake(qweight, scales, zeros, format, group_size, in_features, dtype):
+    return qweight.new_empty((qweight.shape[0], in_features), dtype=dtype)
+
+
+@torch.library.register_fake("torchkiln::quant_matmul_w8a8")
+def _w8a8_fake(x, qweight, scales, weight_sums, bias):
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+# ---------------------------------------------------------------- autograd
+def _weight_only_setup(ctx, inputs, output) -> None:
+    x, qweight, scales, zeros, bias, format, group_size = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.format, ctx.group_size, ctx.in_features = format, group_size, x.shape[-1]
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _weight_only_backward(ctx, grad: Tensor):
+    qweight, scales, zeros = ctx.saved_tensors
+    grad_x = grad_b = None
+    if ctx.needs_input_grad[0]:
+        w = _ops.quant_dequantize(qweight, scales, zeros, ctx.format, ctx.group_size, ctx.in_features, grad.dtype)
+        grad_x = grad @ w
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_b, None, None
+
+
+torch.library.register_autograd(
+    "torchkiln::quant_matmul_weight_only", _weight_only_backward, setup_context=_weight_only_setup
+)
+
+
+def _w8a8_setup(ctx, inputs, output) -> None:
+    x, qweight, scales, weight_sums, bias = inputs
+    ctx.save_for_backward(qweight, scales)
+    ctx.in_features = x.shape[-1]
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _w8a8_backward(ctx, grad: Tensor):
+    from ..quant.layout import unpack_panels
+
+    qweight, scales = ctx.saved_tensors
+    grad_x = grad_b = None
+    if ctx.needs_input_grad[0]:
+        q = unpack_panels(qweight, scales.shape[0], ctx.in_features)
+        w = (q.to(torch.float32) * scales[:, None]).to(grad.dtype)
+        grad_x = grad @ w
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_b
+
+
+torch.library.register_autograd("torchkiln::quant_matmul_w8a8", _w8a8_backward, setup_context=_w8a8_setup)
+
+
+def quant_matmul_ref(x: Tensor, qw: "QuantizedWeight", bias: Tensor | None = None) -> Tensor:
+    """Eager baseline: dequantise to x's dtype, then F.linear (for w8a8 x is
+    quantised per row first, as the kernel does)."""
+    from ..quant.quantize import dequantize
+
+    w = dequantize(qw, x.dtype)
+    if qw.scheme == "w8a8":
+        x = quantize_rows_ref(x).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def quantize_rows_ref(x: Tensor) -> Tensor:
+    """x rounded to its per-row int8 grid (what w8a8 multiplies), in fp32."""
+    xf = x.to(torch.float32)
+    scale = xf.abs().amax(dim=-1, keepdim=True) / 127
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(xf / safe).clamp(-127, 127) * scale
