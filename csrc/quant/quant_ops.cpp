@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 
@@ -118,6 +119,37 @@ at::Tensor quant_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
   return dense;
 }
 
+// Many rows of x: dequantise kDenseTileBytes of weight rows at a time into
+// one reused buffer (small enough to stay in cache and to come from the heap
+// rather than fresh, page-faulting mmap memory) and multiply each slice with
+// ATen's GEMM straight into its columns of out.
+constexpr int64_t kDenseTileBytes = 4 << 20;
+
+at::Tensor dense_tiles_matmul(WeightOnlyParams p, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  const int64_t n = p.n, k = p.k, m = x.numel() / k, groups = k / p.group_size;
+  at::Tensor out = at::empty(output_shape(x, n), x.options());
+  const at::Tensor x2 = x.reshape({m, k});
+  at::Tensor out2 = out.view({m, n});
+  const int64_t tile = std::min(n, std::max<int64_t>(16, kDenseTileBytes / (k * x.element_size()) / 16 * 16));
+  at::Tensor buf = at::empty({tile, k}, x.options());
+  p.dtype = kernel_dtype(x, "quant_matmul_weight_only", "x");
+  for (int64_t n0 = 0; n0 < n; n0 += tile) {
+    const int64_t nb = std::min(tile, n - n0);
+    WeightOnlyParams tp = p;
+    tp.qweight = p.qweight + n0 * p.qweight_row_stride;
+    tp.scales = p.scales + n0 * groups;
+    tp.zeros = p.zeros ? p.zeros + n0 * groups : nullptr;
+    tp.n = nb;
+    TK_CPU_DISPATCH(weight_only_dequantize, tp, buf.data_ptr());
+    at::Tensor slice = out2.narrow(1, n0, nb);
+    if (bias)
+      at::addmm_out(slice, bias->narrow(0, n0, nb), x2, buf.narrow(0, 0, nb).t());
+    else
+      at::mm_out(slice, x2, buf.narrow(0, 0, nb).t());
+  }
+  return out;
+}
+
 at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                     const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
                                     const std::string& format, int64_t group_size) {
@@ -127,10 +159,7 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
   WeightOnlyParams p = check_weight(op, qweight, scales, zeros, format, group_size, k);
   check_bias(op, bias, x, p.n);
   const int64_t m = x.numel() / k;
-  if (m > kDenseRowsThreshold) {
-    at::Tensor dense = quant_dequantize(qweight, scales, zeros, format, group_size, k, x.scalar_type());
-    return at::linear(x, dense, bias);
-  }
+  if (m > kDenseRowsThreshold) return dense_tiles_matmul(p, x, bias);
   at::Tensor out = at::empty(output_shape(x, p.n), x.options());
   if (m == 0) return out;
   p.x = x.data_ptr();

@@ -31,6 +31,8 @@ namespace torchkiln {
 namespace TK_CPU_NS {
 namespace {
 
+// Register tile: kTileN weight rows x up to kRowsPerPass rows of x.
+constexpr int kTileN = 4;
 #if defined(__AVX512F__)
 constexpr int kRowsPerPass = 4;
 #else
@@ -45,7 +47,7 @@ int64_t padded_k(const WeightOnlyParams& p) {
 
 bool uses_bf16_dot(const WeightOnlyParams& p) {
 #if defined(__AVX512BF16__)
-  return p.format == WeightFormat::kInt4;
+  return p.format == WeightFormat::kInt4 && p.group_size % kNibbleChunk == 0;
 #else
   (void)p;
   return false;
@@ -77,10 +79,19 @@ void stage_rows(const WeightOnlyParams& p, bool bf16_dot, StagedX& s) {
       }
     }
     if (p.format == WeightFormat::kInt4) {
+      // The bf16 loop multiplies hi + lo, not x; summing the same values
+      // makes the 128 * sum(x) offset cancel exactly instead of amplifying
+      // the split's rounding error.
       const int64_t g = p.group_size;
       for (int64_t gi = 0; gi < s.groups; ++gi) {
         float sum = 0.0f;
-        for (int64_t j = gi * g; j < (gi + 1) * g; ++j) sum += to_float(row[j]);
+        for (int64_t j = gi * g; j < (gi + 1) * g; ++j) {
+          if (bf16_dot) {
+            sum += to_float(bf16_t{s.hi[i * s.kp + j]}) + to_float(bf16_t{s.lo[i * s.kp + j]});
+          } else {
+            sum += to_float(row[j]);
+          }
+        }
         s.group_sums[i * s.groups + gi] = sum;
       }
     }
@@ -158,188 +169,229 @@ constexpr float kInt4Values[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
 
 const float* code_values(WeightFormat f) { return f == WeightFormat::kNf4 ? kNf4Codebook : kInt4Values; }
 
-// Folding a group's partial sums happens every `fold` chunks; for group 32
-// the two halves of a chunk belong to different groups.
-struct Folding {
-  int64_t chunks_per_fold;
-  explicit Folding(int64_t group_size) : chunks_per_fold(std::max<int64_t>(1, group_size / kNibbleChunk)) {}
-};
+// Row r of the tile starting at row0; a last partial tile repeats the final
+// row (its results are computed but not stored).
+inline int64_t tile_row(const WeightOnlyParams& p, int64_t row0, int r) { return std::min(row0 + r, p.n - 1); }
 
 // ------------------------------------------------------------ fp32 inner loops
-// y[i] = sum_k x[m0+i, k] * s * code(q) for one weight row (zero points excluded).
+// A register tile of kTileN weight rows by MB rows of x: each x vector loaded
+// serves kTileN weight rows and each decoded weight vector MB rows of x, so
+// neither L1 loads nor decoding bound the loop. Weights are scaled while
+// decoding (w = code * s - z * s), so no per-group fold is needed.
+// y[r * MB + i] = sum_k x[m0 + i, k] * W[row0 + r, k]  (zero points included).
 template <int MB>
-void dot_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row, int64_t m0, float* y) {
+void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   constexpr int W = Vec::kWidth;
+  constexpr int C = MB <= 2 ? 2 : 1;  // accumulator chains per (row, x row): low / high half
   const Table16 tab(code_values(p.format));
-  const uint8_t* w = p.qweight + row * p.qweight_row_stride;
-  const float* sc = p.scales + row * sx.groups;
-  const int64_t chunks = sx.kp / kNibbleChunk, fold = Folding(p.group_size).chunks_per_fold;
+  const bool has_zero = p.format == WeightFormat::kInt4;
+  const uint8_t* w[kTileN];
+  const float* sc[kTileN];
+  const float* zr[kTileN];
+  for (int r = 0; r < kTileN; ++r) {
+    const int64_t row = tile_row(p, row0, r);
+    w[r] = p.qweight + row * p.qweight_row_stride;
+    sc[r] = p.scales + row * sx.groups;
+    zr[r] = has_zero ? p.zeros + row * sx.groups : nullptr;
+  }
   const float* xr[MB];
   for (int i = 0; i < MB; ++i) xr[i] = sx.x.data() + (m0 + i) * sx.kp;
-  Vec total[MB];
-  for (int i = 0; i < MB; ++i) total[i] = vzero();
-  for (int64_t c0 = 0; c0 < chunks; c0 += fold) {
-    // Two chains per half so FMA latency does not bound one row of x.
-    Vec lo_acc[MB][2], hi_acc[MB][2];
-    for (int i = 0; i < MB; ++i) lo_acc[i][0] = lo_acc[i][1] = hi_acc[i][0] = hi_acc[i][1] = vzero();
-    const int64_t c1 = std::min(chunks, c0 + fold);
-    for (int64_t c = c0; c < c1; ++c) {
-      const uint8_t* wc = w + c * (kNibbleChunk / 2);
-      for (int j = 0; j < 32; j += W) {
-        const int chain = (j / W) & 1;
+  Vec acc[kTileN][MB][C];
+  for (int r = 0; r < kTileN; ++r)
+    for (int i = 0; i < MB; ++i)
+      for (int c = 0; c < C; ++c) acc[r][i][c] = vzero();
+  for (int64_t col = 0; col < sx.kp; col += kNibbleChunk) {
+    // A k that is 32 mod 64 leaves the last high half as padding (x is 0 there).
+    const bool has_hi = col + 32 < p.k;
+    const int64_t g_lo = col / p.group_size, g_hi = has_hi ? (col + 32) / p.group_size : g_lo;
+    Vec s_lo[kTileN], s_hi[kTileN], b_lo[kTileN], b_hi[kTileN];
+    for (int r = 0; r < kTileN; ++r) {
+      s_lo[r] = vset1(sc[r][g_lo]);
+      s_hi[r] = vset1(sc[r][g_hi]);
+      b_lo[r] = vset1(has_zero ? -zr[r][g_lo] * sc[r][g_lo] : 0.0f);
+      b_hi[r] = vset1(has_zero ? -zr[r][g_hi] * sc[r][g_hi] : 0.0f);
+    }
+    for (int j = 0; j < 32; j += W) {
+      Vec xl[MB], xh[MB];
+      for (int i = 0; i < MB; ++i) {
+        xl[i] = vload(xr[i] + col + j);
+        xh[i] = vload(xr[i] + col + 32 + j);
+      }
+      for (int r = 0; r < kTileN; ++r) {
         Vec lo, hi;
-        decode_nibbles(wc + j, tab, lo, hi);
+        decode_nibbles(w[r] + col / 2 + j, tab, lo, hi);
+        lo = vfma(lo, s_lo[r], b_lo[r]);
+        hi = vfma(hi, s_hi[r], b_hi[r]);
         for (int i = 0; i < MB; ++i) {
-          const float* xc = xr[i] + c * kNibbleChunk + j;
-          lo_acc[i][chain] = vfma(lo, vload(xc), lo_acc[i][chain]);
-          hi_acc[i][chain] = vfma(hi, vload(xc + 32), hi_acc[i][chain]);
+          acc[r][i][0] = vfma(lo, xl[i], acc[r][i][0]);
+          acc[r][i][C - 1] = vfma(hi, xh[i], acc[r][i][C - 1]);
         }
       }
     }
-    const int64_t col = c0 * kNibbleChunk;
-    const Vec s_lo = vset1(sc[col / p.group_size]);
-    // A k that is 32 mod 64 leaves the last high half as padding (x is 0 there).
-    const Vec s_hi = vset1(col + 32 < p.k ? sc[(col + 32) / p.group_size] : 0.0f);
-    for (int i = 0; i < MB; ++i) {
-      total[i] = vfma(lo_acc[i][0] + lo_acc[i][1], s_lo, total[i]);
-      total[i] = vfma(hi_acc[i][0] + hi_acc[i][1], s_hi, total[i]);
-    }
   }
-  for (int i = 0; i < MB; ++i) y[i] = vsum(total[i]);
+  for (int r = 0; r < kTileN; ++r)
+    for (int i = 0; i < MB; ++i) y[r * MB + i] = vsum(C == 2 ? acc[r][i][0] + acc[r][i][C - 1] : acc[r][i][0]);
 }
 
 template <int MB>
-void dot_int8_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row, int64_t m0, float* y) {
+void tile_int8_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   constexpr int W = Vec::kWidth;
-  const int8_t* w = reinterpret_cast<const int8_t*>(p.qweight + row * p.qweight_row_stride);
+  const int8_t* w[kTileN];
+  for (int r = 0; r < kTileN; ++r)
+    w[r] = reinterpret_cast<const int8_t*>(p.qweight + tile_row(p, row0, r) * p.qweight_row_stride);
   const float* xr[MB];
   for (int i = 0; i < MB; ++i) xr[i] = sx.x.data() + (m0 + i) * sx.kp;
-  Vec acc[MB][2];
-  for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = vzero();
-  const int64_t kv = p.k / (2 * W) * (2 * W);
+  Vec acc[kTileN][MB];
+  for (int r = 0; r < kTileN; ++r)
+    for (int i = 0; i < MB; ++i) acc[r][i] = vzero();
+  const int64_t kv = p.k / W * W;
   int64_t j = 0;
-  for (; j < kv; j += 2 * W) {
-    const Vec w0 = decode_int8(w + j), w1 = decode_int8(w + j + W);
-    for (int i = 0; i < MB; ++i) {
-      acc[i][0] = vfma(w0, vload(xr[i] + j), acc[i][0]);
-      acc[i][1] = vfma(w1, vload(xr[i] + j + W), acc[i][1]);
+  for (; j < kv; j += W) {
+    Vec xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = vload(xr[i] + j);
+    for (int r = 0; r < kTileN; ++r) {
+      const Vec wv = decode_int8(w[r] + j);
+      for (int i = 0; i < MB; ++i) acc[r][i] = vfma(wv, xv[i], acc[r][i]);
     }
   }
-  for (int i = 0; i < MB; ++i) {
-    float tail = 0.0f;
-    for (int64_t t = j; t < p.k; ++t) tail += static_cast<float>(w[t]) * xr[i][t];
-    y[i] = (vsum(acc[i][0] + acc[i][1]) + tail) * p.scales[row];
-  }
+  for (int r = 0; r < kTileN; ++r)
+    for (int i = 0; i < MB; ++i) {
+      float tail = 0.0f;
+      for (int64_t t = j; t < p.k; ++t) tail += static_cast<float>(w[r][t]) * xr[i][t];
+      y[r * MB + i] = (vsum(acc[r][i]) + tail) * p.scales[tile_row(p, row0, r)];
+    }
 }
 
 #if defined(__AVX512BF16__)
-// ------------------------------------------------------------ bf16 dot-product loop (int4)
+// ------------------------------------------------------------ bf16 dot-product loop (int4, group >= 64)
+// Codes are offset by 128 (bf16 bits 0x4300 | q), so the group's partial sums
+// are folded with its scale and the zero point (plus 128) is applied per row
+// from the group sums of x.
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
-inline __m512i load_bh(const uint16_t* p) { return _mm512_loadu_si512(p); }
+inline __m512bh load_bh(const uint16_t* p) { return as_bh(_mm512_loadu_si512(p)); }
 
 template <int MB, bool kSplit>
-void dot_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row, int64_t m0, float* y) {
+void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   const __m512i low4 = _mm512_set1_epi16(0x000F), base = _mm512_set1_epi16(0x4300);  // bf16(128.0)
-  const uint8_t* w = p.qweight + row * p.qweight_row_stride;
-  const float* sc = p.scales + row * sx.groups;
-  const int64_t chunks = sx.kp / kNibbleChunk, fold = Folding(p.group_size).chunks_per_fold;
+  const uint8_t* w[kTileN];
+  const float* sc[kTileN];
+  int64_t rows[kTileN];
+  for (int r = 0; r < kTileN; ++r) {
+    rows[r] = tile_row(p, row0, r);
+    w[r] = p.qweight + rows[r] * p.qweight_row_stride;
+    sc[r] = p.scales + rows[r] * sx.groups;
+  }
   const uint16_t* hr[MB];
   const uint16_t* lr[MB];
   for (int i = 0; i < MB; ++i) {
     hr[i] = sx.hi.data() + (m0 + i) * sx.kp;
     lr[i] = sx.lo.data() + (m0 + i) * sx.kp;
   }
-  __m512 total[MB];
-  for (int i = 0; i < MB; ++i) total[i] = _mm512_setzero_ps();
-  for (int64_t c0 = 0; c0 < chunks; c0 += fold) {
-    __m512 lo_acc[MB][2], hi_acc[MB][2];  // chains by chunk parity
-    for (int i = 0; i < MB; ++i)
-      lo_acc[i][0] = lo_acc[i][1] = hi_acc[i][0] = hi_acc[i][1] = _mm512_setzero_ps();
-    const int64_t c1 = std::min(chunks, c0 + fold);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int par = c & 1;
-      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 32)));
-      const __m512bh lo = as_bh(_mm512_ternarylogic_epi32(b, low4, base, 0xEA));  // (b & 15) | base
-      const __m512bh hi = as_bh(_mm512_or_si512(_mm512_srli_epi16(b, 4), base));
+  __m512 total[kTileN][MB];
+  for (int r = 0; r < kTileN; ++r)
+    for (int i = 0; i < MB; ++i) total[r][i] = _mm512_setzero_ps();
+  const int64_t chunks_per_group = p.group_size / kNibbleChunk;
+  for (int64_t g = 0; g < sx.groups; ++g) {
+    __m512 acc[kTileN][MB];
+    for (int r = 0; r < kTileN; ++r)
+      for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+      const int64_t o = c * kNibbleChunk;
+      __m512bh xh_lo[MB], xh_hi[MB], xl_lo[MB], xl_hi[MB];
       for (int i = 0; i < MB; ++i) {
-        const int64_t o = c * kNibbleChunk;
-        lo_acc[i][par] = _mm512_dpbf16_ps(lo_acc[i][par], lo, as_bh(load_bh(hr[i] + o)));
-        hi_acc[i][par] = _mm512_dpbf16_ps(hi_acc[i][par], hi, as_bh(load_bh(hr[i] + o + 32)));
+        xh_lo[i] = load_bh(hr[i] + o);
+        xh_hi[i] = load_bh(hr[i] + o + 32);
         if (kSplit) {
-          lo_acc[i][par] = _mm512_dpbf16_ps(lo_acc[i][par], lo, as_bh(load_bh(lr[i] + o)));
-          hi_acc[i][par] = _mm512_dpbf16_ps(hi_acc[i][par], hi, as_bh(load_bh(lr[i] + o + 32)));
+          xl_lo[i] = load_bh(lr[i] + o);
+          xl_hi[i] = load_bh(lr[i] + o + 32);
+        }
+      }
+      for (int r = 0; r < kTileN; ++r) {
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
+        const __m512bh lo = as_bh(_mm512_ternarylogic_epi32(b, low4, base, 0xEA));  // (b & 15) | base
+        const __m512bh hi = as_bh(_mm512_or_si512(_mm512_srli_epi16(b, 4), base));
+        for (int i = 0; i < MB; ++i) {
+          acc[r][i] = _mm512_dpbf16_ps(acc[r][i], lo, xh_lo[i]);
+          acc[r][i] = _mm512_dpbf16_ps(acc[r][i], hi, xh_hi[i]);
+          if (kSplit) {
+            acc[r][i] = _mm512_dpbf16_ps(acc[r][i], lo, xl_lo[i]);
+            acc[r][i] = _mm512_dpbf16_ps(acc[r][i], hi, xl_hi[i]);
+          }
         }
       }
     }
-    const int64_t col = c0 * kNibbleChunk;
-    const __m512 s_lo = _mm512_set1_ps(sc[col / p.group_size]);
-    const __m512 s_hi = _mm512_set1_ps(col + 32 < p.k ? sc[(col + 32) / p.group_size] : 0.0f);
-    for (int i = 0; i < MB; ++i) {
-      total[i] = _mm512_fmadd_ps(_mm512_add_ps(lo_acc[i][0], lo_acc[i][1]), s_lo, total[i]);
-      total[i] = _mm512_fmadd_ps(_mm512_add_ps(hi_acc[i][0], hi_acc[i][1]), s_hi, total[i]);
+    for (int r = 0; r < kTileN; ++r) {
+      const __m512 s = _mm512_set1_ps(sc[r][g]);
+      for (int i = 0; i < MB; ++i) total[r][i] = _mm512_fmadd_ps(acc[r][i], s, total[r][i]);
     }
   }
-  for (int i = 0; i < MB; ++i) y[i] = _mm512_reduce_add_ps(total[i]);
+  for (int r = 0; r < kTileN; ++r)
+    for (int i = 0; i < MB; ++i) {
+      // sum_g s_g * (z_g + 128) * sum_{k in g} x_k
+      const float* z = p.zeros + rows[r] * sx.groups;
+      const float* xs = sx.group_sums.data() + (m0 + i) * sx.groups;
+      float corr = 0.0f;
+      for (int64_t g = 0; g < sx.groups; ++g) corr += sc[r][g] * (z[g] + 128.0f) * xs[g];
+      y[r * MB + i] = _mm512_reduce_add_ps(total[r][i]) - corr;
+    }
 }
 #endif
 
-// Zero-point term of one weight row: sum_g s_g * z_g * sum_{k in g} x_k.
-float zero_point_term(const WeightOnlyParams& p, const StagedX& sx, int64_t row, int64_t m, float code_offset) {
-  const float* sc = p.scales + row * sx.groups;
-  const float* z = p.zeros + row * sx.groups;
-  const float* xs = sx.group_sums.data() + m * sx.groups;
-  float t = 0.0f;
-  for (int64_t g = 0; g < sx.groups; ++g) t += sc[g] * (z[g] + code_offset) * xs[g];
-  return t;
-}
-
+// One register tile: kTileN weight rows from row0, MB rows of x from m0.
 template <int MB>
-void dot_rows(const WeightOnlyParams& p, const StagedX& sx, int64_t row, int64_t m0, float* y) {
-  if (p.format == WeightFormat::kInt8) return dot_int8_fp32<MB>(p, sx, row, m0, y);
-  float code_offset = 0.0f;
+void tile(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
+  if (p.format == WeightFormat::kInt8) return tile_int8_fp32<MB>(p, sx, row0, m0, y);
 #if defined(__AVX512BF16__)
   if (uses_bf16_dot(p)) {
-    if (sx.split)
-      dot_int4_bf16<MB, true>(p, sx, row, m0, y);
-    else
-      dot_int4_bf16<MB, false>(p, sx, row, m0, y);
-    code_offset = 128.0f;
-  } else
-#endif
-  {
-    dot_4bit_fp32<MB>(p, sx, row, m0, y);
+    if constexpr (MB > 2) {
+      // Accumulators and per-group totals for more than 2 rows of x would
+      // spill: two passes over the (L1-resident) weight rows instead.
+      float ya[kTileN * 2], yb[kTileN * (MB - 2)];
+      tile<2>(p, sx, row0, m0, ya);
+      tile<MB - 2>(p, sx, row0, m0 + 2, yb);
+      for (int r = 0; r < kTileN; ++r)
+        for (int i = 0; i < MB; ++i) y[r * MB + i] = i < 2 ? ya[r * 2 + i] : yb[r * (MB - 2) + i - 2];
+      return;
+    } else {
+      if (sx.split) return tile_int4_bf16<MB, true>(p, sx, row0, m0, y);
+      return tile_int4_bf16<MB, false>(p, sx, row0, m0, y);
+    }
   }
-  if (p.format == WeightFormat::kInt4)
-    for (int i = 0; i < MB; ++i) y[i] -= zero_point_term(p, sx, row, m0 + i, code_offset);
+#endif
+  tile_4bit_fp32<MB>(p, sx, row0, m0, y);
 }
 
 template <class T>
 void matmul_typed(const WeightOnlyParams& p, const StagedX& sx) {
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
-  parallel_for(0, p.n, 4, [&](int64_t lo, int64_t hi) {
-    float y[kRowsPerPass];
-    for (int64_t row = lo; row < hi; ++row) {
-      const float b = bias ? to_float(bias[row]) : 0.0f;
+  const int64_t tiles = (p.n + kTileN - 1) / kTileN;
+  parallel_for(0, tiles, 1, [&](int64_t lo, int64_t hi) {
+    float y[kTileN * kRowsPerPass];
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t row0 = t * kTileN;
       for (int64_t m0 = 0; m0 < p.m; m0 += kRowsPerPass) {
         const int mb = static_cast<int>(std::min<int64_t>(kRowsPerPass, p.m - m0));
         switch (mb) {
 #if defined(__AVX512F__)
           case 4:
-            dot_rows<4>(p, sx, row, m0, y);
+            tile<4>(p, sx, row0, m0, y);
             break;
           case 3:
-            dot_rows<3>(p, sx, row, m0, y);
+            tile<3>(p, sx, row0, m0, y);
             break;
 #endif
           case 2:
-            dot_rows<2>(p, sx, row, m0, y);
+            tile<2>(p, sx, row0, m0, y);
             break;
           default:
-            dot_rows<1>(p, sx, row, m0, y);
+            tile<1>(p, sx, row0, m0, y);
             break;
         }
-        for (int i = 0; i < mb; ++i) out[(m0 + i) * p.out_row_stride + row] = from_float<T>(y[i] + b);
+        for (int r = 0; r < kTileN && row0 + r < p.n; ++r) {
+          const float b = bias ? to_float(bias[row0 + r]) : 0.0f;
+          for (int i = 0; i < mb; ++i) out[(m0 + i) * p.out_row_stride + row0 + r] = from_float<T>(y[r * mb + i] + b);
+        }
       }
     }
   });

@@ -1,0 +1,251 @@
+"""Quantised matmul: quantise / dequantise against independent references,
+the kernels against fp64 matmuls on every CPU ISA, gradients, opcheck, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchkiln
+from quant_reference import dequant_int4, dequant_int8, dequant_nf4
+from reference import poison_allocator
+from torchkiln.ops.quant import quantize_rows_ref
+
+ops = torch.ops.torchkiln
+
+# (scheme, group_size, symmetric)
+SCHEMES = [
+    ("int8", None, True),
+    ("int4", 128, False),
+    ("int4", 64, True),
+    ("int4", 32, False),
+    ("nf4", 64, True),
+    ("w8a8", None, True),
+]
+SCHEME_IDS = [f"{s}-g{g}-{'sym' if sym else 'asym'}" for s, g, sym in SCHEMES]
+TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _in_features(scheme: str, group: int | None) -> list[int]:
+    # odd sizes the scheme allows: 4-bit needs a multiple of the group
+    if scheme in ("int4", "nf4"):
+        return [group * 3, 2 * 128 + (group if group % 64 else 0)]
+    return [203, 256]
+
+
+def _ref_matmul(x: torch.Tensor, qw, bias=None) -> torch.Tensor:
+    w = torchkiln.dequantize(qw).double()
+    xr = quantize_rows_ref(x).double() if qw.scheme == "w8a8" else x.double()
+    out = xr @ w.T
+    return out + bias.double() if bias is not None else out
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("scheme,group,sym", SCHEMES, ids=SCHEME_IDS)
+def test_dequantize_matches_reference_bit_for_bit(scheme, group, sym):
+    k = 4 * (group or 64)
+    w = torch.randn(37, k) * torch.rand(37, 1) * 3
+    w[3] = 0  # an all-zero row: scale 0 must give zeros, not nan
+    qw = torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
+    if scheme in ("int8", "w8a8"):
+        ref = dequant_int8(w)
+    elif scheme == "int4":
+        ref = dequant_int4(w, group, sym)
+    else:
+        ref = dequant_nf4(w, group)
+    dense = torchkiln.dequantize(qw)
+    assert dense.dtype == torch.float32 and dense.shape == w.shape
+    assert torch.equal(dense, ref)
+    assert torch.equal(torchkiln.dequantize(qw, torch.bfloat16), ref.bfloat16())
+
+
+def test_int4_g128_error_on_gaussian_weights():
+    w = torch.randn(256, 4096)
+    for sym in (False, True):
+        qw = torchkiln.quantize(w, "int4", group_size=128, symmetric=sym)
+        err = torchkiln.dequantize(qw) - w
+        scale = qw.scales.repeat_interleave(128, dim=1)
+        # round to nearest: half a step, one step where the zero point rounding
+        # pushes the largest code out of range (asymmetric) or at the +side clip
+        # (symmetric, range [-8s, 7s] with s = max|w| / 7)
+        assert (err.abs() <= scale * (1 + 1e-6)).all()
+        rel_rms = (err.norm() / w.norm()).item()
+        assert rel_rms < (0.11 if not sym else 0.13), rel_rms
+        # uniform rounding noise: rms error close to scale / sqrt(12)
+        expected = (scale.pow(2).mean() / 12).sqrt().item()
+        assert 0.8 * expected < err.pow(2).mean().sqrt().item() < 1.25 * expected
+
+
+def test_nf4_double_quant():
+    w = torch.randn(64, 512)
+    plain = torchkiln.quantize(w, "nf4")
+    dq = torchkiln.quantize(w, "nf4", double_quant=True)
+    assert dq.double_quant and dq.absmax_q.dtype == torch.int8
+    assert torch.equal(dq.qweight, plain.qweight)  # codes from the exact absmax
+    assert (dq.scales - plain.scales).abs().max() <= dq.absmax_scales.max() / 2 * (1 + 1e-6)
+    assert dq.nbytes() < plain.nbytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scheme,group,sym", SCHEMES, ids=SCHEME_IDS)
+def test_quant_matmul_matches_fp64(cpu_isa, scheme, group, sym, dtype):
+    bias_flag = scheme in ("int4", "w8a8")
+    for k in _in_features(scheme, group):
+        n = 37 if k < 300 else 113
+        w = torch.randn(n, k)
+        qw = torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
+        bias = torch.randn(n).to(dtype) if bias_flag else None
+        for m in (1, 3, 16, 33, 256):
+            if cpu_isa == "scalar" and m == 256 and k > 300:
+                continue  # the scalar path covers the same code at m=33
+            x = torch.randn(m, k).to(dtype)
+            poison_allocator(torch.empty(m, n, dtype=dtype))
+            out = torchkiln.quant_matmul(x, qw, bias)
+            assert out.shape == (m, n) and out.dtype == dtype
+            assert torch.isfinite(out).all()
+            ref = _ref_matmul(x, qw, bias)
+            err = _rel_err(out, ref)
+            assert err <= TOL[dtype], f"k={k} m={m}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
+def test_quant_matmul_shapes(scheme):
+    # leading dims, a non-contiguous x, fewer output rows than one register tile,
+    # and no rows at all
+    k = 128
+    qw = torchkiln.quantize(torch.randn(3, k), scheme, group_size=None if scheme in ("int8", "w8a8") else 64)
+    x = torch.randn(2, 5, k)
+    out = torchkiln.quant_matmul(x, qw)
+    assert out.shape == (2, 5, 3)
+    torch.testing.assert_close(out.double(), _ref_matmul(x.reshape(-1, k), qw).view(2, 5, 3), rtol=1e-4, atol=1e-4)
+    xt = torch.randn(k, 6).t()
+    torch.testing.assert_close(torchkiln.quant_matmul(xt, qw), torchkiln.quant_matmul(xt.contiguous(), qw))
+    assert torchkiln.quant_matmul(torch.randn(0, k), qw).shape == (0, 3)
+
+
+def test_w8a8_per_row_quantisation_is_exact():
+    # integer accumulation: the only error is the fp32 epilogue
+    k, n = 512, 40
+    qw = torchkiln.quantize(torch.randn(n, k), "w8a8")
+    x = torch.randn(7, k) * torch.logspace(-3, 3, 7)[:, None]
+    x[2] = 0  # all-zero row: scale 0, output = bias
+    bias = torch.randn(n)
+    out = torchkiln.quant_matmul(x, qw, bias)
+    ref = _ref_matmul(x, qw, bias)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(out[2], bias)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradients(scheme, dtype):
+    k, n = 192, 45
+    qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=64 if scheme in ("int4", "nf4") else None)
+    w = torchkiln.dequantize(qw)
+    for m in (2, 40):  # register-tile path and dense path
+        x = torch.randn(3, m, k).to(dtype).requires_grad_()
+        b = torch.randn(n).to(dtype).requires_grad_()
+        g = torch.randn(3, m, n).to(dtype)
+        torchkiln.quant_matmul(x, qw, b).backward(g)
+        x64 = x.detach().double().requires_grad_()
+        b64 = b.detach().double().requires_grad_()
+        (x64 @ w.double().T + b64).backward(g.double())
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert _rel_err(x.grad, x64.grad) < tol
+        assert _rel_err(b.grad, b64.grad) < tol
+
+
+def test_opcheck():
+    k, n = 128, 40
+    x = torch.randn(5, k)
+    for scheme in ("int8", "int4", "nf4"):
+        qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=None if scheme == "int8" else 64)
+        args = (qw.qweight, qw.scales, qw.zeros)
+        torch.library.opcheck(ops.quant_matmul_weight_only, (x, *args, None, scheme, qw.group_size))
+        torch.library.opcheck(
+            ops.quant_matmul_weight_only, (x.clone().requires_grad_(), *args, torch.randn(n), scheme, qw.group_size)
+        )
+        torch.library.opcheck(ops.quant_dequantize, (*args, scheme, qw.group_size, k, torch.bfloat16))
+    qw = torchkiln.quantize(torch.randn(n, k), "w8a8")
+    torch.library.opcheck(ops.quant_matmul_w8a8, (x, qw.qweight, qw.scales, qw.weight_sums, None))
+    torch.library.opcheck(
+        ops.quant_matmul_w8a8, (x.clone().requires_grad_(), qw.qweight, qw.scales, qw.weight_sums, torch.randn(n))
+    )
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    qws = {s: torchkiln.quantize(torch.randn(24, 64), s, group_size=None if s in ("int8", "w8a8") else 64)
+           for s in ("int8", "int4", "nf4", "w8a8")}
+
+    def f(x):
+        return sum(torchkiln.quant_matmul(x, qw).sum(-1) for qw in qws.values())
+
+    x = torch.randn(3, 64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x2)
+    ref = f(x)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad)
+
+
+def test_bad_inputs():
+    w = torch.randn(16, 128)
+    qw = torchkiln.quantize(w, "int4", group_size=64)
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., 128\)"):
+        torchkiln.quant_matmul(torch.randn(2, 64), qw)
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16"):
+        torchkiln.quant_matmul(torch.randn(2, 128).double(), qw)
+    with pytest.raises(ValueError, match=r"bias must be \(16\)"):
+        torchkiln.quant_matmul(torch.randn(2, 128), qw, torch.randn(15))
+    with pytest.raises(TypeError, match="bias must have the same dtype as x"):
+        torchkiln.quant_matmul(torch.randn(2, 128), qw, torch.randn(16).bfloat16())
+    with pytest.raises(ValueError, match=r"in_features \(100\) must be divisible by group_size \(64\)"):
+        torchkiln.quantize(torch.randn(4, 100), "int4", group_size=64)
+    with pytest.raises(ValueError, match="group_size must be a positive multiple of 32"):
+        torchkiln.quantize(torch.randn(4, 96), "int4", group_size=48)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        torchkiln.quantize(w, "int3")
+    with pytest.raises(ValueError, match="must be a 2-D tensor"):
+        torchkiln.quantize(torch.randn(4, 4, 4), "int8")
+    with pytest.raises(ValueError, match="must not be empty"):
+        torchkiln.quantize(torch.randn(0, 64), "int8")
+    with pytest.raises(ValueError, match="inf or nan"):
+        torchkiln.quantize(torch.tensor([[1.0, float("nan")]]), "int8")
+    with pytest.raises(ValueError, match="double_quant applies to nf4 only"):
+        torchkiln.quantize(w, "int4", double_quant=True)
+    # the op checks what a hand-built or corrupted weight gets wrong
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="zeros are required for format int4"):
+        ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, None, None, "int4", 64)
+    with pytest.raises(ValueError, match="qweight must have 64 columns"):
+        ops.quant_matmul_weight_only(x, qw.qweight[:, :32].contiguous(), qw.scales, qw.zeros, None, "int4", 64)
+    with pytest.raises(TypeError, match="qweight must be uint8"):
+        ops.quant_matmul_weight_only(x, qw.qweight.to(torch.int8), qw.scales, qw.zeros, None, "int4", 64)
+    with pytest.raises(ValueError, match=r"scales must be \(16, 2\)"):
+        ops.quant_matmul_weight_only(x, qw.qweight, qw.scales[:, :1].contiguous(), qw.zeros, None, "int4", 64)
+    with pytest.raises(TypeError, match="scales must be float32"):
+        ops.quant_matmul_weight_only(x, qw.qweight, qw.scales.half(), qw.zeros, None, "int4", 64)
+    with pytest.raises(ValueError, match="format must be 'int8', 'int4' or 'nf4'"):
+        ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros, None, "int5", 64)
+    with pytest.raises(ValueError, match="group_size must be a positive multiple of 32"):
+        ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros, None, "int4", 0)
+    with pytest.raises(ValueError, match="zeros must be None for format nf4"):
+        ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros, None, "nf4", 64)
+    q8 = torchkiln.quantize(w, "int8")
+    with pytest.raises(ValueError, match="group_size must be in_features"):
+        ops.quant_matmul_weight_only(x, q8.qweight, q8.scales, None, None, "int8", 64)
+    w8 = torchkiln.quantize(w, "w8a8")
+    with pytest.raises(ValueError, match="qweight must be the panel layout"):
+        ops.quant_matmul_w8a8(torch.randn(2, 64), w8.qweight, w8.scales, w8.weight_sums, None)
+    with pytest.raises(ValueError, match=r"weight_sums must be a contiguous \(16\) vector"):
+        ops.quant_matmul_w8a8(x, w8.qweight, w8.scales, w8.weight_sums[:8], None)
+    with pytest.raises(ValueError, match=r"in_features must be in \[1, 65536\]"):
+        ops.quant_matmul_w8a8(torch.randn(1, 70000), w8.qweight, w8.scales, w8.weight_sums, None)
+    with pytest.raises(ValueError, match="w8a8 supports in_features up to 65536"):
+        torchkiln.quantize(torch.randn(1, 65540), "w8a8")
