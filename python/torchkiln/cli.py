@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.set_defaults(fn=_cmd_info)
 
+    from .bench.cases import FAMILIES
+
     p_bench = sub.add_parser("bench", help="time every kernel against its eager PyTorch baseline")
-    p_bench.add_argument("--family", choices=["norm", "activation", "rope", "attention", "paged"], help="only this kernel family")
+    p_bench.add_argument("--family", choices=list(FAMILIES), help="only this kernel family")
     p_bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p_bench.add_argument("--json", metavar="PATH", help="write results as JSON")
     p_bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios")

@@ -13,11 +13,12 @@ from ..ops.activation import silu_and_mul, silu_and_mul_ref
 from ..ops.attention import flash_attn_func, flash_attn_varlen_func
 from ..ops.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from ..ops.paged import paged_attention
+from ..ops.quant import quant_matmul
 from ..ops.rotary import apply_rotary, rope_cos_sin
 
 _ops = torch.ops.torchkiln
 
-FAMILIES = ("norm", "activation", "rope", "attention", "paged")
+FAMILIES = ("norm", "activation", "rope", "attention", "paged", "quant")
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,82 @@ def _paged_decode(seqs, heads, kv_heads, ctx, d, block_size, dtype, baseline):
     return setup
 
 
+# Decode reads every weight once per token and a model's weights never fit in
+# cache, so each call of a quant case uses the next of several weight copies
+# that together exceed this (3x the 32 MiB L3 here): timings are DRAM-bound
+# like real decoding, for torchkiln and the baseline alike.
+_ROTATION_BYTES = 96 << 20
+
+
+def _rotating(make, nbytes):
+    """A callable cycling through enough copies from make() to span _ROTATION_BYTES."""
+    copies = [make() for _ in range(max(1, -(-_ROTATION_BYTES // max(1, nbytes))))]
+    state = {"i": 0}
+
+    def next_copy():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return copies[state["i"]]
+
+    return next_copy
+
+
+def _aten_int4(qw):
+    """The same int4 weight in ATen's CPU int4 format: W = (q - 8) * scale + offset."""
+    from ..quant import unpack_codes
+
+    codes = unpack_codes(qw).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scale = qw.scales.t()
+    offset = (8 - qw.zeros.t()) * scale
+    return packed, torch.stack([scale, offset], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def _quant_matmul_case(m, k, n, scheme, baseline, dtype):
+    """quant_matmul on (m, k) activations against one baseline on the same weights:
+    'dense' = F.linear with the bf16 weight, 'aten' = ATen's int4 / int8 CPU kernels."""
+
+    def setup(device):
+        from ..quant import dequantize, quantize
+
+        x = _randn(m, k, dtype=dtype, device=device)
+        gs = 128 if scheme == "int4" else None
+
+        def make():
+            w = torch.randn(n, k, device=device) * 0.02
+            qw = quantize(w, scheme, group_size=gs)
+            if baseline == "dense":
+                other = dequantize(qw, dtype)
+            elif scheme == "int4":
+                other = _aten_int4(qw)
+            else:
+                other = (dequantize(qw, torch.float32).div(qw.scales).round().to(torch.int8),
+                         qw.scales.reshape(-1).to(dtype))
+            return qw, other
+
+        qw0 = quantize(torch.randn(n, k, device=device), scheme, group_size=gs)
+        wbytes = sum(t.numel() * t.element_size() for t in (qw0.qweight, qw0.scales, qw0.zeros, qw0.weight_sums)
+                     if t is not None)
+        # sized by the quantised weight, the smaller of the two (ATen's int4
+        # format is about as small), so both span the rotation
+        next_copy = _rotating(make, wbytes)
+        if baseline == "dense":
+            base = lambda: torch.nn.functional.linear(x, next_copy()[1])  # noqa: E731
+        elif scheme == "int4":
+            def base():
+                packed, sz = next_copy()[1]
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)
+        else:
+            def base():
+                w8, sc = next_copy()[1]
+                return torch._weight_int8pack_mm(x, w8, sc)
+
+        flops = 2 * m * n * k if m > 1 else 0
+        return Prepared(lambda: quant_matmul(x, next_copy()[0]), base, wbytes + x.nbytes + m * n * x.element_size(),
+                        flops)
+
+    return setup
+
+
 def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu") -> list[BenchCase]:
     """The benchmark cases of one family (or all) that run on ``device``.
     ``quick`` shrinks every shape for smoke tests; its timings mean nothing."""
@@ -346,6 +423,18 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
             _paged_decode(1, 32, 8, long_ctx, 128, 16, bf16, "sdpa"), cuda=False,
         )
     )
+    quant_shapes = [(256, 512)] if quick else [(4096, 4096), (4096, 11008), (11008, 4096)]
+    big_m = 8 if quick else 256
+    for k, n in quant_shapes:
+        shape = f"{k}->{n}"
+        for scheme, base in (("int4", "aten"), ("int4", "dense"), ("int8", "aten"), ("int8", "dense"), ("nf4", "dense")):
+            label = "aten int4pack" if (scheme, base) == ("int4", "aten") else (
+                "aten int8pack" if base == "aten" else "dense bf16")
+            all_cases.append(BenchCase("quant", f"{scheme} M=1 vs {label}", shape, bf16,
+                                       _quant_matmul_case(1, k, n, scheme, base, bf16), cuda=False))
+        for scheme in ("int4", "int8", "w8a8"):
+            all_cases.append(BenchCase("quant", f"{scheme} M={big_m} vs dense bf16", shape, bf16,
+                                       _quant_matmul_case(big_m, k, n, scheme, "dense", bf16), cuda=False))
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     return [c for c in all_cases if (family is None or c.family == family) and (device == "cpu" or c.cuda)]
