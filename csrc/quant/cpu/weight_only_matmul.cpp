@@ -31,6 +31,7 @@ namespace torchkiln {
 namespace TK_CPU_NS {
 namespace {
 
+
 // Register tile: kTileN weight rows x up to kRowsPerPass rows of x.
 constexpr int kTileN = 4;
 #if defined(__AVX512F__)
@@ -173,6 +174,19 @@ const float* code_values(WeightFormat f) { return f == WeightFormat::kNf4 ? kNf4
 // row (its results are computed but not stored).
 inline int64_t tile_row(const WeightOnlyParams& p, int64_t row0, int r) { return std::min(row0 + r, p.n - 1); }
 
+// A tile reads kTileN weight rows side by side, more streams than the
+// hardware prefetcher runs far enough ahead on; each row also prefetches the
+// line it will read one tile later (the same column of row + kTileN).
+// Measured on the Zen 4: int4 M=1 from DRAM 15 -> 19-21 GB/s.
+inline void prefetch_next_tile(const WeightOnlyParams& p, const void* at) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  _mm_prefetch(static_cast<const char*>(at) + kTileN * p.qweight_row_stride, _MM_HINT_T0);
+#else
+  (void)p;
+  (void)at;
+#endif
+}
+
 // ------------------------------------------------------------ fp32 inner loops
 // A register tile of kTileN weight rows by MB rows of x: each x vector loaded
 // serves kTileN weight rows and each decoded weight vector MB rows of x, so
@@ -218,6 +232,7 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
         xh[i] = vload(xr[i] + col + 32 + j);
       }
       for (int r = 0; r < kTileN; ++r) {
+        if (j == 0 && (col / kNibbleChunk) % 2 == 1) prefetch_next_tile(p, w[r] + col / 2);
         Vec lo, hi;
         decode_nibbles(w[r] + col / 2 + j, tab, lo, hi);
         lo = vfma(lo, s_lo[r], b_lo[r]);
@@ -250,6 +265,7 @@ void tile_int8_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
     Vec xv[MB];
     for (int i = 0; i < MB; ++i) xv[i] = vload(xr[i] + j);
     for (int r = 0; r < kTileN; ++r) {
+      if (j % 64 == 0) prefetch_next_tile(p, w[r] + j);
       const Vec wv = decode_int8(w[r] + j);
       for (int i = 0; i < MB; ++i) acc[r][i] = vfma(wv, xv[i], acc[r][i]);
     }
@@ -307,6 +323,7 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
         }
       }
       for (int r = 0; r < kTileN; ++r) {
+        if (c & 1) prefetch_next_tile(p, w[r] + o / 2);  // one line per two 32-byte chunks
         const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
         const __m512bh lo = as_bh(_mm512_ternarylogic_epi32(b, low4, base, 0xEA));  // (b & 15) | base
         const __m512bh hi = as_bh(_mm512_or_si512(_mm512_srli_epi16(b, 4), base));
