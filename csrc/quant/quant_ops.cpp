@@ -13,11 +13,12 @@
 namespace torchkiln {
 namespace {
 
-// Above this many rows of x the weight is dequantised once to x's dtype and
-// multiplied by ATen's GEMM; below, the kernel decodes it in registers per
-// pass over kRowsPerPass rows. Measured crossover on the 2-core Zen 4 (int4,
-// bf16, 4096 x 4096): see bench_quant.py.
-constexpr int64_t kDenseRowsThreshold = 32;
+// Above this many rows of x the weight is dequantised (in tiles) to x's
+// dtype and multiplied by ATen's GEMM; up to it, the kernel decodes the
+// weight in registers once per kRowsPerPass rows. Crossovers measured on the
+// 2-core Zen 4 (bf16 x, 4096 x 4096): int8 / int4 near 16 rows, nf4 (whose
+// table lookups cost more per row) near 8.
+int64_t dense_rows_threshold(WeightFormat f) { return f == WeightFormat::kNf4 ? 8 : 16; }
 
 WeightFormat parse_format(const char* op, const std::string& f) {
   if (f == "int8") return WeightFormat::kInt8;
@@ -159,7 +160,7 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
   WeightOnlyParams p = check_weight(op, qweight, scales, zeros, format, group_size, k);
   check_bias(op, bias, x, p.n);
   const int64_t m = x.numel() / k;
-  if (m > kDenseRowsThreshold) return dense_tiles_matmul(p, x, bias);
+  if (m > dense_rows_threshold(p.format)) return dense_tiles_matmul(p, x, bias);
   at::Tensor out = at::empty(output_shape(x, p.n), x.options());
   if (m == 0) return out;
   p.x = x.data_ptr();
