@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/python.h>  // at::Tensor <-> torch.Tensor for the comm engine
 
 #include <mutex>
 #include <set>
@@ -12,6 +13,8 @@
 
 #include "common/cpu_isa.h"
 #include "common/parallel.h"
+#include "comm/bucket_plan.h"
+#include "comm/overlap_engine.h"
 #include "paged/block_allocator.h"
 
 namespace py = pybind11;
@@ -135,6 +138,38 @@ void bind_block_allocator(py::module_& m) {
 
 }  // namespace
 
+void bind_comm(py::module_& m) {
+  m.def(
+      "plan_buckets",
+      [](const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>& params, int64_t cap_bytes,
+         int64_t first_bytes) {
+        std::vector<torchkiln::BucketParam> in;
+        for (const auto& [numel, elem, dtype, device] : params) in.push_back({numel, elem, dtype, device});
+        std::vector<std::vector<int64_t>> out;
+        for (const auto& b : torchkiln::plan_buckets(in, cap_bytes, first_bytes)) out.push_back(b.params);
+        return out;
+      },
+      py::arg("params"), py::arg("bucket_cap_bytes"), py::arg("first_bucket_bytes"),
+      "Bucket assignment: params as (numel, element_size, dtype_id, device_id) in registration order; "
+      "returns the parameter indices of each bucket in launch order.");
+  using torchkiln::OverlapEngine;
+  py::class_<OverlapEngine>(m, "OverlapEngine", "C++ core of torchkiln.distributed.OverlappedDataParallel")
+      .def(py::init<std::vector<at::Tensor>, const std::vector<std::vector<int64_t>>&, const std::string&,
+                    std::optional<at::ScalarType>, bool>(),
+           py::arg("params"), py::arg("buckets"), py::arg("group_name"), py::arg("comm_dtype"),
+           py::arg("grads_as_views"))
+      .def("prepare", &OverlapEngine::prepare, py::call_guard<py::gil_scoped_release>())
+      // Without the GIL: Gloo's worker thread may need it (to drop Python
+      // objects captured in a finished work's thread-local state) while it
+      // holds the work-queue lock that enqueueing our all-reduce takes.
+      .def("mark_ready", &OverlapEngine::mark_ready, py::call_guard<py::gil_scoped_release>())
+      .def("finalize", &OverlapEngine::finalize, py::arg("allow_unused"), py::call_guard<py::gil_scoped_release>())
+      .def("timeline", &OverlapEngine::timeline)
+      .def("bucket_buffers", &OverlapEngine::bucket_buffers)
+      .def_property_readonly("num_buckets", &OverlapEngine::num_buckets)
+      .def_property_readonly("world_size", &OverlapEngine::world_size);
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "torchkiln native module: custom ops (torch.ops.torchkiln) and runtime queries";
   m.def("cpu_info", &cpu_info, "CPU code path detected and in use, and torch's intra-op thread count.");
@@ -142,6 +177,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("parallel_thread_count", &parallel_thread_count, py::arg("items"),
         "Distinct threads that CPU kernels' parallel_for uses for `items` tasks (a test probe).");
   bind_block_allocator(m);
+  bind_comm(m);
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
         "Select the CPU kernel path ('avx512bf16', 'avx512', 'avx2', 'scalar'); ValueError if this CPU lacks it.");
 }

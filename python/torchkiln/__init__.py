@@ -19,7 +19,7 @@ from .ops.paged import paged_attention
 from .ops.rotary import apply_rotary
 from .quant import QuantizedWeight, dequantize, from_awq, from_gptq, quant_matmul, quantize
 from .nn.quant_linear import quantize_model
-from . import memory, nn, quant
+from . import distributed, memory, nn, quant
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "QuantizedWeight",
     "apply_rotary",
     "dequantize",
+    "distributed",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "from_awq",
