@@ -12,7 +12,9 @@
 #include <thread>
 
 #include "common/cpu_isa.h"
+#include "common/op_checks.h"
 #include "common/parallel.h"
+#include "comm/bucket_pack.h"
 #include "comm/bucket_plan.h"
 #include "comm/overlap_engine.h"
 #include "paged/block_allocator.h"
@@ -138,7 +140,73 @@ void bind_block_allocator(py::module_& m) {
 
 }  // namespace
 
+// Direct entry to the bucket pack / unpack kernels (tests and benchmarks;
+// the engine calls them itself). CPU tensors only.
+torchkiln::BucketPackParams pack_params(const std::vector<std::optional<at::Tensor>>& grads,
+                                        const std::vector<int64_t>& offsets, const std::vector<int64_t>& numels,
+                                        const at::Tensor& bucket, std::vector<torchkiln::PackSegment>& segments) {
+  using namespace torchkiln;
+  TORCH_CHECK_VALUE(grads.size() == offsets.size() && grads.size() == numels.size(),
+                    "grads, offsets and numels must have the same length");
+  TORCH_CHECK_VALUE(bucket.is_cpu() && bucket.dim() == 1 && bucket.is_contiguous(),
+                    "bucket must be a contiguous 1-D CPU tensor");
+  std::optional<at::ScalarType> dtype;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t numel = numels[i];
+    void* data = nullptr;
+    if (grads[i]) {
+      const at::Tensor& g = *grads[i];
+      TORCH_CHECK_VALUE(g.is_cpu() && g.is_contiguous() && g.numel() == numel, "grads[", i,
+                        "] must be a contiguous CPU tensor of numels[", i, "] elements");
+      TORCH_CHECK_TYPE(!dtype || *dtype == g.scalar_type(), "grads must share one dtype");
+      dtype = g.scalar_type();
+      data = g.data_ptr();
+    }
+    TORCH_CHECK_VALUE(numel >= 0 && offsets[i] >= 0 && offsets[i] + numel <= bucket.numel(), "grads[", i,
+                      "] does not fit the bucket at offset ", offsets[i]);
+    segments.push_back({data, numel, offsets[i]});
+  }
+  BucketPackParams p;
+  p.segments = segments.data();
+  p.num_segments = static_cast<int64_t>(segments.size());
+  p.segment_dtype = kernel_dtype(at::empty({0}, bucket.options().dtype(dtype.value_or(at::kFloat))), "pack",
+                                 "grads");
+  p.bucket = bucket.data_ptr();
+  p.bucket_dtype = kernel_dtype(bucket, "pack", "bucket");
+  return p;
+}
+
 void bind_comm(py::module_& m) {
+  m.def(
+      "pack_gradients",
+      [](const std::vector<std::optional<at::Tensor>>& grads, const std::vector<int64_t>& offsets,
+         const std::vector<int64_t>& numels, const at::Tensor& bucket, double scale,
+         const std::optional<at::Tensor>& residual) {
+        std::vector<torchkiln::PackSegment> segments;
+        torchkiln::BucketPackParams p = pack_params(grads, offsets, numels, bucket, segments);
+        p.scale = static_cast<float>(scale);
+        if (residual) {
+          TORCH_CHECK_VALUE(residual->scalar_type() == at::kFloat && residual->sizes() == bucket.sizes() &&
+                                residual->is_contiguous() && residual->is_cpu(),
+                            "residual must be a contiguous fp32 CPU tensor shaped like bucket");
+          p.residual = residual->data_ptr<float>();
+        }
+        TK_CPU_DISPATCH(bucket_pack, p);
+      },
+      py::arg("grads"), py::arg("offsets"), py::arg("numels"), py::arg("bucket"), py::arg("scale"),
+      py::arg("residual"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "unpack_gradients",
+      [](const at::Tensor& bucket, const std::vector<int64_t>& offsets, const std::vector<at::Tensor>& grads) {
+        std::vector<std::optional<at::Tensor>> g(grads.begin(), grads.end());
+        std::vector<int64_t> numels;
+        for (const at::Tensor& t : grads) numels.push_back(t.numel());
+        std::vector<torchkiln::PackSegment> segments;
+        torchkiln::BucketPackParams p = pack_params(g, offsets, numels, bucket, segments);
+        TK_CPU_DISPATCH(bucket_unpack, p);
+      },
+      py::arg("bucket"), py::arg("offsets"), py::arg("grads"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "plan_buckets",
       [](const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>& params, int64_t cap_bytes,

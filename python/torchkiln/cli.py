@@ -43,8 +43,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.device == "cpu":
         print("allocator: " + ("glibc heap kept (no page faults on reuse; --system-malloc to disable)"
                                if steady_malloc else "system default"))
+    overlap = None
+    if args.device == "cpu" and args.family in (None, "comm"):
+        from .bench.comm import format_overlap, overlap_benchmark
+
+        overlap = overlap_benchmark(quick=args.quick, steps=2 if args.quick else 8)
+        print(format_overlap(overlap))
     if args.json:
-        meta = {"info": info(), "quick": args.quick, "repeat": args.repeat, "steady_state_malloc": steady_malloc}
+        meta = {"info": info(), "quick": args.quick, "repeat": args.repeat, "steady_state_malloc": steady_malloc,
+                "comm_overlap": overlap}
         write_json(results, args.json, meta)
         print(f"wrote {args.json}")
     if args.plot:

@@ -18,7 +18,7 @@ from ..ops.rotary import apply_rotary, rope_cos_sin
 
 _ops = torch.ops.torchkiln
 
-FAMILIES = ("norm", "activation", "rope", "attention", "paged", "quant")
+FAMILIES = ("norm", "activation", "rope", "attention", "paged", "quant", "comm")
 
 
 @dataclass(frozen=True)
@@ -435,6 +435,9 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
         for scheme in ("int4", "int8", "w8a8"):
             all_cases.append(BenchCase("quant", f"{scheme} M={big_m} vs dense bf16", shape, bf16,
                                        _quant_matmul_case(big_m, k, n, scheme, "dense", bf16), cuda=False))
+    from .comm import pack_cases  # (comm imports this module)
+
+    all_cases += pack_cases(quick)
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     return [c for c in all_cases if (family is None or c.family == family) and (device == "cpu" or c.cuda)]

@@ -12,6 +12,7 @@ group (Gloo on CPU, NCCL on GPU).
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Iterator
 
 import torch
@@ -98,6 +99,7 @@ class OverlappedDataParallel(nn.Module):
         self._require_sync = True
         self._syncing = False  # this backward all-reduces
         self._finalize_queued = False
+        self.last_backward_compute_end = 0.0
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
 
     # ------------------------------------------------------------------ hooks
@@ -113,6 +115,9 @@ class OverlappedDataParallel(nn.Module):
         return hook
 
     def _finalize(self) -> None:
+        # Backward's own compute is over when this callback runs; what
+        # communication is still in flight from here on was not hidden.
+        self.last_backward_compute_end = time.monotonic()
         self._syncing = False
         self._finalize_queued = False
         unready = self._engine.finalize(self.find_unused_parameters)
