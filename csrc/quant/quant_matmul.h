@@ -21,6 +21,8 @@
 #include "common/cpu_isa.h"
 #include "common/dtype.h"
 
+struct CUstream_st;
+
 namespace torchkiln {
 
 enum class WeightFormat : int32_t { kInt8 = 0, kInt4 = 1, kNf4 = 2 };
@@ -85,5 +87,10 @@ TK_DECLARE_CPU_KERNEL(void, weight_only_dequantize, const WeightOnlyParams&, voi
 // Quantises each row of x to int8 (scale max|x| / 127, round half to even),
 // multiplies with int8 dot products and int32 accumulation, then scales.
 TK_DECLARE_CPU_KERNEL(void, w8a8_matmul, const W8A8Params&)
+
+// CUDA: the in-register path takes at most 8 rows of x (the glue sends more
+// rows through weight_only_dequantize_cuda + cuBLAS). No W8A8 kernel yet.
+void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream);
+void weight_only_dequantize_cuda(const WeightOnlyParams& p, void* dense, CUstream_st* stream);
 
 }  // namespace torchkiln

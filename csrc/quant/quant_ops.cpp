@@ -1,5 +1,5 @@
 // Torch glue for quantised matmul (weight-only int8 / int4 / nf4, and W8A8).
-// CPU kernels only so far. Weight layouts: quant/quant_matmul.h.
+// Weight-only: CPU and CUDA; W8A8: CPU only so far. Layouts: quant/quant_matmul.h.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,13 +13,6 @@
 namespace torchkiln {
 namespace {
 
-// Above this many rows of x the weight is dequantised (in tiles) to x's
-// dtype and multiplied by ATen's GEMM; up to it, the kernel decodes the
-// weight in registers once per kRowsPerPass rows. Crossovers measured on the
-// 2-core Zen 4 (bf16 x, 4096 x 4096): int8 / int4 near 16 rows, nf4 (whose
-// table lookups cost more per row) near 8.
-int64_t dense_rows_threshold(WeightFormat f) { return f == WeightFormat::kNf4 ? 8 : 16; }
-
 WeightFormat parse_format(const char* op, const std::string& f) {
   if (f == "int8") return WeightFormat::kInt8;
   if (f == "int4") return WeightFormat::kInt4;
@@ -29,23 +22,45 @@ WeightFormat parse_format(const char* op, const std::string& f) {
 }
 
 void check_cpu(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name,
-                    " must be a CPU tensor (quantised matmul has no CUDA kernel yet), got ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (W8A8 has no CUDA kernel yet), got ",
+                    t.device());
 }
 
-void check_fp32_matrix(const char* op, const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+// Above this many rows of x the weight is dequantised (in tiles) to x's
+// dtype and multiplied by ATen's GEMM (cuBLAS on CUDA); up to it the kernel
+// decodes the weight in registers. CPU crossovers measured on the 2-core
+// Zen 4 (bf16 x, 4096 x 4096): int8 / int4 near 16 rows, nf4 (whose table
+// lookups cost more per row) near 8. CUDA: the warp-per-row kernel's limit.
+int64_t dense_rows_threshold(WeightFormat f, bool cuda) {
+  if (cuda) return 8;
+  return f == WeightFormat::kNf4 ? 8 : 16;
+}
+
+void launch_dequantize(const WeightOnlyParams& p, const at::Tensor& dense) {
+#ifdef TORCHKILN_WITH_CUDA
+  if (dense.is_cuda()) {
+    const c10::DeviceGuard guard(dense.device());
+    weight_only_dequantize_cuda(p, dense.data_ptr(), current_cuda_stream(dense));
+    return;
+  }
+#endif
+  TK_CPU_DISPATCH(weight_only_dequantize, p, dense.data_ptr());
+}
+
+void check_fp32_matrix(const char* op, const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
+                       const at::Tensor& qweight) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name, " must be (", rows,
                     ", ", cols, "), got ", t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  check_cpu(op, t, name);
+  check_same_device(t, qweight, op, name, "qweight");
 }
 
 void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n) {
   if (!bias) return;
   TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be (", n, "), got ", bias->sizes());
   check_same_dtype(*bias, x, op, "bias", "x");
-  check_cpu(op, *bias, "bias");
+  check_same_device(*bias, x, op, "bias", "x");
   TORCH_CHECK_VALUE(bias->is_contiguous(), op, ": bias must be contiguous");
 }
 
@@ -57,7 +72,6 @@ WeightOnlyParams check_weight(const char* op, const at::Tensor& qweight, const a
   WeightOnlyParams p;
   p.format = parse_format(op, format);
   TORCH_CHECK_VALUE(k > 0, op, ": in_features must be positive, got ", k);
-  check_cpu(op, qweight, "qweight");
   TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.size(0) > 0, op,
                     ": qweight must be (out_features, packed columns), got ", qweight.sizes());
   TORCH_CHECK_VALUE(qweight.is_contiguous(), op, ": qweight must be contiguous");
@@ -80,10 +94,10 @@ WeightOnlyParams check_weight(const char* op, const at::Tensor& qweight, const a
   TORCH_CHECK_VALUE(qweight.size(1) == row_bytes, op, ": qweight must have ", row_bytes, " columns for ", k,
                     " in_features in format ", format, ", got ", qweight.size(1));
   const int64_t groups = k / group_size;
-  check_fp32_matrix(op, scales, "scales", n, groups);
+  check_fp32_matrix(op, scales, "scales", n, groups, qweight);
   if (p.format == WeightFormat::kInt4) {
     TORCH_CHECK_VALUE(zeros.has_value(), op, ": zeros are required for format int4");
-    check_fp32_matrix(op, *zeros, "zeros", n, groups);
+    check_fp32_matrix(op, *zeros, "zeros", n, groups, qweight);
     p.zeros = zeros->data_ptr<float>();
   } else {
     TORCH_CHECK_VALUE(!zeros.has_value(), op, ": zeros must be None for format ", format);
@@ -106,7 +120,6 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t n) {
 void check_x(const char* op, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (..., in_features)");
   kernel_dtype(x, op, "x");
-  check_cpu(op, x, "x");
 }
 
 at::Tensor quant_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
@@ -116,7 +129,7 @@ at::Tensor quant_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
   WeightOnlyParams p = check_weight(op, qweight, scales, zeros, format, group_size, in_features);
   at::Tensor dense = at::empty({p.n, p.k}, qweight.options().dtype(dtype));
   p.dtype = kernel_dtype(dense, op, "dtype");
-  TK_CPU_DISPATCH(weight_only_dequantize, p, dense.data_ptr());
+  launch_dequantize(p, dense);
   return dense;
 }
 
@@ -141,7 +154,7 @@ at::Tensor dense_tiles_matmul(WeightOnlyParams p, const at::Tensor& x, const std
     tp.scales = p.scales + n0 * groups;
     tp.zeros = p.zeros ? p.zeros + n0 * groups : nullptr;
     tp.n = nb;
-    TK_CPU_DISPATCH(weight_only_dequantize, tp, buf.data_ptr());
+    launch_dequantize(tp, buf);
     at::Tensor slice = out2.narrow(1, n0, nb);
     if (bias)
       at::addmm_out(slice, bias->narrow(0, n0, nb), x2, buf.narrow(0, 0, nb).t());
@@ -160,7 +173,8 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
   WeightOnlyParams p = check_weight(op, qweight, scales, zeros, format, group_size, k);
   check_bias(op, bias, x, p.n);
   const int64_t m = x.numel() / k;
-  if (m > dense_rows_threshold(p.format)) return dense_tiles_matmul(p, x, bias);
+  check_same_device(x, qweight, op, "x", "qweight");
+  if (m > dense_rows_threshold(p.format, x.is_cuda())) return dense_tiles_matmul(p, x, bias);
   at::Tensor out = at::empty(output_shape(x, p.n), x.options());
   if (m == 0) return out;
   p.x = x.data_ptr();
@@ -170,7 +184,7 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
   p.out_row_stride = p.n;
   p.m = m;
   p.dtype = kernel_dtype(x, op, "x");
-  TK_CPU_DISPATCH(weight_only_matmul, p);
+  TK_LAUNCH(x, weight_only_matmul, p);
   return out;
 }
 
@@ -178,6 +192,7 @@ at::Tensor quant_matmul_w8a8(const at::Tensor& x, const at::Tensor& qweight, con
                              const at::Tensor& weight_sums, const std::optional<at::Tensor>& bias) {
   const char* op = "quant_matmul_w8a8";
   check_x(op, x);
+  check_cpu(op, x, "x");
   const int64_t k = x.size(-1);
   // |q| <= 127 on both sides and x shifted to 0..255: int32 sums stay exact
   // up to 65536 columns.
@@ -228,5 +243,12 @@ TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
   m.impl("quant_dequantize", &quant_dequantize);
   m.impl("quant_matmul_w8a8", &quant_matmul_w8a8);
 }
+
+#ifdef TORCHKILN_WITH_CUDA
+TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
+  m.impl("quant_matmul_weight_only", &quant_matmul_weight_only);
+  m.impl("quant_dequantize", &quant_dequantize);
+}
+#endif
 
 }  // namespace torchkiln

@@ -249,3 +249,24 @@ def test_bad_inputs():
         ops.quant_matmul_w8a8(torch.randn(1, 70000), w8.qweight, w8.scales, w8.weight_sums, None)
     with pytest.raises(ValueError, match="w8a8 supports in_features up to 65536"):
         torchkiln.quantize(torch.randn(1, 65540), "w8a8")
+
+
+@pytest.mark.parametrize("scheme,group,sym", [s for s in SCHEMES if s[0] != "w8a8"],
+                         ids=[i for i, s in zip(SCHEME_IDS, SCHEMES) if s[0] != "w8a8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("device", [p for p in __import__("conftest").DEVICES if p.id == "cuda"])
+def test_quant_matmul_cuda(device, scheme, group, sym, dtype):
+    # the warp-per-row kernel (m <= 8) and the dequantise + cuBLAS path (m > 8)
+    k = 3 * (group or 64) + (0 if group else 5)
+    n = 77
+    qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=group, symmetric=sym)
+    qw_gpu = qw.to(device)
+    assert torch.equal(torchkiln.dequantize(qw_gpu).cpu(), torchkiln.dequantize(qw))
+    bias = torch.randn(n).to(dtype)
+    for m in (1, 5, 8, 9, 64):
+        x = torch.randn(m, k).to(dtype)
+        out = torchkiln.quant_matmul(x.to(device), qw_gpu, bias.to(device))
+        assert out.device.type == "cuda" and out.dtype == dtype
+        err = _rel_err(out.cpu(), _ref_matmul(x, qw, bias))
+        assert err <= TOL[dtype], f"m={m}: relative error {err:.2e}"
+
