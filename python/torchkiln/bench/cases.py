@@ -37,6 +37,7 @@ class BenchCase:
     dtype: torch.dtype
     setup: Callable[[str], Prepared]
     cuda: bool = True  # has a CUDA kernel to time
+    cpu: bool = True  # False: a GPU-only shape
 
 
 def _randn(*shape, dtype, device, requires_grad=False):
@@ -435,9 +436,19 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
         for scheme in ("int4", "int8", "w8a8"):
             all_cases.append(BenchCase("quant", f"{scheme} M={big_m} vs dense bf16", shape, bf16,
                                        _quant_matmul_case(big_m, k, n, scheme, "dense", bf16), cuda=False))
+    # GPU: the issue's H200 shape, int4 g128 against cuBLAS bf16 over decode
+    # and prefill batch sizes (the aten int4 baseline is CPU-only).
+    gk = 512 if quick else 8192
+    for m in (1, 4, 16, 64, 256):
+        all_cases.append(BenchCase("quant", f"int4 M={m} vs dense bf16 (cuBLAS)", f"{gk}->{gk}", bf16,
+                                   _quant_matmul_case(m, gk, gk, "int4", "dense", bf16), cpu=False))
+    for scheme in ("int8", "nf4"):
+        all_cases.append(BenchCase("quant", f"{scheme} M=1 vs dense bf16 (cuBLAS)", f"{gk}->{gk}", bf16,
+                                   _quant_matmul_case(1, gk, gk, scheme, "dense", bf16), cpu=False))
+
     from .comm import pack_cases  # (comm imports this module)
 
     all_cases += pack_cases(quick)
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    return [c for c in all_cases if (family is None or c.family == family) and (device == "cpu" or c.cuda)]
+    return [c for c in all_cases if (family is None or c.family == family) and (c.cpu if device == "cpu" else c.cuda)]
