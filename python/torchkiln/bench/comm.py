@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import statistics
@@ -194,6 +195,11 @@ def _overlap_rank(rank: int, world: int, port: int, out: str, quick: bool, steps
     }
     if rank == 0:
         torch.save(result, out)
+    # Drop everything holding the process group, and let both ranks finish
+    # their collectives, before tearing it down.
+    del odp, ddp, row1, row4
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
