@@ -200,3 +200,14 @@ def tensor_parallel_mlp(rank, world, chunks, input_is_parallel):
         "down_w": _rel(torch.cat(row_w, 1), down.weight.grad),
         "down_b": _rel(row.bias.grad, down.bias.grad),
     }
+
+
+def tp_bad_sizes(rank, world):
+    out = []
+    for make in (lambda: ColumnParallelLinear(8, 7), lambda: RowParallelLinear(5, 8)):
+        try:
+            make()
+            out.append("no error")
+        except ValueError as e:
+            out.append(str(e))
+    return out

@@ -116,6 +116,16 @@ def test_save_load_act_order(tmp_path):
     assert torch.equal(torchkiln.dequantize(back), torchkiln.dequantize(qw))
 
 
+def test_weight_object_bad_inputs():
+    qw = torchkiln.quantize(torch.randn(8, 64), "int4", group_size=32)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        torchkiln.QuantizedWeight("int3", 64, 8, 32, False, qw.qweight, qw.scales)
+    with pytest.raises(TypeError, match="dtype must be float32, bfloat16 or float16"):
+        torchkiln.dequantize(qw, torch.int32)
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., 64\)"):
+        torchkiln.quant_matmul(torch.tensor(1.0), qw)
+
+
 def test_load_rejects_other_files(tmp_path):
     from safetensors.torch import save_file
 
@@ -142,6 +152,13 @@ def test_quant_linear(scheme):
     q2.load_state_dict(q.state_dict())
     torch.testing.assert_close(q2(x), y)
     assert scheme in repr(q)
+    # model.to(dtype) converts the bias, never the codes or the fp32 scales
+    scales_before = q.scales.clone()
+    q.to(torch.bfloat16)
+    assert q.scales.dtype == torch.float32 and torch.equal(q.scales, scales_before)
+    assert q.bias.dtype == torch.bfloat16
+    xb = x.detach().bfloat16()
+    assert q(xb).dtype == torch.bfloat16
 
 
 def test_quantize_model_skips_patterns():

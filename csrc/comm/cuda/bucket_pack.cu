@@ -41,38 +41,38 @@ __global__ void unpack_kernel(const B* __restrict__ src, S* __restrict__ dst, in
 
 int blocks_for(int64_t n) { return static_cast<int>(std::min(kMaxBlocks, cuda::ceil_div(n, kThreads))); }
 
-}  // namespace
-
-void bucket_pack_cuda(const BucketPackParams& p, CUstream_st* stream) {
+// Calls launch(S{}, B{}, segment) for every non-empty segment, with S and B
+// the CUDA storage types of the gradients and of the bucket.
+template <class F>
+void for_each_segment(const BucketPackParams& p, const F& launch) {
   cuda::dispatch_dtype(p.segment_dtype, [&](auto s_tag) {
     cuda::dispatch_dtype(p.bucket_dtype, [&](auto b_tag) {
-      using S = decltype(s_tag);
-      using B = decltype(b_tag);
-      for (int64_t s = 0; s < p.num_segments; ++s) {
-        const PackSegment& seg = p.segments[s];
-        if (seg.numel == 0) continue;
-        pack_kernel<S, B><<<blocks_for(seg.numel), kThreads, 0, stream>>>(
-            static_cast<const S*>(seg.data), static_cast<B*>(p.bucket) + seg.offset,
-            p.residual ? p.residual + seg.offset : nullptr, seg.numel, p.scale);
-        cuda::check_launch("bucket_pack");
-      }
+      for (int64_t s = 0; s < p.num_segments; ++s)
+        if (p.segments[s].numel > 0) launch(s_tag, b_tag, p.segments[s]);
     });
   });
 }
 
+}  // namespace
+
+void bucket_pack_cuda(const BucketPackParams& p, CUstream_st* stream) {
+  for_each_segment(p, [&](auto s_tag, auto b_tag, const PackSegment& seg) {
+    using S = decltype(s_tag);
+    using B = decltype(b_tag);
+    pack_kernel<S, B><<<blocks_for(seg.numel), kThreads, 0, stream>>>(
+        static_cast<const S*>(seg.data), static_cast<B*>(p.bucket) + seg.offset,
+        p.residual ? p.residual + seg.offset : nullptr, seg.numel, p.scale);
+    cuda::check_launch("bucket_pack");
+  });
+}
+
 void bucket_unpack_cuda(const BucketPackParams& p, CUstream_st* stream) {
-  cuda::dispatch_dtype(p.segment_dtype, [&](auto s_tag) {
-    cuda::dispatch_dtype(p.bucket_dtype, [&](auto b_tag) {
-      using S = decltype(s_tag);
-      using B = decltype(b_tag);
-      for (int64_t s = 0; s < p.num_segments; ++s) {
-        const PackSegment& seg = p.segments[s];
-        if (seg.numel == 0) continue;
-        unpack_kernel<S, B><<<blocks_for(seg.numel), kThreads, 0, stream>>>(
-            static_cast<const B*>(p.bucket) + seg.offset, static_cast<S*>(seg.data), seg.numel);
-        cuda::check_launch("bucket_unpack");
-      }
-    });
+  for_each_segment(p, [&](auto s_tag, auto b_tag, const PackSegment& seg) {
+    using S = decltype(s_tag);
+    using B = decltype(b_tag);
+    unpack_kernel<S, B><<<blocks_for(seg.numel), kThreads, 0, stream>>>(
+        static_cast<const B*>(p.bucket) + seg.offset, static_cast<S*>(seg.data), seg.numel);
+    cuda::check_launch("bucket_unpack");
   });
 }
 

@@ -71,6 +71,9 @@ class OverlappedDataParallel(nn.Module):
         if bucket_cap_mb <= 0 or first_bucket_mb <= 0:
             raise ValueError(f"OverlappedDataParallel: bucket sizes must be positive, got bucket_cap_mb="
                              f"{bucket_cap_mb}, first_bucket_mb={first_bucket_mb}")
+        if comm_dtype is not None and comm_dtype not in _DTYPE_IDS:
+            raise TypeError(f"OverlappedDataParallel: comm_dtype must be None, torch.float32, torch.bfloat16 or "
+                            f"torch.float16, got {comm_dtype}")
         self.module = module
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self.find_unused_parameters = find_unused_parameters

@@ -17,8 +17,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-def _group(pg):
-    return pg if pg is not None else dist.group.WORLD
+def _sharded_group(layer: str, what: str, features: int, pg) -> tuple:
+    """(group, world, rank) after checking that ``features`` splits evenly."""
+    group = pg if pg is not None else dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if features % world:
+        raise ValueError(f"{layer}: {what} ({features}) must be divisible by the group size ({world})")
+    return group, world, rank
 
 
 class _CopyToParallel(torch.autograd.Function):
@@ -116,11 +121,7 @@ class ColumnParallelLinear(nn.Module):
                  process_group=None, device=None, dtype=None, _full_weight: Tensor | None = None,
                  _full_bias: Tensor | None = None):
         super().__init__()
-        self.group = _group(process_group)
-        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        if out_features % world:
-            raise ValueError(f"ColumnParallelLinear: out_features ({out_features}) must be divisible by the "
-                             f"group size ({world})")
+        self.group, world, rank = _sharded_group("ColumnParallelLinear", "out_features", out_features, process_group)
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(_shard_init(out_features, in_features, _full_weight, 0, rank, world, **factory))
@@ -152,11 +153,7 @@ class RowParallelLinear(nn.Module):
                  overlap_chunks: int = 1, process_group=None, device=None, dtype=None,
                  _full_weight: Tensor | None = None, _full_bias: Tensor | None = None):
         super().__init__()
-        self.group = _group(process_group)
-        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        if in_features % world:
-            raise ValueError(f"RowParallelLinear: in_features ({in_features}) must be divisible by the group "
-                             f"size ({world})")
+        self.group, world, rank = _sharded_group("RowParallelLinear", "in_features", in_features, process_group)
         if overlap_chunks < 1:
             raise ValueError(f"RowParallelLinear: overlap_chunks must be >= 1, got {overlap_chunks}")
         self.in_features, self.out_features = in_features, out_features

@@ -31,10 +31,30 @@ class QuantLinear(nn.Module):
         for name in _TENSOR_FIELDS:
             self.register_buffer(name, getattr(qweight, name))
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self._spec: QuantizedWeight | None = None
 
     @property
     def qweight_spec(self) -> QuantizedWeight:
-        return QuantizedWeight(**self._meta, **{name: getattr(self, name) for name in _TENSOR_FIELDS})
+        """The weight as a QuantizedWeight over this module's buffers (built
+        once, rebuilt after .to() / .cuda() replace the buffers)."""
+        if self._spec is None:
+            self._spec = QuantizedWeight(**self._meta, **{name: getattr(self, name) for name in _TENSOR_FIELDS})
+        return self._spec
+
+    def _apply(self, fn, *args, **kwargs):
+        # The quantised buffers follow device moves only: a dtype change such
+        # as model.to(torch.bfloat16) must not touch codes or fp32 scales.
+        self._spec = None
+        quant = {name: self._buffers.pop(name) for name in _TENSOR_FIELDS}
+        try:
+            super()._apply(fn, *args, **kwargs)
+            device = fn(torch.empty(0, device=quant["qweight"].device)).device
+        finally:
+            self._buffers.update(quant)
+        for name, t in quant.items():
+            if t is not None:
+                self._buffers[name] = t.to(device)
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None = None, symmetric: bool = False,

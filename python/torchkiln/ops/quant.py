@@ -111,17 +111,6 @@ def _w8a8_backward(ctx, grad: Tensor):
 torch.library.register_autograd("torchkiln::quant_matmul_w8a8", _w8a8_backward, setup_context=_w8a8_setup)
 
 
-def quant_matmul_ref(x: Tensor, qw: "QuantizedWeight", bias: Tensor | None = None) -> Tensor:
-    """Eager baseline: dequantise to x's dtype, then F.linear (for w8a8 x is
-    quantised per row first, as the kernel does)."""
-    from ..quant.quantize import dequantize
-
-    w = dequantize(qw, x.dtype)
-    if qw.scheme == "w8a8":
-        x = quantize_rows_ref(x).to(x.dtype)
-    return torch.nn.functional.linear(x, w, bias)
-
-
 def quantize_rows_ref(x: Tensor) -> Tensor:
     """x rounded to its per-row int8 grid (what w8a8 multiplies), in fp32."""
     xf = x.to(torch.float32)
