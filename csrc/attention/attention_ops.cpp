@@ -1,9 +1,10 @@
-// Torch glue for fused attention: argument checks, layouts -> params, launch.
-// CPU only so far: CUDA tensors get the dispatcher's "no CUDA kernel" error.
+// Torch glue for fused attention: argument checks, layouts -> params, launch
+// (CPU kernels per ISA, or the CUDA kernels for bf16 / fp16).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 #include <vector>
 
@@ -15,6 +16,46 @@ namespace torchkiln {
 namespace {
 
 constexpr int64_t kMaxHeadDim = 256;
+
+// The CUDA kernels read 16-byte rows with cp.async: the head_dim must be one
+// they were instantiated for, the base 16-byte aligned, the strides multiples
+// of 8 elements. Anything else is copied (zero-padded in head_dim) first.
+bool cuda_kernel_ready(const at::Tensor& t, int64_t head_dim) {
+  if (t.size(-1) != head_dim || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i)
+    if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+  return true;
+}
+
+at::Tensor cuda_kernel_operand(const at::Tensor& t, int64_t head_dim) {
+  if (cuda_kernel_ready(t, head_dim)) return t;
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape.back() = head_dim;
+  at::Tensor padded = at::zeros(shape, t.options());
+  padded.narrow(-1, 0, t.size(-1)).copy_(t);
+  return padded;
+}
+
+// The tensors the kernels read: the caller's q, k, v on CPU; on CUDA possibly
+// padded / aligned copies, with the head_dim the kernel runs at.
+struct KernelOperands {
+  at::Tensor q, k, v;
+  int64_t head_dim = 0;
+  at::Tensor prepare(const at::Tensor& t) const { return q.is_cuda() ? cuda_kernel_operand(t, head_dim) : t; }
+  // Output of the kernel at head_dim columns -> the caller's head_dim.
+  at::Tensor restore(const at::Tensor& t, int64_t caller_head_dim) const {
+    return t.size(-1) == caller_head_dim ? t : t.narrow(-1, 0, caller_head_dim).contiguous();
+  }
+};
+
+KernelOperands kernel_operands(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  if (!q.is_cuda()) return {q, k, v, q.size(-1)};
+  TORCH_CHECK_TYPE(q.scalar_type() != at::kFloat, op,
+                   ": the CUDA kernels take bfloat16 or float16 q, k and v, got float32 (cast them, or run on CPU)");
+  TORCH_CHECK_VALUE(q.size(-1) % 8 == 0, op, ": head_dim must be a multiple of 8 on CUDA, got ", q.size(-1));
+  const int64_t d = flash_attn_cuda_head_dim(q.size(-1));
+  return {cuda_kernel_operand(q, d), cuda_kernel_operand(k, d), cuda_kernel_operand(v, d), d};
+}
 
 FlashAttnTensor view_of(const at::Tensor& t, bool varlen) {
   FlashAttnTensor v;
@@ -95,6 +136,18 @@ FlashAttnParams common_params(const char* op, const at::Tensor& q, const at::Ten
   return p;
 }
 
+// Points the params at the kernel operands (same tensors on CPU).
+void use_operands(FlashAttnParams& p, const KernelOperands& o, bool varlen) {
+  p.q = view_of(o.q, varlen);
+  p.k = view_of(o.k, varlen);
+  p.v = view_of(o.v, varlen);
+  p.head_dim = o.head_dim;
+  if (p.block_table != nullptr) {  // paged caches: batch_stride is the block stride
+    p.k.batch_stride = o.k.stride(0);
+    p.v.batch_stride = o.v.stride(0);
+  }
+}
+
 FlashAttnOutput output_of(const at::Tensor& t, bool varlen) {
   FlashAttnOutput o;
   o.ptr = t.data_ptr();
@@ -113,14 +166,16 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
                                     q.dim() == 4 ? q.size(0) : 0, /*varlen=*/false);
   p.seqlen_q = q.size(1);
   p.seqlen_k = k.size(1);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  const KernelOperands ops = kernel_operands(op, q, k, v);
+  use_operands(p, ops, false);
+  at::Tensor out = at::empty(ops.q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), p.heads, p.seqlen_q}, q.options().dtype(at::kFloat));
   p.out = output_of(out, false);
   p.lse = lse.data_ptr<float>();
   p.lse_batch_stride = p.heads * p.seqlen_q;
   p.lse_head_stride = p.seqlen_q;
-  TK_CPU_DISPATCH(flash_attn_fwd, p);
-  return {out, lse};
+  TK_LAUNCH(q, flash_attn_fwd, p);
+  return {ops.restore(out, q.size(-1)), lse};
 }
 
 // Validates cu_seqlens on the host; returns the largest sequence length.
@@ -206,13 +261,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(
   const char* op = "flash_attn_varlen_fwd";
   FlashAttnParams p = varlen_params(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     softmax_scale, window_left, window_right, softcap, alibi_slopes, block_table);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  const KernelOperands ops = kernel_operands(op, q, k, v);
+  use_operands(p, ops, true);
+  at::Tensor out = at::empty(ops.q.sizes(), q.options());
   at::Tensor lse = at::empty({p.heads, q.size(0)}, q.options().dtype(at::kFloat));
   p.out = output_of(out, true);
   p.lse = lse.data_ptr<float>();
   p.lse_head_stride = q.size(0);
-  TK_CPU_DISPATCH(flash_attn_fwd, p);
-  return {out, lse};
+  TK_LAUNCH(q, flash_attn_fwd, p);
+  return {ops.restore(out, q.size(-1)), lse};
 }
 
 // Checks the forward's saved tensors and the incoming gradient, allocates the
@@ -235,21 +292,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, Flas
                     op, ": lse must be a contiguous float32 tensor of shape ", at::IntArrayRef(lse_shape),
                     ", got ", lse.scalar_type(), " ", lse.sizes());
   check_same_device(lse, q, op, "lse", "q");
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  const KernelOperands ops = kernel_operands(op, q, k, v);
+  use_operands(p, ops, varlen);
+  const at::Tensor out_k = ops.prepare(out), dout_k = ops.prepare(dout);
+  at::Tensor dq = at::empty(ops.q.sizes(), q.options());
+  at::Tensor dk = at::empty(ops.k.sizes(), k.options());
+  at::Tensor dv = at::empty(ops.v.sizes(), v.options());
   FlashAttnBwdParams bp;
-  p.out = output_of(out, varlen);  // read only in the backward
+  p.out = output_of(out_k, varlen);  // read only in the backward
   p.lse = lse.data_ptr<float>();
   p.lse_batch_stride = varlen ? 0 : p.heads * q.size(1);
   p.lse_head_stride = varlen ? q.size(0) : q.size(1);
   bp.fwd = p;
-  bp.dout = view_of(dout, varlen);
+  bp.dout = view_of(dout_k, varlen);
   bp.dq = output_of(dq, varlen);
   bp.dk = output_of(dk, varlen);
   bp.dv = output_of(dv, varlen);
-  TK_CPU_DISPATCH(flash_attn_bwd, bp);
-  return {dq, dk, dv};
+  at::Tensor dsum;  // CUDA scratch: rowsum(dout * out) in lse's layout
+  if (q.is_cuda()) {
+    dsum = at::empty_like(lse);
+    bp.dsum = dsum.data_ptr<float>();
+  }
+  TK_LAUNCH(q, flash_attn_bwd, bp);
+  const int64_t d = q.size(-1);
+  return {ops.restore(dq, d), ops.restore(dk, d), ops.restore(dv, d)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
@@ -284,6 +350,6 @@ void register_impls(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchkiln, CPU, m) { register_impls(m); }
+TK_REGISTER_IMPLS(register_impls)
 
 }  // namespace torchkiln

@@ -1,4 +1,4 @@
-// FlashAttention-2 forward on CPU: tiled attention with an online softmax,
+// FlashAttention-2 forward and backward (CPU and CUDA): tiled attention with an online softmax,
 // never materialising the (seqlen_q x seqlen_k) score matrix.
 //
 // Semantics follow flash-attn 2.x. For query i and key j of one sequence
@@ -14,9 +14,12 @@
 // batches (cu_seqlens non-null) pack tokens, sequence b at cu_seqlens[b].
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 
 #include "common/cpu_isa.h"
 #include "common/dtype.h"
+
+struct CUstream_st;
 
 namespace torchkiln {
 
@@ -65,9 +68,22 @@ struct FlashAttnBwdParams {
   FlashAttnParams fwd;  // q, k, v, lse and every option; fwd.out.ptr is the forward output (read only)
   FlashAttnTensor dout;
   FlashAttnOutput dq, dk, dv;
+  float* dsum = nullptr;  // CUDA scratch in lse's layout: rowsum(dout * out)
 };
 
 TK_DECLARE_CPU_KERNEL(void, flash_attn_fwd, const FlashAttnParams&)
 TK_DECLARE_CPU_KERNEL(void, flash_attn_bwd, const FlashAttnBwdParams&)
+
+// CUDA kernels exist for bf16 / fp16 and these head dims (one instantiation
+// each); the glue zero-pads any other head_dim (a multiple of 8) up to the
+// next one, which leaves scores and the kept output columns unchanged.
+// Every tensor must be 16-byte aligned with strides that are multiples of 8.
+inline int64_t flash_attn_cuda_head_dim(int64_t head_dim) {
+  for (int64_t d : {64, 96, 128, 256})
+    if (head_dim <= d) return d;
+  return 0;
+}
+void flash_attn_fwd_cuda(const FlashAttnParams& p, CUstream_st* stream);
+void flash_attn_bwd_cuda(const FlashAttnBwdParams& p, CUstream_st* stream);  // needs p.dsum
 
 }  // namespace torchkiln

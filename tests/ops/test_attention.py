@@ -1,7 +1,7 @@
-"""Fused attention (CPU; no CUDA kernel yet): flash-attn semantics against an
-fp64 reference under flash-attn's tolerance rule (outputs 2x, gradients 3x),
-on every CPU ISA; varlen; determinism; opcheck; compile; bad input; O(seqlen)
-memory."""
+"""Fused attention on CPU: flash-attn semantics against an fp64 reference
+under flash-attn's tolerance rule (outputs 2x, gradients 3x), on every CPU
+ISA; varlen; determinism; opcheck; compile; bad input; O(seqlen) memory.
+The CUDA kernels have their own file, test_attention_cuda.py."""
 
 from __future__ import annotations
 

@@ -406,9 +406,18 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
     all_cases.append(
         BenchCase(
             "attention", "flash_attn_varlen fwd", f"{len(varlen_lengths)} seqs, {sum(varlen_lengths)} tok, 8x128",
-            bf16, _attention_varlen(varlen_lengths, 8, 128, bf16), cuda=False,
+            bf16, _attention_varlen(varlen_lengths, 8, 128, bf16),
         )
     )
+    # GPU: the issue's H200 shape (bf16, head_dim 128) against SDPA's own choice
+    # of backend (flash / cuDNN / efficient), causal and not.
+    gb, gh, gs = (1, 2, 256) if quick else (8, 16, 4096)
+    for causal in (True, False):
+        shape = f"{gb}x{gh}x{gs}x128" + (" causal" if causal else "")
+        all_cases.append(BenchCase("attention", "flash_attn fwd", shape, bf16,
+                                   _attention_fwd(gb, gh, gs, 128, bf16, causal), cpu=False))
+        all_cases.append(BenchCase("attention", "flash_attn fwd+bwd", shape, bf16,
+                                   _attention_fwd_bwd(gb, gh, gs, 128, bf16, causal), cpu=False))
     seqs, ctx, long_ctx = (2, 64, 256) if quick else (16, 2048, 32768)
     for dt in (bf16, torch.float32):
         for base in ("sdpa", "torchkiln contiguous"):

@@ -52,8 +52,13 @@ def flash_attn_func(
     Returns out (batch, seqlen_q, heads, head_dim) in q's dtype, and with
     ``return_lse`` also the fp32 log-sum-exp (batch, heads, seqlen_q).
     Differentiable in q, k and v. ``deterministic`` is accepted for API
-    compatibility: the CPU kernels are always deterministic (gradients are
-    bitwise identical across runs with the same thread count).
+    compatibility: the kernels are always deterministic (gradients are bitwise
+    identical across runs; on CPU with the same thread count), because no
+    gradient is accumulated with atomics.
+
+    Devices: CPU takes fp32 / bf16 / fp16 and any head_dim up to 256; CUDA
+    takes bf16 / fp16 and head_dim a multiple of 8 up to 256 (kernels exist
+    for 64, 96, 128 and 256; other sizes run zero-padded to the next one).
     """
     _check_dropout(dropout_p)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
