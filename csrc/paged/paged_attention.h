@@ -12,6 +12,8 @@
 #include "common/cpu_isa.h"
 #include "common/dtype.h"
 
+struct CUstream_st;
+
 namespace torchkiln {
 
 struct CacheLayout {
@@ -32,6 +34,7 @@ struct ReshapeAndCacheParams {
 };
 
 // Copies blocks src -> dst in each of num_caches caches of one layout.
+// On CUDA `caches` and `mapping` are device arrays.
 struct CopyBlocksParams {
   void* const* caches = nullptr;  // num_caches base pointers
   int64_t num_caches = 0;
@@ -59,10 +62,24 @@ struct PagedAttnParams {
   int64_t window_left = -1, window_right = -1;
   const float* alibi_slopes = nullptr;  // (heads)
   DType dtype = DType::kFloat32;
+  // CUDA split-KV: num_splits chunks of split_chunk keys per sequence, their
+  // normalised fp32 partial outputs (num_seqs, heads, num_splits, head_dim)
+  // and lse (num_seqs, heads, num_splits) combined by a second kernel.
+  int64_t num_splits = 1, split_chunk = 0;
+  float* partial_out = nullptr;
+  float* partial_lse = nullptr;
 };
 
 TK_DECLARE_CPU_KERNEL(void, reshape_and_cache, const ReshapeAndCacheParams&)
 TK_DECLARE_CPU_KERNEL(void, copy_blocks, const CopyBlocksParams&)
 TK_DECLARE_CPU_KERNEL(void, paged_attention, const PagedAttnParams&)
+
+// CUDA (head_dim a multiple of 8; every dtype). The decode plan fills
+// num_splits / split_chunk; the caller provides the partial buffers when
+// num_splits > 1.
+void reshape_and_cache_cuda(const ReshapeAndCacheParams& p, CUstream_st* stream);
+void copy_blocks_cuda(const CopyBlocksParams& p, CUstream_st* stream);
+void paged_attention_cuda_plan(PagedAttnParams& p);
+void paged_attention_cuda(const PagedAttnParams& p, CUstream_st* stream);
 
 }  // namespace torchkiln

@@ -1,5 +1,7 @@
 // Torch glue for the paged KV cache: cache writes, block copies and swaps,
-// paged decode attention. CPU kernels only so far.
+// paged decode attention, on CPU and CUDA. Index tensors (block tables,
+// sequence lengths, mappings) are validated on the host before any kernel
+// reads through them.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -80,7 +82,7 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at:
   p.slot_mapping = slot_mapping.data_ptr<int64_t>();
   p.num_tokens = key.size(0);
   p.element_size = key.element_size();
-  TK_CPU_DISPATCH(reshape_and_cache, p);
+  TK_LAUNCH(key_cache, reshape_and_cache, p);
 }
 
 // (n, 2) int64 pairs (src, dst): src ids in [0, src_blocks), dst ids in
@@ -120,7 +122,7 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const a
     for (const at::Tensor* t : {&key_caches[i], &value_caches[i]}) {
       check_pair(op, key_caches[0], *t);
       TORCH_CHECK_VALUE(t->is_contiguous(), op, ": caches must be contiguous");
-      TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": CUDA caches are not supported yet");
+      check_same_device(*t, key_caches[0], op, "every cache", "key_caches[0]");
       bases.push_back(t->data_ptr());
     }
   }
@@ -132,7 +134,16 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const a
   p.mapping = m.data_ptr<int64_t>();
   p.num_pairs = m.size(0);
   p.block_bytes = c.block_stride * key_caches[0].element_size();
-  TK_CPU_DISPATCH(copy_blocks, p);
+  at::Tensor device_bases, device_mapping;  // what a CUDA kernel reads
+  if (key_caches[0].is_cuda()) {
+    std::vector<int64_t> words;
+    for (void* b : bases) words.push_back(static_cast<int64_t>(reinterpret_cast<intptr_t>(b)));
+    device_bases = at::tensor(words, at::kLong).to(key_caches[0].device());
+    device_mapping = m.to(key_caches[0].device());
+    p.caches = reinterpret_cast<void* const*>(device_bases.data_ptr<int64_t>());
+    p.mapping = device_mapping.data_ptr<int64_t>();
+  }
+  TK_LAUNCH(key_caches[0], copy_blocks, p);
 }
 
 // Blocks between two caches of one shape but any devices (offload / reload).
@@ -184,8 +195,9 @@ std::tuple<at::Tensor, at::Tensor> paged_attention(const at::Tensor& q, const at
                     ": softmax_scale must be finite and softcap >= 0");
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= 0 or -1");
   // Every block a sequence uses must exist: never read outside the cache.
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int32_t* table = block_table.data_ptr<int32_t>();
+  const at::Tensor lens_host = seq_lens.cpu(), table_host = block_table.cpu();  // no copy on CPU
+  const int32_t* lens = lens_host.data_ptr<int32_t>();
+  const int32_t* table = table_host.data_ptr<int32_t>();
   int64_t longest = 0;
   for (int64_t s = 0; s < seqs; ++s) {
     TORCH_CHECK_VALUE(lens[s] >= 1 && lens[s] <= block_table.size(1) * c.block_size, op, ": seq_lens[", s,
@@ -215,9 +227,9 @@ std::tuple<at::Tensor, at::Tensor> paged_attention(const at::Tensor& q, const at
   p.key_cache = key_cache.data_ptr();
   p.value_cache = value_cache.data_ptr();
   p.cache = c;
-  p.block_table = table;
+  p.block_table = block_table.data_ptr<int32_t>();
   p.block_table_stride = block_table.stride(0);
-  p.seq_lens = lens;
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.num_seqs = seqs;
@@ -228,7 +240,25 @@ std::tuple<at::Tensor, at::Tensor> paged_attention(const at::Tensor& q, const at
   p.window_left = window_left;
   p.window_right = window_right;
   p.dtype = dtype;
-  TK_CPU_DISPATCH(paged_attention, p);
+  at::Tensor partial_out, partial_lse;  // CUDA split-KV workspace
+#ifdef TORCHKILN_WITH_CUDA
+  if (q.is_cuda()) {
+    TORCH_CHECK_VALUE(c.head_dim % 8 == 0, op, ": head_dim must be a multiple of 8 on CUDA, got ", c.head_dim);
+    for (const at::Tensor* t : {&key_cache, &value_cache})
+      TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && c.block_stride % 8 == 0 &&
+                            c.pos_stride % 8 == 0 && c.head_stride % 8 == 0,
+                        op, ": CUDA caches must start 16-byte aligned with strides that are multiples of 8, got ",
+                        t->strides());
+    paged_attention_cuda_plan(p);
+    if (p.num_splits > 1) {
+      partial_out = at::empty({seqs, p.heads, p.num_splits, c.head_dim}, q.options().dtype(at::kFloat));
+      partial_lse = at::empty({seqs, p.heads, p.num_splits}, q.options().dtype(at::kFloat));
+      p.partial_out = partial_out.data_ptr<float>();
+      p.partial_lse = partial_lse.data_ptr<float>();
+    }
+  }
+#endif
+  TK_LAUNCH(q, paged_attention, p);
   return {out, lse};
 }
 
@@ -240,7 +270,7 @@ void register_impls(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchkiln, CPU, m) { register_impls(m); }
+TK_REGISTER_IMPLS(register_impls)
 // swap_blocks moves data between devices with ATen copies, so one
 // implementation serves every backend.
 TORCH_LIBRARY_IMPL(torchkiln, CompositeExplicitAutograd, m) { m.impl("swap_blocks", &swap_blocks); }

@@ -424,13 +424,22 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
             all_cases.append(
                 BenchCase(
                     "paged", f"paged_attention decode vs {base}", f"{seqs}x{ctx} ctx, 32/8 heads, d128, block 16", dt,
-                    _paged_decode(seqs, 32, 8, ctx, 128, 16, dt, "sdpa" if base == "sdpa" else "flash"), cuda=False,
+                    _paged_decode(seqs, 32, 8, ctx, 128, 16, dt, "sdpa" if base == "sdpa" else "flash"),
+                    cuda=base == "sdpa" or dt == bf16,  # the CUDA flash kernels are bf16 / fp16 only
                 )
             )
     all_cases.append(
         BenchCase(
             "paged", "paged_attention decode vs sdpa", f"1x{long_ctx} ctx, 32/8 heads, d128, block 16", bf16,
-            _paged_decode(1, 32, 8, long_ctx, 128, 16, bf16, "sdpa"), cuda=False,
+            _paged_decode(1, 32, 8, long_ctx, 128, 16, bf16, "sdpa"),
+        )
+    )
+    # GPU: the issue's H200 decode shape (target: 70% of copy bandwidth).
+    gseqs, gctx = (4, 256) if quick else (64, 4096)
+    all_cases.append(
+        BenchCase(
+            "paged", "paged_attention decode vs sdpa", f"{gseqs}x{gctx} ctx, 32/8 heads, d128, block 16", bf16,
+            _paged_decode(gseqs, 32, 8, gctx, 128, 16, bf16, "sdpa"), cpu=False,
         )
     )
     quant_shapes = [(256, 512)] if quick else [(4096, 4096), (4096, 11008), (11008, 4096)]

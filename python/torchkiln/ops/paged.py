@@ -3,7 +3,7 @@ swaps, and decode attention through block tables.
 
 A layer's cache is a pair of (num_blocks, block_size, num_kv_heads, head_dim)
 tensors; token t of a sequence lives in block block_table[t // block_size]
-at offset t % block_size. CPU kernels only so far.
+at offset t % block_size. Kernels on CPU and CUDA.
 """
 
 from __future__ import annotations

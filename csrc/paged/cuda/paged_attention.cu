@@ -1,0 +1,236 @@
+// Paged decode attention on CUDA, Flash-Decoding style: one block per
+// (sequence, kv head, <= 8 query heads of its group, chunk of the context).
+// The K/V of a chunk are read once for all the group's query heads:
+//   1. scores: one thread per key, the whole key row in 16-byte loads, dot
+//      products against q held in shared memory (all lanes read the same q
+//      element at once: a broadcast, no bank conflicts);
+//   2. softmax of the chunk: one warp per head;
+//   3. P V: D/8 threads cover a value row with 16-byte loads (coalesced),
+//      128 / (D/8) rows in flight, partial sums reduced in shared memory.
+// With one chunk the block writes the output; otherwise it writes a
+// normalised fp32 partial and its lse, and a combine kernel merges them.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "common/cuda/cuda_helpers.cuh"
+#include "paged/paged_attention.h"
+
+namespace torchkiln {
+namespace {
+
+using cuda::from_float;
+using cuda::to_float;
+
+constexpr int kThreads = 128;
+constexpr int kMaxChunk = 512;       // keys per block at most
+constexpr int kHeadsPerBlock = 8;    // query heads sharing one K/V pass
+constexpr int kMaxHeadDim = 256;
+constexpr int kWork = 8192;          // floats: scores (8 x 512) or P V partials (8 x <= 1024)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Eight consecutive elements as fp32 (16 bytes of bf16 / fp16, 32 of fp32).
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+template <class T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
+}
+
+__device__ __forceinline__ int64_t cache_row(const PagedAttnParams& p, int s, int j, int hk) {
+  const int64_t block = p.block_table[s * p.block_table_stride + j / p.cache.block_size];
+  return block * p.cache.block_stride + (j % p.cache.block_size) * p.cache.pos_stride + hk * p.cache.head_stride;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnParams p, int group_blocks) {
+  __shared__ float sQ[kHeadsPerBlock][kMaxHeadDim];
+  __shared__ __align__(16) float sWork[kWork];
+  __shared__ float sMax[kHeadsPerBlock], sSum[kHeadsPerBlock];
+
+  const int s = blockIdx.x, split = blockIdx.z;
+  const int hk = blockIdx.y / group_blocks, gb = blockIdx.y % group_blocks;
+  const int group = static_cast<int>(p.heads / p.cache.heads_k);
+  const int h0 = hk * group + gb * kHeadsPerBlock;
+  const int nh = min(kHeadsPerBlock, group - gb * kHeadsPerBlock);
+  const int D = static_cast<int>(p.cache.head_dim);
+  const int len = p.seq_lens[s];
+  const int chunk = static_cast<int>(p.split_chunk);
+  // The query is position len - 1: only the left window can hide keys.
+  int begin = split * chunk;
+  const int end = min(begin + chunk, len);
+  if (p.window_left >= 0) begin = max(begin, len - 1 - static_cast<int>(p.window_left));
+  const int n = max(0, end - begin);
+
+  const T* q = static_cast<const T*>(p.q);
+  for (int idx = threadIdx.x; idx < nh * D; idx += kThreads) {
+    const int hh = idx / D, d = idx % D;
+    sQ[hh][d] = to_float(q[s * p.q_seq_stride + (h0 + hh) * p.q_head_stride + d]);
+  }
+  __syncthreads();
+
+  // 1. Scores (base 2), sWork[hh * kMaxChunk + jj].
+  const T* kc = static_cast<const T*>(p.key_cache);
+  for (int jj = threadIdx.x; jj < n; jj += kThreads) {
+    const int j = begin + jj;
+    const T* krow = kc + cache_row(p, s, j, hk);
+    float acc[kHeadsPerBlock] = {};
+    for (int d0 = 0; d0 < D; d0 += 8) {
+      float kv[8];
+      load8(krow + d0, kv);
+#pragma unroll
+      for (int hh = 0; hh < kHeadsPerBlock; ++hh)
+        if (hh < nh)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[hh] += sQ[hh][d0 + e] * kv[e];
+    }
+#pragma unroll
+    for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
+      if (hh >= nh) break;
+      float sc = acc[hh] * p.scale;
+      if (p.softcap > 0.0f) sc = p.softcap * tanhf(sc / p.softcap);
+      if (p.alibi_slopes != nullptr) sc -= p.alibi_slopes[h0 + hh] * static_cast<float>(len - 1 - j);
+      sWork[hh * kMaxChunk + jj] = sc * kLog2e;
+    }
+  }
+  __syncthreads();
+
+  // 2. Softmax of the chunk, one warp per head.
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int hh = warp; hh < nh; hh += kThreads / 32) {
+    float* row = sWork + hh * kMaxChunk;
+    float m = -INFINITY;
+    for (int jj = lane; jj < n; jj += 32) m = fmaxf(m, row[jj]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float l = 0.0f;
+    for (int jj = lane; jj < n; jj += 32) {
+      const float e = exp2f(row[jj] - m);
+      row[jj] = e;
+      l += e;
+    }
+    l = cuda::warp_sum(l);
+    if (lane == 0) {
+      sMax[hh] = m;
+      sSum[hh] = l;
+    }
+  }
+  __syncthreads();
+
+  // 3. P V: thread (row group kg, column chunk c) sums rows kg, kg + groups, ...
+  const int lanes_per_row = D / 8, groups = kThreads / lanes_per_row;
+  const int kg = threadIdx.x / lanes_per_row, c = threadIdx.x % lanes_per_row;
+  float acc[kHeadsPerBlock][8] = {};
+  const T* vc = static_cast<const T*>(p.value_cache);
+  if (kg < groups) {
+    for (int jj = kg; jj < n; jj += groups) {
+      float v8[8];
+      load8(vc + cache_row(p, s, begin + jj, hk) + c * 8, v8);
+#pragma unroll
+      for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
+        if (hh >= nh) break;
+        const float pr = sWork[hh * kMaxChunk + jj];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[hh][e] += pr * v8[e];
+      }
+    }
+  }
+  __syncthreads();  // probabilities read by everyone: the buffer now takes the partial sums
+  if (kg < groups)
+#pragma unroll
+    for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
+      if (hh >= nh) break;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sWork[(kg * kHeadsPerBlock + hh) * D + c * 8 + e] = acc[hh][e];
+    }
+  __syncthreads();
+
+  for (int idx = threadIdx.x; idx < nh * D; idx += kThreads) {
+    const int hh = idx / D, d = idx % D, h = h0 + hh;
+    float o = 0.0f;
+    for (int g = 0; g < groups; ++g) o += sWork[(g * kHeadsPerBlock + hh) * D + d];
+    const float l = sSum[hh], m = sMax[hh];
+    o = l > 0.0f ? o / l : 0.0f;
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[(s * p.heads + h) * D + d] = from_float<T>(o);
+      if (d == 0) p.lse[s * p.heads + h] = l > 0.0f ? (m + log2f(l)) * kLn2 : INFINITY;
+    } else {
+      const int64_t part = (s * p.heads + h) * p.num_splits + split;
+      p.partial_out[part * D + d] = o;
+      if (d == 0) p.partial_lse[part] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+// Merges the chunks of one (sequence, head): weights exp(lse_c - lse).
+template <class T>
+__global__ void paged_combine_kernel(const PagedAttnParams p) {
+  const int s = blockIdx.x, h = blockIdx.y;
+  const int64_t base = (s * p.heads + h) * p.num_splits;
+  const int D = static_cast<int>(p.cache.head_dim);
+  float m = -INFINITY;
+  for (int c = 0; c < p.num_splits; ++c) m = fmaxf(m, p.partial_lse[base + c]);
+  float lse = INFINITY;  // no key at all: zeros and +inf, as on CPU
+  if (m != -INFINITY) {
+    float sum = 0.0f;
+    for (int c = 0; c < p.num_splits; ++c) sum += __expf(p.partial_lse[base + c] - m);
+    lse = m + __logf(sum);
+  }
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.0f;
+    if (m != -INFINITY)
+      for (int c = 0; c < p.num_splits; ++c)
+        o += __expf(p.partial_lse[base + c] - lse) * p.partial_out[(base + c) * D + d];
+    static_cast<T*>(p.out)[(s * p.heads + h) * D + d] = from_float<T>(o);
+  }
+  if (threadIdx.x == 0) p.lse[s * p.heads + h] = lse;
+}
+
+int group_blocks(const PagedAttnParams& p) {
+  const int64_t group = p.heads / p.cache.heads_k;
+  return static_cast<int>((group + kHeadsPerBlock - 1) / kHeadsPerBlock);
+}
+
+}  // namespace
+
+void paged_attention_cuda_plan(PagedAttnParams& p) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  // Long chunks amortise the combine; shorter ones when there are too few
+  // blocks to fill the GPU twice over (few sequences, long contexts).
+  const int64_t base_blocks = p.num_seqs * p.cache.heads_k * group_blocks(p);
+  int64_t chunk = kMaxChunk;
+  while (chunk > 64 && base_blocks * ((p.max_seq_len + chunk - 1) / chunk) < 2 * sms) chunk /= 2;
+  p.split_chunk = chunk;
+  p.num_splits = (p.max_seq_len + chunk - 1) / chunk;
+}
+
+void paged_attention_cuda(const PagedAttnParams& p, CUstream_st* stream) {
+  if (p.cache.head_dim % 8 != 0 || p.cache.head_dim > kMaxHeadDim || p.split_chunk <= 0 ||
+      p.split_chunk > kMaxChunk || (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)))
+    throw std::invalid_argument("torchkiln: paged_attention_cuda called without a valid plan");
+  if (p.num_splits > 65535 || p.num_seqs > 2147483647)
+    throw std::invalid_argument("torchkiln: paged_attention context too long for the CUDA grid");
+  const dim3 grid(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.cache.heads_k * group_blocks(p)),
+                  static_cast<unsigned>(p.num_splits));
+  cuda::dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    paged_decode_kernel<T><<<grid, kThreads, 0, stream>>>(p, group_blocks(p));
+    cuda::check_launch("paged_decode_kernel");
+    if (p.num_splits > 1) {
+      paged_combine_kernel<T><<<dim3(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.heads)), 128, 0,
+                                stream>>>(p);
+      cuda::check_launch("paged_combine_kernel");
+    }
+  });
+}
+
+}  // namespace torchkiln
