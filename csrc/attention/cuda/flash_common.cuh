@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "attention/flash_attn.h"
+#include "common/cuda/cuda_helpers.cuh"
 
 namespace torchkiln {
 namespace flash {
@@ -41,11 +42,15 @@ struct MmaType<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
   __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef TORCHKILN_EMULATE_CUDA
+    emu::mma_16816(c, a, b0, b1, /*bf16=*/true);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   __device__ static __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ static __forceinline__ __nv_bfloat162 pair(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
@@ -57,31 +62,50 @@ struct MmaType<__half> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
   __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef TORCHKILN_EMULATE_CUDA
+    emu::mma_16816(c, a, b0, b1, /*bf16=*/false);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   __device__ static __forceinline__ float to_float(__half x) { return __half2float(x); }
   __device__ static __forceinline__ __half2 pair(float lo, float hi) { return __floats2half2_rn(lo, hi); }
 };
 
 // ------------------------------------------------------------ shared memory
+// tests/cuda_emulation runs these kernels on the host (TORCHKILN_EMULATE_CUDA):
+// the few PTX instructions below then go to its emulator.
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
+#ifdef TORCHKILN_EMULATE_CUDA
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::dynamic_smem.data());
+#else
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
 }
 
 // Four 8x8 16-bit matrices; lane L supplies the row address of matrix L / 8.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#ifdef TORCHKILN_EMULATE_CUDA
+  emu::ldmatrix_x4(r, addr, /*trans=*/false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#ifdef TORCHKILN_EMULATE_CUDA
+  emu::ldmatrix_x4(r, addr, /*trans=*/true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
 // A fragment of rows [row0, row0+16) x columns [col0, col0+16) of a row-major
@@ -113,11 +137,20 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int l
 }
 
 // 16-byte global -> shared copy; bytes = 0 zero-fills (rows past the end).
+#ifdef TORCHKILN_EMULATE_CUDA
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {
+  std::memset(dst, 0, 16);
+  if (bytes > 0) std::memcpy(dst, src, 16);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait_all() {}
+#else
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+#endif
 
 // ------------------------------------------------------------ sequences
 // Where one (batch entry, head) lives: offsets in elements and lengths.

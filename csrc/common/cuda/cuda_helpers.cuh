@@ -9,6 +9,15 @@
 
 #include "common/dtype.h"
 
+// Dynamic shared memory of a kernel. tests/cuda_emulation runs kernels on the
+// host (TORCHKILN_EMULATE_CUDA), where it is one escaped buffer; kernels that
+// should run there use this instead of static __shared__ arrays.
+#ifdef TORCHKILN_EMULATE_CUDA
+#define TK_DYNAMIC_SMEM(name) unsigned char* name = ::emu::dynamic_smem.data()
+#else
+#define TK_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace torchkiln {
 namespace cuda {
 

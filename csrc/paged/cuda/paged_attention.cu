@@ -11,6 +11,7 @@
 // normalised fp32 partial and its lse, and a combine kernel merges them.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -39,7 +40,8 @@ __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
 template <class T>
 __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
   const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const T* e = reinterpret_cast<const T*>(&raw);
+  T e[8];
+  memcpy(e, &raw, sizeof(raw));  // not a pointer cast: reading a uint4 as T breaks type-based alias analysis
 #pragma unroll
   for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
 }
@@ -49,11 +51,16 @@ __device__ __forceinline__ int64_t cache_row(const PagedAttnParams& p, int s, in
   return block * p.cache.block_stride + (j % p.cache.block_size) * p.cache.pos_stride + hk * p.cache.head_stride;
 }
 
+// Shared memory: q (8 x 256), the work buffer, per-head max and sum.
+constexpr size_t kDecodeSmemBytes = (kHeadsPerBlock * kMaxHeadDim + kWork + 2 * kHeadsPerBlock) * sizeof(float);
+
 template <class T>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnParams p, int group_blocks) {
-  __shared__ float sQ[kHeadsPerBlock][kMaxHeadDim];
-  __shared__ __align__(16) float sWork[kWork];
-  __shared__ float sMax[kHeadsPerBlock], sSum[kHeadsPerBlock];
+  TK_DYNAMIC_SMEM(smem);
+  float(*sQ)[kMaxHeadDim] = reinterpret_cast<float(*)[kMaxHeadDim]>(smem);
+  float* sWork = reinterpret_cast<float*>(smem) + kHeadsPerBlock * kMaxHeadDim;
+  float* sMax = sWork + kWork;
+  float* sSum = sMax + kHeadsPerBlock;
 
   const int s = blockIdx.x, split = blockIdx.z;
   const int hk = blockIdx.y / group_blocks, gb = blockIdx.y % group_blocks;
@@ -200,6 +207,7 @@ int group_blocks(const PagedAttnParams& p) {
 
 }  // namespace
 
+#ifndef TORCHKILN_EMULATE_CUDA  // tests/cuda_emulation launches the kernels itself
 void paged_attention_cuda_plan(PagedAttnParams& p) {
   int device = 0, sms = 0;
   cudaGetDevice(&device);
@@ -223,7 +231,7 @@ void paged_attention_cuda(const PagedAttnParams& p, CUstream_st* stream) {
                   static_cast<unsigned>(p.num_splits));
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    paged_decode_kernel<T><<<grid, kThreads, 0, stream>>>(p, group_blocks(p));
+    paged_decode_kernel<T><<<grid, kThreads, kDecodeSmemBytes, stream>>>(p, group_blocks(p));  // < 48 KiB
     cuda::check_launch("paged_decode_kernel");
     if (p.num_splits > 1) {
       paged_combine_kernel<T><<<dim3(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.heads)), 128, 0,
@@ -232,5 +240,7 @@ void paged_attention_cuda(const PagedAttnParams& p, CUstream_st* stream) {
     }
   });
 }
+
+#endif
 
 }  // namespace torchkiln
