@@ -29,6 +29,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -60,9 +62,11 @@ inline dim3 block_idx, block_dim, grid_dim;
 inline std::vector<unsigned char> dynamic_smem(256 * 1024);
 
 // ------------------------------------------------------------ fibers
+constexpr size_t kFiberStack = 128 * 1024;  // kernels keep register arrays (fp32 accumulators) on it
+
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack;  // allocated once, never initialised (untouched pages cost nothing)
   bool done = false;
 };
 inline ucontext_t scheduler_ctx;
@@ -195,13 +199,14 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
         block_idx = dim3(x, y, z);
         block_barrier = Barrier{threads};
         warps.assign((threads + 31) / 32, Warp{});
-        fibers.assign(threads, Fiber{});
+        if (fibers.size() < static_cast<size_t>(threads)) fibers.resize(threads);
         for (int t = 0; t < threads; ++t) {
           Fiber& f = fibers[t];
-          f.stack.resize(256 * 1024);  // kernels keep large register arrays on the stack
+          if (!f.stack) f.stack.reset(new char[kFiberStack]);
+          f.done = false;
           getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_stack.ss_sp = f.stack.get();
+          f.ctx.uc_stack.ss_size = kFiberStack;
           f.ctx.uc_link = nullptr;
           makecontext(&f.ctx, fiber_entry, 0);
         }
@@ -220,6 +225,40 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
       }
 }
 
+// ------------------------------------------------------------ launches
+// What cudaGetLastError reports: launch configurations a GPU would refuse.
+inline std::string last_error;
+inline std::map<const void*, int> max_dynamic_smem;  // from cudaFuncSetAttribute
+
+constexpr size_t kDefaultSmem = 48 * 1024, kMaxSmem = 227 * 1024;  // sm_90 limits per block
+
+template <class Kernel>
+struct Launcher {
+  dim3 grid, block;
+  size_t smem;
+  Kernel kernel;
+  template <class... Args>
+  void operator()(Args&&... args) const {
+    const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+    const auto opt_in = max_dynamic_smem.find(reinterpret_cast<const void*>(kernel));
+    const size_t allowed = opt_in == max_dynamic_smem.end() ? kDefaultSmem : static_cast<size_t>(opt_in->second);
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || threads == 0 ||
+        threads > 1024)
+      last_error = "invalid configuration argument (grid or block size)";
+    else if (smem > allowed || allowed > kMaxSmem)
+      last_error = "too much dynamic shared memory: " + std::to_string(smem) + " bytes, " + std::to_string(allowed) +
+                   " allowed (cudaFuncSetAttribute opt-in missing?)";
+    else {
+      if (smem > dynamic_smem.size()) dynamic_smem.resize(smem);
+      launch(grid, block, [&] { kernel(args...); });
+    }
+  }
+};
+template <class Kernel>
+Launcher<Kernel> launcher(dim3 grid, dim3 block, size_t smem, Kernel kernel) {
+  return {grid, block, smem, kernel};
+}
+
 }  // namespace emu
 
 #define threadIdx (::emu::thread_idx)
@@ -230,4 +269,10 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
 inline void __syncthreads() { emu::syncthreads(); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) { return emu::shfl_xor(v, mask); }
 inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// nvcc's typed overload (cuda_runtime.h offers it only to CUDA code).
+template <class R, class... A>
+cudaError_t cudaFuncSetAttribute(R (*kernel)(A...), cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
 inline float __logf(float x) { return std::log(x); }

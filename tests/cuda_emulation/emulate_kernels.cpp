@@ -1,10 +1,11 @@
-// Runs torchkiln's CUDA attention kernels (their real source) under the host
-// emulator of cuda_shim.h. Driven by tests/cuda_emulation/test_emulated_kernels.py:
+// Runs torchkiln's CUDA kernels (every csrc/*/cuda/*.cu, compiled for the
+// host and linked in) through their public launchers under the emulator of
+// cuda_shim.h. Driven by tests/cuda_emulation/test_emulated_kernels.py:
 //   emulate_kernels DIR
-// DIR/config holds "key value" lines; DIR/<name>.bin raw little-endian arrays
-// (float32 data, int32 indices). Writes DIR/out.bin, lse.bin and, for a
-// backward, dq.bin, dk.bin, dv.bin (float32), with the layouts of the op glue:
-// fixed (batch, seq, heads, D) or varlen (tokens, heads, D), contiguous.
+// DIR/config holds "key value" lines, `op` choosing the kernel family;
+// DIR/<name>.bin are raw little-endian input arrays (float32 data, int32 /
+// int64 / uint8 as the op needs). Outputs are written as float32 .bin files
+// with the layouts of the op glue (contiguous).
 #define TORCHKILN_EMULATE_CUDA 1
 #include "cuda_shim.h"
 
@@ -14,9 +15,14 @@
 #include <stdexcept>
 #include <string>
 
-#include "attention/cuda/flash_bwd.cuh"
-#include "attention/cuda/flash_fwd.cuh"
-#include "paged/cuda/paged_attention.cu"
+#include "activation/silu_and_mul.h"
+#include "attention/flash_attn.h"
+#include "comm/bucket_pack.h"
+#include "common/cuda/cuda_helpers.cuh"
+#include "norm/rms_norm.h"
+#include "paged/paged_attention.h"
+#include "quant/quant_matmul.h"
+#include "rope/rotary.h"
 
 namespace {
 
@@ -131,9 +137,7 @@ void run_flash() {
   p.lse_batch_stride = varlen ? 0 : heads * sq;
   p.lse_head_stride = varlen ? q_tokens : sq;
 
-  using FC = flash::FwdConfig<D>;
-  const dim3 fwd_grid((sq + FC::kBlockM - 1) / FC::kBlockM, heads, batch);
-  emu::launch(fwd_grid, dim3(FC::kThreads), [&] { flash::flash_fwd_kernel<T, D>(p); });
+  flash_attn_fwd_cuda(p, nullptr);
   write_floats("out", to_f32(out));
   write_floats("lse", lse);
   if (!backward) return;
@@ -150,12 +154,7 @@ void run_flash() {
   bp.dk = out_view(dk.data(), k_tokens, heads_k, D, varlen);
   bp.dv = out_view(dv.data(), k_tokens, heads_k, D, varlen);
   bp.dsum = dsum.data();
-  using BC = flash::BwdConfig<D>;
-  emu::launch(dim3((sq + 7) / 8, heads, batch), dim3(256), [&] { flash::flash_bwd_dsum_kernel<T>(bp); });
-  emu::launch(dim3((sk + BC::kBlockKeys - 1) / BC::kBlockKeys, heads_k, batch), dim3(BC::kThreads),
-              [&] { flash::flash_bwd_dkdv_kernel<T, D>(bp); });
-  emu::launch(dim3((sq + BC::kBlockQueries - 1) / BC::kBlockQueries, heads, batch), dim3(BC::kThreads),
-              [&] { flash::flash_bwd_dq_kernel<T, D>(bp); });
+  flash_attn_bwd_cuda(bp, nullptr);
   write_floats("dq", to_f32(dq));
   write_floats("dk", to_f32(dk));
   write_floats("dv", to_f32(dv));
@@ -200,17 +199,229 @@ void run_paged_decode() {
   std::vector<float> lse(seqs * heads, NAN);
   p.out = out.data();
   p.lse = lse.data();
-  p.split_chunk = cfg("split_chunk");
-  p.num_splits = (p.max_seq_len + p.split_chunk - 1) / p.split_chunk;
+  p.dtype = std::is_same_v<T, float> ? DType::kFloat32
+            : std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16 : DType::kFloat16;
+  paged_attention_cuda_plan(p);  // chunks from the SM count (TK_EMU_SMS)
   std::vector<float> partial_out(seqs * heads * p.num_splits * D, NAN), partial_lse(seqs * heads * p.num_splits, NAN);
   p.partial_out = partial_out.data();
   p.partial_lse = partial_lse.data();
-  const int gb = group_blocks(p);
-  emu::launch(dim3(seqs, heads_k * gb, p.num_splits), dim3(kThreads), [&] { paged_decode_kernel<T>(p, gb); });
-  if (p.num_splits > 1)
-    emu::launch(dim3(seqs, heads), dim3(128), [&] { paged_combine_kernel<T>(p); });
+  paged_attention_cuda(p, nullptr);
   write_floats("out", to_f32(out));
   write_floats("lse", lse);
+  write_floats("num_splits", {static_cast<float>(p.num_splits)});
+}
+
+template <class T>
+DType dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return DType::kFloat32;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return DType::kBFloat16;
+  else return DType::kFloat16;
+}
+
+template <class T>
+std::vector<T> poisoned(int64_t n) {
+  return std::vector<T>(static_cast<size_t>(n), cuda::from_float<T>(NAN));
+}
+
+template <class T>
+void run_rms_norm() {
+  const int64_t rows = cfg("rows"), hidden = cfg("hidden");
+  const bool fused = cfg("fused") != 0, backward = cfg("backward") != 0;
+  std::vector<T> x = to_dtype<T>(read_array<float>("x")), w = to_dtype<T>(read_array<float>("w")), res;
+  std::vector<T> out = poisoned<T>(rows * hidden), sum = poisoned<T>(rows * hidden);
+  RmsNormParams p;
+  p.x = x.data();
+  p.x_row_stride = hidden;
+  p.weight = w.data();
+  p.out = out.data();
+  p.out_row_stride = hidden;
+  p.rows = rows;
+  p.hidden = hidden;
+  p.eps = static_cast<float>(config["eps"]);
+  p.dtype = dtype_of<T>();
+  if (fused) {
+    res = to_dtype<T>(read_array<float>("residual"));
+    p.residual = res.data();
+    p.residual_row_stride = hidden;
+    p.residual_out = sum.data();
+    p.residual_out_row_stride = hidden;
+  }
+  rms_norm_fwd_cuda(p, nullptr);
+  write_floats("out", to_f32(out));
+  if (fused) write_floats("sum", to_f32(sum));
+  if (!backward) return;
+  std::vector<T> dy = to_dtype<T>(read_array<float>("dy")), gres;
+  std::vector<T> dx = poisoned<T>(rows * hidden), dw = poisoned<T>(hidden);
+  RmsNormBwdParams b;
+  b.grad_out = dy.data();
+  b.grad_out_row_stride = hidden;
+  b.x = fused ? sum.data() : x.data();
+  b.x_row_stride = hidden;
+  b.weight = w.data();
+  if (fused) {
+    gres = to_dtype<T>(read_array<float>("grad_sum"));
+    b.grad_residual = gres.data();
+    b.grad_residual_row_stride = hidden;
+  }
+  b.grad_x = dx.data();
+  b.grad_weight = dw.data();
+  b.num_partials = rms_norm_bwd_cuda_num_partials(rows, hidden);
+  std::vector<float> partials(b.num_partials * hidden, NAN);
+  b.dw_partial = partials.data();
+  b.rows = rows;
+  b.hidden = hidden;
+  b.eps = p.eps;
+  b.dtype = p.dtype;
+  rms_norm_bwd_cuda(b, nullptr);
+  write_floats("dx", to_f32(dx));
+  write_floats("dw", to_f32(dw));
+}
+
+template <class T>
+void run_silu() {
+  const int64_t rows = cfg("rows"), d = cfg("d");
+  std::vector<T> x = to_dtype<T>(read_array<float>("x")), out = poisoned<T>(rows * d);
+  SiluAndMulParams p;
+  p.x = x.data();
+  p.x_row_stride = 2 * d;
+  p.out = out.data();
+  p.out_row_stride = d;
+  p.rows = rows;
+  p.d = d;
+  p.dtype = dtype_of<T>();
+  silu_and_mul_fwd_cuda(p, nullptr);
+  write_floats("out", to_f32(out));
+  if (cfg("backward") == 0) return;
+  std::vector<T> dy = to_dtype<T>(read_array<float>("dy")), dx = poisoned<T>(rows * 2 * d);
+  SiluAndMulBwdParams b;
+  b.grad_out = dy.data();
+  b.grad_out_row_stride = d;
+  b.x = x.data();
+  b.x_row_stride = 2 * d;
+  b.grad_x = dx.data();
+  b.grad_x_row_stride = 2 * d;
+  b.rows = rows;
+  b.d = d;
+  b.dtype = p.dtype;
+  silu_and_mul_bwd_cuda(b, nullptr);
+  write_floats("dx", to_f32(dx));
+}
+
+template <class T, class CS>
+void run_rotary() {
+  const int64_t batch = cfg("batch"), seq = cfg("seq"), heads = cfg("heads"), D = cfg("head_dim");
+  const int64_t rot = cfg("rot_dim"), max_pos = cfg("max_position");
+  std::vector<T> x = to_dtype<T>(read_array<float>("x")), out = poisoned<T>(batch * seq * heads * D);
+  std::vector<CS> cs_cos = to_dtype<CS>(read_array<float>("cos")), cs_sin = to_dtype<CS>(read_array<float>("sin"));
+  std::vector<int64_t> pos = read_array<int64_t>("positions");
+  RotaryParams p;
+  p.in = x.data();
+  p.out = out.data();
+  p.in_batch_stride = p.out_batch_stride = seq * heads * D;
+  p.in_seq_stride = p.out_seq_stride = heads * D;
+  p.in_head_stride = p.out_head_stride = D;
+  p.batch = batch;
+  p.seq_len = seq;
+  p.heads = heads;
+  p.head_dim = D;
+  p.rot_dim = rot;
+  p.positions = pos.data();
+  p.pos_batch_stride = seq;
+  p.pos_seq_stride = 1;
+  p.cos = cs_cos.data();
+  p.sin = cs_sin.data();
+  p.cs_row_stride = rot / 2;
+  p.max_position = max_pos;
+  p.interleaved = cfg("interleaved") != 0;
+  p.inverse = cfg("inverse") != 0;
+  p.dtype = dtype_of<T>();
+  p.cs_dtype = dtype_of<CS>();
+  rotary_fwd_cuda(p, nullptr);
+  write_floats("out", to_f32(out));
+}
+
+template <class T>
+void run_quant() {
+  const int64_t m = cfg("m"), n = cfg("n"), k = cfg("k");
+  std::vector<T> x = to_dtype<T>(read_array<float>("x")), bias, out = poisoned<T>(m * n), dense = poisoned<T>(n * k);
+  std::vector<uint8_t> qweight = read_array<uint8_t>("qweight");
+  std::vector<float> scales = read_array<float>("scales"), zeros;
+  WeightOnlyParams p;
+  p.x = x.data();
+  p.x_row_stride = k;
+  p.qweight = qweight.data();
+  p.qweight_row_stride = static_cast<int64_t>(qweight.size()) / n;
+  p.scales = scales.data();
+  p.format = static_cast<WeightFormat>(cfg("format"));
+  if (p.format == WeightFormat::kInt4) {
+    zeros = read_array<float>("zeros");
+    p.zeros = zeros.data();
+  }
+  if (cfg("bias") != 0) {
+    bias = to_dtype<T>(read_array<float>("bias"));
+    p.bias = bias.data();
+  }
+  p.out = out.data();
+  p.out_row_stride = n;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.group_size = cfg("group_size");
+  p.dtype = dtype_of<T>();
+  weight_only_matmul_cuda(p, nullptr);
+  weight_only_dequantize_cuda(p, dense.data(), nullptr);
+  write_floats("out", to_f32(out));
+  write_floats("dense", to_f32(dense));
+}
+
+template <class S, class B>
+void run_pack() {
+  const std::vector<int64_t> numels = read_array<int64_t>("numels"), offsets = read_array<int64_t>("offsets");
+  const int64_t null_segment = cfg("null_segment"), bucket_numel = cfg("bucket_numel");
+  std::vector<S> grads = to_dtype<S>(read_array<float>("grads"));  // concatenated segments
+  std::vector<B> bucket = poisoned<B>(bucket_numel);
+  std::vector<float> residual;
+  std::vector<PackSegment> segs(numels.size());
+  int64_t at = 0;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    segs[i].data = static_cast<int64_t>(i) == null_segment ? nullptr : grads.data() + at;
+    segs[i].numel = numels[i];
+    segs[i].offset = offsets[i];
+    at += numels[i];
+  }
+  BucketPackParams p;
+  p.segments = segs.data();
+  p.num_segments = static_cast<int64_t>(segs.size());
+  p.segment_dtype = dtype_of<S>();
+  p.bucket = bucket.data();
+  p.bucket_dtype = dtype_of<B>();
+  p.scale = static_cast<float>(config["scale"]);
+  if (cfg("residual") != 0) {
+    residual = read_array<float>("residual");
+    p.residual = residual.data();
+  }
+  bucket_pack_cuda(p, nullptr);
+  write_floats("bucket", to_f32(bucket));
+  if (!residual.empty()) write_floats("residual", residual);
+  // Unpack the packed bucket into fresh (poisoned) gradients.
+  std::vector<S> back = poisoned<S>(static_cast<int64_t>(grads.size()));
+  at = 0;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    segs[i].data = back.data() + at;
+    at += numels[i];
+  }
+  bucket_unpack_cuda(p, nullptr);
+  write_floats("unpacked", to_f32(back));
+}
+
+// Calls f(T{}) for the dtype code of `key` (0 fp32, 1 bf16, 2 fp16).
+template <class F>
+void with_dtype(const char* key, const F& f) {
+  switch (cfg(key)) {
+    case 0: f(float{}); break;
+    case 1: f(__nv_bfloat16{}); break;
+    default: f(__half{}); break;
+  }
 }
 
 }  // namespace
@@ -226,25 +437,46 @@ int main(int argc, char** argv) {
   double value;
   while (f >> key >> value) config[key] = value;
   try {
-    const int64_t dtype = cfg("dtype"), d = cfg("head_dim");
-    if (cfg("paged_decode") != 0) {
-      if (dtype == 0) run_paged_decode<float>();
-      else if (dtype == 1) run_paged_decode<__nv_bfloat16>();
-      else run_paged_decode<__half>();
-      return 0;
+    const std::string op = config.count("op_rms_norm") ? "rms_norm"
+                           : config.count("op_silu")    ? "silu"
+                           : config.count("op_rotary")  ? "rotary"
+                           : config.count("op_quant")   ? "quant"
+                           : config.count("op_pack")    ? "pack"
+                           : cfg("paged_decode") != 0  ? "paged_decode"
+                                                        : "flash";
+    if (op == "rms_norm") {
+      with_dtype("dtype", [](auto t) { run_rms_norm<decltype(t)>(); });
+    } else if (op == "silu") {
+      with_dtype("dtype", [](auto t) { run_silu<decltype(t)>(); });
+    } else if (op == "rotary") {
+      with_dtype("dtype", [](auto t) {
+        using T = decltype(t);
+        if (cfg("cs_fp32") != 0) run_rotary<T, float>();
+        else run_rotary<T, T>();
+      });
+    } else if (op == "quant") {
+      with_dtype("dtype", [](auto t) { run_quant<decltype(t)>(); });
+    } else if (op == "pack") {
+      with_dtype("segment_dtype", [](auto s) {
+        with_dtype("bucket_dtype", [](auto b) { run_pack<decltype(s), decltype(b)>(); });
+      });
+    } else if (op == "paged_decode") {
+      with_dtype("dtype", [](auto t) { run_paged_decode<decltype(t)>(); });
+    } else {
+      const int64_t d = cfg("head_dim");
+      auto by_dim = [&](auto tag) {
+        using T = decltype(tag);
+        switch (d) {
+          case 64: run_flash<T, 64>(); break;
+          case 96: run_flash<T, 96>(); break;
+          case 128: run_flash<T, 128>(); break;
+          case 256: run_flash<T, 256>(); break;
+          default: throw std::runtime_error("no kernel for head_dim " + std::to_string(d));
+        }
+      };
+      if (cfg("dtype") == 1) by_dim(__nv_bfloat16{});
+      else by_dim(__half{});
     }
-    auto by_dim = [&](auto tag) {
-      using T = decltype(tag);
-      switch (d) {
-        case 64: run_flash<T, 64>(); break;
-        case 96: run_flash<T, 96>(); break;
-        case 128: run_flash<T, 128>(); break;
-        case 256: run_flash<T, 256>(); break;
-        default: throw std::runtime_error("no kernel for head_dim " + std::to_string(d));
-      }
-    };
-    if (dtype == 1) by_dim(__nv_bfloat16{});
-    else by_dim(__half{});
   } catch (const std::exception& e) {
     std::fprintf(stderr, "emulate_kernels: %s\n", e.what());
     return 1;

@@ -1,9 +1,10 @@
-"""The CUDA attention and paged-decode kernels, run from their real source on
-the host through tests/cuda_emulation/cuda_shim.h (fibers for threads, PTX
-semantics for mma.sync / ldmatrix / shuffles), against the fp64 reference
-under flash-attn's rule. This checks the kernels' indexing, fragment layouts,
-masks, online softmax, split-KV combine and backward on machines without a
-GPU; timing, occupancy and launch limits still need scripts/gpu_check.sh.
+"""Every CUDA kernel (csrc/*/cuda/*.cu), run from its real source on the host
+through tests/cuda_emulation/cuda_shim.h (fibers for threads, PTX semantics
+for mma.sync / ldmatrix / shuffles, sm_90 launch limits) and called through
+its public launcher, against the fp64 reference under flash-attn's rule (or
+exactly, for data movement). This checks indexing, fragment layouts, masks,
+reductions and launch configurations on machines without a GPU; timing and
+hardware numerics still need scripts/gpu_check.sh.
 
 Needs g++ (C++20) and the CUDA headers (cuda_bf16.h); skips without them.
 """
@@ -14,13 +15,17 @@ import math
 import os
 import shutil
 import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from reference import assert_within_rule
+import torchkiln
+from reference import assert_within_rule, fused_add_rms_norm_ref, rms_norm_ref, rotary_ref
+from torchkiln.ops.activation import silu_and_mul_ref
 from torchkiln.ops.attention import attention_ref
 from torchkiln.ops.paged import paged_attention_ref
 
@@ -38,39 +43,65 @@ def _cuda_include() -> Path | None:
     if nvcc:
         candidates.append(Path(nvcc).resolve().parent.parent / "include")
     candidates.append(Path("/usr/local/cuda/include"))
+    for site in map(Path, sys.path):  # torch's CUDA wheels ship the toolkit headers too
+        candidates += [site / "nvidia" / "cu13" / "include", site / "nvidia" / "cuda_runtime" / "include"]
     return next((c for c in candidates if (c / "cuda_bf16.h").exists()), None)
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory) -> Path:
+    """Builds every .cu file as host C++ against the shim, plus the driver."""
     include = _cuda_include()
     compiler = shutil.which("g++")
     if include is None or compiler is None:
         pytest.skip("needs g++ and the CUDA headers (cuda_bf16.h) to build the kernel emulator")
-    exe = tmp_path_factory.mktemp("emu") / "emulate_kernels"
+    build = tmp_path_factory.mktemp("emu")
     # -fno-strict-aliasing: CUDA code reinterprets vector registers freely
     # (nvcc's idiom); GCC's type-based alias analysis would miscompile that.
-    cmd = [compiler, "-std=c++20", "-O2", "-fno-strict-aliasing", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{HERE}", f"-I{include}",
-           str(HERE / "emulate_kernels.cpp"), "-o", str(exe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    flags = [compiler, "-std=c++20", "-O2", "-fno-strict-aliasing", "-DTORCHKILN_EMULATE_CUDA=1",
+             f"-I{ROOT / 'csrc'}", f"-I{HERE}", f"-I{include}"]
+    kernels = sorted((ROOT / "csrc").glob("*/cuda/*.cu"))
+    jobs = [(flags + ["-x", "c++", "-include", "cuda_shim.h", "-c", str(f)], build / f"{f.parent.parent.name}_{f.stem}.o")
+            for f in kernels]
+    jobs += [(flags + ["-c", str(HERE / name)], build / f"{Path(name).stem}.o")
+             for name in ("emu_runtime.cpp", "emulate_kernels.cpp")]
+
+    def compile_one(job):
+        cmd, obj = job
+        return subprocess.run(cmd + ["-o", str(obj)], capture_output=True, text=True, timeout=900)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for proc in pool.map(compile_one, jobs):
+            assert proc.returncode == 0, proc.stderr[-4000:]
+    exe = build / "emulate_kernels"
+    proc = subprocess.run([compiler, "-pthread", *(str(obj) for _, obj in jobs), "-o", str(exe)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return exe
 
 
-def run(emulator: Path, workdir: Path, config: dict, arrays: dict) -> dict:
-    """Writes the case, runs the emulator, returns its float32 outputs by name."""
+OUTPUTS = ("out", "lse", "dq", "dk", "dv", "sum", "dx", "dw", "dense", "bucket", "residual", "unpacked",
+           "num_splits")
+
+
+def run(emulator: Path, workdir: Path, config: dict, arrays: dict, sms: int = 132) -> dict:
+    """Writes the case, runs the emulator, returns its float32 outputs by name.
+    Floating inputs are written as float32, int64 / uint8 as they are, other
+    integers as int32."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config").write_text("\n".join(f"{k} {float(v)!r}" for k, v in config.items()))
     for name, t in arrays.items():
         t = t.contiguous()
-        (t.float() if t.is_floating_point() else t.to(torch.int32)).numpy().tofile(workdir / f"{name}.bin")
-    proc = subprocess.run([str(emulator), str(workdir)], capture_output=True, text=True, timeout=900)
+        if t.is_floating_point():
+            t = t.float()
+        elif t.dtype not in (torch.int64, torch.uint8):
+            t = t.to(torch.int32)
+        t.numpy().tofile(workdir / f"{name}.bin")
+    env = dict(os.environ, TK_EMU_SMS=str(sms))
+    proc = subprocess.run([str(emulator), str(workdir)], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {
-        p.stem: torch.from_numpy(np.fromfile(p, dtype=np.float32))
-        for p in workdir.glob("*.bin")
-        if p.stem in ("out", "lse", "dq", "dk", "dv")
-    }
+    return {p.stem: torch.from_numpy(np.fromfile(p, dtype=np.float32)) for p in workdir.glob("*.bin")
+            if p.stem in OUTPUTS}
 
 
 def flash_config(q, k, *, varlen, causal=False, window=(-1, -1), softcap=0.0, scale=None, alibi=None,
@@ -228,16 +259,16 @@ def test_flash_chunked_prefill_through_block_table(emulator, tmp_path):
         assert_within_rule(out[qs][None], ref, low, what=f"sequence {s}")
 
 
-DECODE = [  # (seq_lens, block_size, heads, heads_k, d, dtype, split_chunk, options)
-    ([1, 17, 300], 16, 4, 2, 64, torch.bfloat16, 64, {}),  # 5 chunks for the long sequence
-    ([40, 9], 1, 6, 1, 40, torch.float32, 512, {}),  # MQA, one chunk: the direct write
-    ([77, 130], 32, 32, 2, 128, torch.float16, 64, {"softcap": 5.0}),  # 16 heads per kv head: two head groups
-    ([200, 3], 16, 4, 2, 96, torch.bfloat16, 64, {"alibi": True, "window": 70}),  # window skips whole chunks
+DECODE = [  # (seq_lens, block_size, heads, heads_k, d, dtype, emulated SMs, options)
+    ([1, 17, 300], 16, 4, 2, 64, torch.bfloat16, 132, {}),  # few blocks: 64-key chunks, 5 for the long one
+    ([40, 9], 1, 6, 1, 40, torch.float32, 1, {}),  # MQA; one SM: a single chunk, written directly
+    ([77, 130], 32, 32, 2, 128, torch.float16, 132, {"softcap": 5.0}),  # 16 heads per kv head: two head groups
+    ([200, 3], 16, 4, 2, 96, torch.bfloat16, 132, {"alibi": True, "window": 70}),  # window skips whole chunks
 ]
 
 
-@pytest.mark.parametrize("lens,block,heads,heads_k,d,dtype,chunk,opts", DECODE, ids=str)
-def test_paged_decode(emulator, tmp_path, lens, block, heads, heads_k, d, dtype, chunk, opts):
+@pytest.mark.parametrize("lens,block,heads,heads_k,d,dtype,sms,opts", DECODE, ids=str)
+def test_paged_decode(emulator, tmp_path, lens, block, heads, heads_k, d, dtype, sms, opts):
     k, v, table = shuffled_cache(lens, block, heads_k, d, dtype)
     q = (2 * torch.randn(len(lens), heads, d)).to(dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
@@ -245,13 +276,141 @@ def test_paged_decode(emulator, tmp_path, lens, block, heads, heads_k, d, dtype,
     window = opts.get("window", -1)
     cfg = dict(paged_decode=1, dtype=DTYPE_CODE[dtype], num_seqs=len(lens), heads=heads, heads_k=heads_k,
                head_dim=d, block_size=block, scale=1 / math.sqrt(d), softcap=opts.get("softcap", 0.0),
-               window_left=window, alibi=int(alibi is not None), split_chunk=chunk)
+               window_left=window, alibi=int(alibi is not None))
     arrays = dict(q=q, k=k, v=v, block_table=table, seq_lens=seq_lens)
     if alibi is not None:
         arrays["alibi"] = alibi
-    res = run(emulator, tmp_path, cfg, arrays)
+    res = run(emulator, tmp_path, cfg, arrays, sms=sms)
+    assert (int(res["num_splits"]) == 1) == (sms == 1)
     kw = dict(softcap=opts.get("softcap", 0.0), alibi_slopes=alibi, window_size=(window, -1))
     ref, ref_lse = paged_attention_ref(q.double(), k, v, table, seq_lens, **kw)
     low, _ = paged_attention_ref(q, k, v, table, seq_lens, **kw)
     assert_within_rule(res["out"].view(q.shape), ref, low)
     torch.testing.assert_close(res["lse"].view(len(lens), heads).double(), ref_lse, rtol=1e-4, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the other families
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,hidden,fused", [(3, 7, False), (5, 1023, True), (700, 64, False)])
+def test_rms_norm(emulator, tmp_path, dtype, rows, hidden, fused):
+    x = (2 * torch.randn(rows, hidden)).to(dtype)
+    w = (1 + 0.5 * torch.randn(hidden)).to(dtype)
+    res_in = torch.randn(rows, hidden).to(dtype)
+    dy, gsum = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
+    cfg = {"op_rms_norm": 1, "dtype": DTYPE_CODE[dtype], "rows": rows, "hidden": hidden, "fused": int(fused),
+           "backward": 1, "eps": 1e-6}
+    arrays = dict(x=x, w=w, dy=dy)
+    if fused:
+        arrays.update(residual=res_in, grad_sum=gsum)
+    out = run(emulator, tmp_path, cfg, arrays)
+
+    def forward(x, w, r):
+        return fused_add_rms_norm_ref(x, r, w, 1e-6) if fused else (rms_norm_ref(x, w, 1e-6), None)
+
+    ref, ref_sum = forward(x.double(), w.double(), res_in.double())
+    low, low_sum = forward(x, w, res_in)
+    assert_within_rule(out["out"].view(rows, hidden), ref, low, what="out")
+    if fused:
+        assert torch.equal(out["sum"].view(rows, hidden), (x + res_in).float()), "the sum is x + residual rounded once"
+    # Gradients through the normalised input s (x itself, or the stored sum).
+    s = (x + res_in) if fused else x
+    grads = []
+    for conv in (torch.Tensor.double, lambda t: t.clone()):
+        s_, w_ = conv(s).requires_grad_(), conv(w).requires_grad_()
+        rms_norm_ref(s_, w_, 1e-6).backward(conv(dy))
+        grads.append((s_.grad + (conv(gsum) if fused else 0), w_.grad))
+    (ref_dx, ref_dw), (low_dx, low_dw) = grads
+    assert_within_rule(out["dx"].view(rows, hidden), ref_dx, low_dx.double(), factor=3.0, what="dx")
+    assert_within_rule(out["dw"].view(hidden), ref_dw, low_dw.double(), factor=3.0, atol=1e-4, what="dw")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,d", [(1, 5), (7, 1000), (33, 8)])
+def test_silu_and_mul(emulator, tmp_path, dtype, rows, d):
+    x, dy = (3 * torch.randn(rows, 2 * d)).to(dtype), torch.randn(rows, d).to(dtype)
+    out = run(emulator, tmp_path, {"op_silu": 1, "dtype": DTYPE_CODE[dtype], "rows": rows, "d": d, "backward": 1},
+              dict(x=x, dy=dy))
+    assert_within_rule(out["out"].view(rows, d), silu_and_mul_ref(x.double()), silu_and_mul_ref(x), what="out")
+    grads = []
+    for conv in (torch.Tensor.double, lambda t: t.clone()):
+        x_ = conv(x).requires_grad_()
+        silu_and_mul_ref(x_).backward(conv(dy))
+        grads.append(x_.grad)
+    assert_within_rule(out["dx"].view(rows, 2 * d), grads[0], grads[1].double(), factor=3.0, what="dx")
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
+@pytest.mark.parametrize("dtype,cs_fp32,rot", [(torch.bfloat16, True, 64), (torch.float16, False, 32),
+                                               (torch.float32, True, 128)], ids=str)
+def test_rotary(emulator, tmp_path, interleaved, dtype, cs_fp32, rot):
+    batch, seq, heads, d, max_pos = 2, 37, 3, 128, 500
+    x = torch.randn(batch, seq, heads, d).to(dtype)
+    positions = torch.randint(0, max_pos, (batch, seq))
+    angle = torch.randn(max_pos, rot // 2)
+    cos, sin = angle.cos(), angle.sin()
+    if not cs_fp32:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    for inverse in (False, True):
+        cfg = {"op_rotary": 1, "dtype": DTYPE_CODE[dtype], "cs_fp32": int(cs_fp32), "batch": batch, "seq": seq,
+               "heads": heads, "head_dim": d, "rot_dim": rot, "max_position": max_pos,
+               "interleaved": int(interleaved), "inverse": int(inverse)}
+        out = run(emulator, tmp_path, cfg, dict(x=x, positions=positions, cos=cos, sin=sin))
+        s = -sin if inverse else sin
+        ref = rotary_ref(x.double(), cos.double(), s.double(), positions, interleaved)
+        low = rotary_ref(x, cos, s, positions, interleaved)
+        assert_within_rule(out["out"].view(x.shape), ref, low, what=f"inverse={inverse}")
+
+
+QUANT = [  # (scheme, group, m, n, k, dtype, bias)
+    ("int8", None, 1, 37, 200, torch.bfloat16, True),
+    ("int4", 64, 3, 40, 256, torch.float16, False),
+    ("int4", 32, 8, 9, 96, torch.float32, True),
+    ("nf4", 64, 4, 17, 320, torch.bfloat16, False),
+]
+
+
+@pytest.mark.parametrize("scheme,group,m,n,k,dtype,bias", QUANT, ids=str)
+def test_weight_only_matmul(emulator, tmp_path, scheme, group, m, n, k, dtype, bias):
+    qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=group)
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype)
+    fmt = {"int8": 0, "int4": 1, "nf4": 2}[scheme]
+    qweight = qw.qweight.view(torch.uint8) if qw.qweight.dtype == torch.int8 else qw.qweight
+    arrays = dict(x=x, qweight=qweight, scales=qw.scales.float(), bias=b)
+    if scheme == "int4":
+        arrays["zeros"] = qw.zeros.float()
+    cfg = {"op_quant": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k, "format": fmt,
+           "group_size": qw.group_size if scheme != "int8" else k, "bias": int(bias)}
+    out = run(emulator, tmp_path, cfg, arrays)
+    dense = torchkiln.dequantize(qw, dtype)
+    assert torch.equal(out["dense"].view(n, k), dense.float()), "dequantised weight differs from the CPU's"
+    w64 = torchkiln.dequantize(qw, torch.float32).double()
+    ref = x.double() @ w64.T + (b.double() if bias else 0)
+    got = out["out"].view(m, n).double()
+    rel = (got - ref).norm() / ref.norm()
+    assert rel <= (1e-3 if dtype == torch.float32 else 1e-2), f"relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("seg_dtype,bucket_dtype,residual", [
+    (torch.float32, torch.float32, False), (torch.float32, torch.bfloat16, True), (torch.bfloat16, torch.float32, False),
+], ids=str)
+def test_bucket_pack_unpack(emulator, tmp_path, seg_dtype, bucket_dtype, residual):
+    numels = torch.tensor([5, 0, 1000, 37, 3000], dtype=torch.int64)
+    offsets = torch.tensor([0, 8, 8, 1008, 1048], dtype=torch.int64)  # gaps between segments stay untouched
+    grads = torch.randn(int(numels.sum())).to(seg_dtype)
+    res_in = torch.randn(4048) * 1e-3
+    cfg = {"op_pack": 1, "segment_dtype": DTYPE_CODE[seg_dtype], "bucket_dtype": DTYPE_CODE[bucket_dtype],
+           "bucket_numel": 4048, "scale": 0.5, "residual": int(residual), "null_segment": 3}
+    out = run(emulator, tmp_path, cfg, dict(numels=numels, offsets=offsets, grads=grads, residual=res_in))
+    bucket = out["bucket"]
+    at = 0
+    for i, (n, off) in enumerate(zip(numels.tolist(), offsets.tolist())):
+        src = torch.zeros(n) if i == 3 else grads[at : at + n].float()  # segment 3 has no gradient
+        want = src * 0.5 + (res_in[off : off + n] if residual else 0)
+        packed = want.to(bucket_dtype)
+        assert torch.equal(bucket[off : off + n], packed.float()), f"segment {i}"
+        if residual:
+            assert torch.equal(out["residual"][off : off + n], want - packed.float()), f"residual of segment {i}"
+        assert torch.equal(out["unpacked"][at : at + n], packed.to(seg_dtype).float()), f"unpacked segment {i}"
+        at += n
+    assert torch.isnan(bucket[5:8]).all(), "a gap between segments was written"

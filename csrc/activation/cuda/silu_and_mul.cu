@@ -53,14 +53,14 @@ dim3 grid_for(int64_t rows, int64_t d) {
 
 void silu_and_mul_fwd_cuda(const SiluAndMulParams& p, CUstream_st* stream) {
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
-    silu_and_mul_fwd_kernel<decltype(tag)><<<grid_for(p.rows, p.d), kThreads, 0, stream>>>(p);
+    TK_KERNEL_LAUNCH(grid_for(p.rows, p.d), kThreads, 0, stream, silu_and_mul_fwd_kernel<decltype(tag)>)(p);
   });
   cuda::check_launch("silu_and_mul_fwd");
 }
 
 void silu_and_mul_bwd_cuda(const SiluAndMulBwdParams& p, CUstream_st* stream) {
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
-    silu_and_mul_bwd_kernel<decltype(tag)><<<grid_for(p.rows, p.d), kThreads, 0, stream>>>(p);
+    TK_KERNEL_LAUNCH(grid_for(p.rows, p.d), kThreads, 0, stream, silu_and_mul_bwd_kernel<decltype(tag)>)(p);
   });
   cuda::check_launch("silu_and_mul_bwd");
 }

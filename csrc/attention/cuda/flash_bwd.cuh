@@ -321,7 +321,6 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) flash_bwd_dq_kernel(co
   cp_async_wait_all();
 }
 
-#ifndef TORCHKILN_EMULATE_CUDA  // the emulator launches the kernels itself
 inline void check_bwd_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
@@ -337,7 +336,7 @@ void run_flash_bwd(const FlashAttnBwdParams& bp, cudaStream_t stream) {
 
   constexpr int kRowsPerDsumBlock = 8;
   const dim3 dsum_grid(static_cast<unsigned>((p.seqlen_q + kRowsPerDsumBlock - 1) / kRowsPerDsumBlock), heads, batch);
-  flash_bwd_dsum_kernel<T><<<dsum_grid, 32 * kRowsPerDsumBlock, 0, stream>>>(bp);
+  TK_KERNEL_LAUNCH(dsum_grid, 32 * kRowsPerDsumBlock, 0, stream, flash_bwd_dsum_kernel<T>)(bp);
   check_bwd_launch("dsum");
 
   const size_t dkdv_smem = C::kDkdvSmem(sizeof(T));
@@ -346,7 +345,7 @@ void run_flash_bwd(const FlashAttnBwdParams& bp, cudaStream_t stream) {
     cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dkdv_smem));
   const dim3 dkdv_grid(static_cast<unsigned>((p.seqlen_k + C::kBlockKeys - 1) / C::kBlockKeys),
                        static_cast<unsigned>(p.heads_k), batch);
-  dkdv<<<dkdv_grid, C::kThreads, dkdv_smem, stream>>>(bp);
+  TK_KERNEL_LAUNCH(dkdv_grid, C::kThreads, dkdv_smem, stream, dkdv)(bp);
   check_bwd_launch("dk/dv");
 
   const size_t dq_smem = C::kDqSmem(sizeof(T));
@@ -354,11 +353,9 @@ void run_flash_bwd(const FlashAttnBwdParams& bp, cudaStream_t stream) {
   if (dq_smem > 48 * 1024)
     cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dq_smem));
   const dim3 dq_grid(static_cast<unsigned>((p.seqlen_q + C::kBlockQueries - 1) / C::kBlockQueries), heads, batch);
-  dq<<<dq_grid, C::kThreads, dq_smem, stream>>>(bp);
+  TK_KERNEL_LAUNCH(dq_grid, C::kThreads, dq_smem, stream, dq)(bp);
   check_bwd_launch("dq");
 }
-
-#endif
 
 }  // namespace flash
 }  // namespace torchkiln

@@ -166,7 +166,6 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) flash_fwd_kernel(const
   }
 }
 
-#ifndef TORCHKILN_EMULATE_CUDA  // the emulator launches the kernels itself
 template <class T, int D>
 void run_flash_fwd(const FlashAttnParams& p, cudaStream_t stream) {
   using C = FwdConfig<D>;
@@ -176,13 +175,11 @@ void run_flash_fwd(const FlashAttnParams& p, cudaStream_t stream) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 grid(static_cast<unsigned>((p.seqlen_q + C::kBlockM - 1) / C::kBlockM), static_cast<unsigned>(p.heads),
                   static_cast<unsigned>(p.batch));
-  kernel<<<grid, C::kThreads, smem, stream>>>(p);
+  TK_KERNEL_LAUNCH(grid, C::kThreads, smem, stream, kernel)(p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("torchkiln: flash_attn forward launch failed: ") + cudaGetErrorString(err));
 }
-
-#endif
 
 }  // namespace flash
 }  // namespace torchkiln

@@ -59,7 +59,7 @@ void bucket_pack_cuda(const BucketPackParams& p, CUstream_st* stream) {
   for_each_segment(p, [&](auto s_tag, auto b_tag, const PackSegment& seg) {
     using S = decltype(s_tag);
     using B = decltype(b_tag);
-    pack_kernel<S, B><<<blocks_for(seg.numel), kThreads, 0, stream>>>(
+    TK_KERNEL_LAUNCH(blocks_for(seg.numel), kThreads, 0, stream, pack_kernel<S, B>)(
         static_cast<const S*>(seg.data), static_cast<B*>(p.bucket) + seg.offset,
         p.residual ? p.residual + seg.offset : nullptr, seg.numel, p.scale);
     cuda::check_launch("bucket_pack");
@@ -70,7 +70,7 @@ void bucket_unpack_cuda(const BucketPackParams& p, CUstream_st* stream) {
   for_each_segment(p, [&](auto s_tag, auto b_tag, const PackSegment& seg) {
     using S = decltype(s_tag);
     using B = decltype(b_tag);
-    unpack_kernel<S, B><<<blocks_for(seg.numel), kThreads, 0, stream>>>(
+    TK_KERNEL_LAUNCH(blocks_for(seg.numel), kThreads, 0, stream, unpack_kernel<S, B>)(
         static_cast<const B*>(p.bucket) + seg.offset, static_cast<S*>(seg.data), seg.numel);
     cuda::check_launch("bucket_unpack");
   });

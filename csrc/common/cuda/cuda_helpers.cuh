@@ -9,13 +9,21 @@
 
 #include "common/dtype.h"
 
-// Dynamic shared memory of a kernel. tests/cuda_emulation runs kernels on the
-// host (TORCHKILN_EMULATE_CUDA), where it is one escaped buffer; kernels that
-// should run there use this instead of static __shared__ arrays.
+// tests/cuda_emulation compiles every .cu file for the host too
+// (TORCHKILN_EMULATE_CUDA) and runs the kernels thread by thread, so kernels
+// avoid the two constructs a host compiler cannot take:
+// Dynamic shared memory (instead of static __shared__ arrays), and
 #ifdef TORCHKILN_EMULATE_CUDA
 #define TK_DYNAMIC_SMEM(name) unsigned char* name = ::emu::dynamic_smem.data()
 #else
 #define TK_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+// kernel launches: TK_KERNEL_LAUNCH(grid, block, smem, stream, kernel)(args...)
+// is kernel<<<grid, block, smem, stream>>>(args...).
+#ifdef TORCHKILN_EMULATE_CUDA
+#define TK_KERNEL_LAUNCH(grid, block, smem, stream, ...) ::emu::launcher(grid, block, smem, __VA_ARGS__)
+#else
+#define TK_KERNEL_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif
 
 namespace torchkiln {

@@ -15,9 +15,12 @@ int threads_for(int64_t hidden) {
   return t;
 }
 
+constexpr size_t kScratchBytes = 32 * sizeof(float);  // block_sum's per-warp partials
+
 template <class T>
 __global__ void rms_norm_fwd_kernel(RmsNormParams p) {
-  __shared__ float scratch[32];
+  TK_DYNAMIC_SMEM(smem);
+  float* scratch = reinterpret_cast<float*>(smem);
   const T* w = static_cast<const T*>(p.weight);
   const float inv_h = 1.0f / static_cast<float>(p.hidden);
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
@@ -49,7 +52,8 @@ __global__ void rms_norm_fwd_kernel(RmsNormParams p) {
 // Block b handles rows b, b + grid, ... and owns dw_partial row b.
 template <class T>
 __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
-  __shared__ float scratch[32];
+  TK_DYNAMIC_SMEM(smem);
+  float* scratch = reinterpret_cast<float*>(smem);
   const T* w = static_cast<const T*>(p.weight);
   const float inv_h = 1.0f / static_cast<float>(p.hidden);
   float* dwp = p.dw_partial + blockIdx.x * p.hidden;
@@ -92,7 +96,7 @@ __global__ void reduce_dw_kernel(RmsNormBwdParams p) {
 void rms_norm_fwd_cuda(const RmsNormParams& p, CUstream_st* stream) {
   const int64_t blocks = p.rows < 65535 ? p.rows : 65535;
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
-    rms_norm_fwd_kernel<decltype(tag)><<<blocks, threads_for(p.hidden), 0, stream>>>(p);
+    TK_KERNEL_LAUNCH(blocks, threads_for(p.hidden), kScratchBytes, stream, rms_norm_fwd_kernel<decltype(tag)>)(p);
   });
   cuda::check_launch("rms_norm_fwd");
 }
@@ -102,8 +106,8 @@ int64_t rms_norm_bwd_cuda_num_partials(int64_t rows, int64_t hidden) { return ro
 void rms_norm_bwd_cuda(const RmsNormBwdParams& p, CUstream_st* stream) {
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    rms_norm_bwd_kernel<T><<<p.num_partials, threads_for(p.hidden), 0, stream>>>(p);
-    reduce_dw_kernel<T><<<cuda::ceil_div(p.hidden, 256), 256, 0, stream>>>(p);
+    TK_KERNEL_LAUNCH(p.num_partials, threads_for(p.hidden), kScratchBytes, stream, rms_norm_bwd_kernel<T>)(p);
+    TK_KERNEL_LAUNCH(cuda::ceil_div(p.hidden, 256), 256, 0, stream, reduce_dw_kernel<T>)(p);
   });
   cuda::check_launch("rms_norm_bwd");
 }

@@ -46,9 +46,9 @@ void reshape_and_cache_cuda(const ReshapeAndCacheParams& p, CUstream_st* stream)
   if (p.num_tokens == 0) return;
   const dim3 grid(static_cast<unsigned>(p.num_tokens));
   if (p.element_size == 2)
-    reshape_and_cache_kernel<uint16_t><<<grid, 128, 0, stream>>>(p);
+    TK_KERNEL_LAUNCH(grid, 128, 0, stream, reshape_and_cache_kernel<uint16_t>)(p);
   else
-    reshape_and_cache_kernel<uint32_t><<<grid, 128, 0, stream>>>(p);
+    TK_KERNEL_LAUNCH(grid, 128, 0, stream, reshape_and_cache_kernel<uint32_t>)(p);
   cuda::check_launch("reshape_and_cache_kernel");
 }
 
@@ -57,9 +57,9 @@ void copy_blocks_cuda(const CopyBlocksParams& p, CUstream_st* stream) {
   const dim3 grid(static_cast<unsigned>(p.num_pairs), static_cast<unsigned>(p.num_caches));
   // Blocks start at multiples of block_bytes from 256-byte aligned bases.
   if (p.block_bytes % 16 == 0)
-    copy_blocks_kernel<uint4><<<grid, 256, 0, stream>>>(p);
+    TK_KERNEL_LAUNCH(grid, 256, 0, stream, copy_blocks_kernel<uint4>)(p);
   else
-    copy_blocks_kernel<uint16_t><<<grid, 256, 0, stream>>>(p);
+    TK_KERNEL_LAUNCH(grid, 256, 0, stream, copy_blocks_kernel<uint16_t>)(p);
   cuda::check_launch("copy_blocks_kernel");
 }
 

@@ -207,7 +207,6 @@ int group_blocks(const PagedAttnParams& p) {
 
 }  // namespace
 
-#ifndef TORCHKILN_EMULATE_CUDA  // tests/cuda_emulation launches the kernels itself
 void paged_attention_cuda_plan(PagedAttnParams& p) {
   int device = 0, sms = 0;
   cudaGetDevice(&device);
@@ -231,16 +230,14 @@ void paged_attention_cuda(const PagedAttnParams& p, CUstream_st* stream) {
                   static_cast<unsigned>(p.num_splits));
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    paged_decode_kernel<T><<<grid, kThreads, kDecodeSmemBytes, stream>>>(p, group_blocks(p));  // < 48 KiB
+    TK_KERNEL_LAUNCH(grid, kThreads, kDecodeSmemBytes, stream, paged_decode_kernel<T>)(p, group_blocks(p));  // < 48 KiB
     cuda::check_launch("paged_decode_kernel");
     if (p.num_splits > 1) {
-      paged_combine_kernel<T><<<dim3(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.heads)), 128, 0,
-                                stream>>>(p);
+      TK_KERNEL_LAUNCH(dim3(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.heads)), 128, 0,
+                                stream, paged_combine_kernel<T>)(p);
       cuda::check_launch("paged_combine_kernel");
     }
   });
 }
-
-#endif
 
 }  // namespace torchkiln

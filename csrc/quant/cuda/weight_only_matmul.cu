@@ -114,11 +114,11 @@ void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream) {
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (p.m <= 1)
-      gemv_kernel<T, 1><<<grid, 32 * kWarps, 0, stream>>>(p);
+      TK_KERNEL_LAUNCH(grid, 32 * kWarps, 0, stream, gemv_kernel<T, 1>)(p);
     else if (p.m <= 4)
-      gemv_kernel<T, 4><<<grid, 32 * kWarps, 0, stream>>>(p);
+      TK_KERNEL_LAUNCH(grid, 32 * kWarps, 0, stream, gemv_kernel<T, 4>)(p);
     else
-      gemv_kernel<T, kMaxRows><<<grid, 32 * kWarps, 0, stream>>>(p);
+      TK_KERNEL_LAUNCH(grid, 32 * kWarps, 0, stream, gemv_kernel<T, kMaxRows>)(p);
   });
   cuda::check_launch("weight_only_matmul");
 }
@@ -128,7 +128,7 @@ void weight_only_dequantize_cuda(const WeightOnlyParams& p, void* dense, CUstrea
   const int blocks = static_cast<int>(std::min<int64_t>(4096, cuda::ceil_div(total, 256)));
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_kernel<T><<<blocks, 256, 0, stream>>>(p, static_cast<T*>(dense));
+    TK_KERNEL_LAUNCH(blocks, 256, 0, stream, dequantize_kernel<T>)(p, static_cast<T*>(dense));
   });
   cuda::check_launch("weight_only_dequantize");
 }

@@ -51,9 +51,9 @@ void rotary_fwd_cuda(const RotaryParams& p, CUstream_st* stream) {
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (p.cs_dtype == DType::kFloat32)
-      rotary_kernel<T, float><<<tokens, threads, 0, stream>>>(p);
+      TK_KERNEL_LAUNCH(tokens, threads, 0, stream, rotary_kernel<T, float>)(p);
     else
-      rotary_kernel<T, T><<<tokens, threads, 0, stream>>>(p);
+      TK_KERNEL_LAUNCH(tokens, threads, 0, stream, rotary_kernel<T, T>)(p);
   });
   cuda::check_launch("rotary_fwd");
 }
