@@ -88,9 +88,13 @@ TK_DECLARE_CPU_KERNEL(void, weight_only_dequantize, const WeightOnlyParams&, voi
 // multiplies with int8 dot products and int32 accumulation, then scales.
 TK_DECLARE_CPU_KERNEL(void, w8a8_matmul, const W8A8Params&)
 
-// CUDA: the in-register path takes at most 8 rows of x (the glue sends more
-// rows through weight_only_dequantize_cuda + cuBLAS). No W8A8 kernel yet.
+// CUDA: the in-register path takes at most 8 rows of x; the glue sends more
+// rows of bf16 / fp16 x to the tensor-core GEMM and fp32 x through
+// weight_only_dequantize_cuda + cuBLAS. No W8A8 kernel yet.
 void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream);
+// Any number of rows of bf16 / fp16 x: tensor-core GEMM over weight tiles
+// decoded into shared memory (the dense weight is never written out).
+void weight_only_gemm_cuda(const WeightOnlyParams& p, CUstream_st* stream);
 void weight_only_dequantize_cuda(const WeightOnlyParams& p, void* dense, CUstream_st* stream);
 
 }  // namespace torchkiln

@@ -174,7 +174,10 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
   check_bias(op, bias, x, p.n);
   const int64_t m = x.numel() / k;
   check_same_device(x, qweight, op, "x", "qweight");
-  if (m > dense_rows_threshold(p.format, x.is_cuda())) return dense_tiles_matmul(p, x, bias);
+  // Many rows: CUDA multiplies 16-bit x on tensor cores straight from the
+  // packed weight; fp32 x (and CPU) go through dense tiles and ATen's GEMM.
+  const bool cuda_gemm = x.is_cuda() && x.scalar_type() != at::kFloat;
+  if (m > dense_rows_threshold(p.format, x.is_cuda()) && !cuda_gemm) return dense_tiles_matmul(p, x, bias);
   at::Tensor out = at::empty(output_shape(x, p.n), x.options());
   if (m == 0) return out;
   p.x = x.data_ptr();
@@ -184,6 +187,13 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
   p.out_row_stride = p.n;
   p.m = m;
   p.dtype = kernel_dtype(x, op, "x");
+#ifdef TORCHKILN_WITH_CUDA
+  if (cuda_gemm && m > dense_rows_threshold(p.format, true)) {
+    const c10::DeviceGuard guard(x.device());
+    weight_only_gemm_cuda(p, current_cuda_stream(x));
+    return out;
+  }
+#endif
   TK_LAUNCH(x, weight_only_matmul, p);
   return out;
 }

@@ -368,7 +368,8 @@ void run_quant() {
   p.k = k;
   p.group_size = cfg("group_size");
   p.dtype = dtype_of<T>();
-  weight_only_matmul_cuda(p, nullptr);
+  if (cfg("gemm") != 0) weight_only_gemm_cuda(p, nullptr);  // the tensor-core path for many rows
+  else weight_only_matmul_cuda(p, nullptr);
   weight_only_dequantize_cuda(p, dense.data(), nullptr);
   write_floats("out", to_f32(out));
   write_floats("dense", to_f32(dense));

@@ -361,11 +361,15 @@ def test_rotary(emulator, tmp_path, interleaved, dtype, cs_fp32, rot):
         assert_within_rule(out["out"].view(x.shape), ref, low, what=f"inverse={inverse}")
 
 
-QUANT = [  # (scheme, group, m, n, k, dtype, bias)
+QUANT = [  # (scheme, group, m, n, k, dtype, bias); m > 8: the tensor-core GEMM (16-bit x only)
     ("int8", None, 1, 37, 200, torch.bfloat16, True),
     ("int4", 64, 3, 40, 256, torch.float16, False),
     ("int4", 32, 8, 9, 96, torch.float32, True),
     ("nf4", 64, 4, 17, 320, torch.bfloat16, False),
+    ("int4", 128, 70, 130, 384, torch.bfloat16, True),
+    ("int4", 32, 9, 67, 96, torch.float16, False),  # k = 96: half of the last 64-column chunk is padding
+    ("int8", None, 33, 65, 200, torch.float16, True),
+    ("nf4", 64, 130, 64, 128, torch.bfloat16, False),
 ]
 
 
@@ -380,7 +384,7 @@ def test_weight_only_matmul(emulator, tmp_path, scheme, group, m, n, k, dtype, b
     if scheme == "int4":
         arrays["zeros"] = qw.zeros.float()
     cfg = {"op_quant": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k, "format": fmt,
-           "group_size": qw.group_size if scheme != "int8" else k, "bias": int(bias)}
+           "group_size": qw.group_size if scheme != "int8" else k, "bias": int(bias), "gemm": int(m > 8)}
     out = run(emulator, tmp_path, cfg, arrays)
     dense = torchkiln.dequantize(qw, dtype)
     assert torch.equal(out["dense"].view(n, k), dense.float()), "dequantised weight differs from the CPU's"

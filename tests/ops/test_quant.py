@@ -256,14 +256,15 @@ def test_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("device", [p for p in __import__("conftest").DEVICES if p.id == "cuda"])
 def test_quant_matmul_cuda(device, scheme, group, sym, dtype):
-    # the warp-per-row kernel (m <= 8) and the dequantise + cuBLAS path (m > 8)
+    # the warp-per-row kernel (m <= 8), then the tensor-core GEMM (16-bit x)
+    # or dequantise + cuBLAS (fp32 x) for m > 8
     k = 3 * (group or 64) + (0 if group else 5)
     n = 77
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=group, symmetric=sym)
     qw_gpu = qw.to(device)
     assert torch.equal(torchkiln.dequantize(qw_gpu).cpu(), torchkiln.dequantize(qw))
     bias = torch.randn(n).to(dtype)
-    for m in (1, 5, 8, 9, 64):
+    for m in (1, 5, 8, 9, 64, 200):
         x = torch.randn(m, k).to(dtype)
         out = torchkiln.quant_matmul(x.to(device), qw_gpu, bias.to(device))
         assert out.device.type == "cuda" and out.dtype == dtype

@@ -1,13 +1,19 @@
-// Weight-only quantised matmul on CUDA: a warp per output row decodes the
-// packed weight in registers (coalesced 4-byte loads, 128 bytes per warp
-// step) and multiplies it with up to kMaxRows rows of x; many-row calls are
-// dequantised to x's dtype and handed to cuBLAS by the glue instead.
-// Not yet tensor-core (Marlin-style) kernels: see the issue notes.
+// Weight-only quantised matmul on CUDA.
+//  * Up to kMaxRows rows of x (decode): a warp per output row decodes the
+//    packed weight in registers (coalesced 4-byte loads, 128 bytes per warp
+//    step) and multiplies it with every row of x.
+//  * More rows, bf16 / fp16 x (prefill): a tensor-core GEMM. Each block
+//    decodes a 64 x 64 weight tile into shared memory as x's dtype (exactly
+//    the dequantised values) and multiplies it with a 64 x 64 tile of x by
+//    mma.sync; the dense weight never exists in global memory.
+//  * fp32 x with many rows: dequantise + cuBLAS in the glue.
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 
 #include "common/cuda/cuda_helpers.cuh"
+#include "common/cuda/mma.cuh"
 #include "quant/quant_matmul.h"
 
 namespace torchkiln {
@@ -106,6 +112,117 @@ __global__ void dequantize_kernel(WeightOnlyParams p, T* dense) {
   }
 }
 
+
+// ------------------------------------------------------------ tensor-core GEMM
+constexpr int kGemmTile = 64;             // rows of x, output features and columns of k per block step
+constexpr int kGemmLd = kGemmTile + 8;    // padded shared rows: conflict-free ldmatrix
+constexpr int kGemmThreads = 128;         // 4 warps, each a 32 x 32 block of the output tile
+constexpr size_t kGemmSmemBytes = 2 * kGemmTile * kGemmLd * sizeof(uint16_t);
+
+// Decodes weight rows [n0, n0 + 64) x columns [k0, k0 + 64) into sW as T.
+// Thread t owns row t / 2 and half t % 2 of the row's bytes for this tile:
+// 4-bit formats store 64 columns in 32 bytes (byte j: column j low nibble,
+// 32 + j high), so a half is 16 bytes = two runs of 16 columns; int8 stores
+// one column per byte, so a half is 32 columns. Each run lies in one group.
+template <class T>
+__device__ void decode_weight_tile(const WeightOnlyParams& p, int64_t n0, int64_t k0, T* sW) {
+  const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
+  const int64_t row = n0 + r;
+  T* dst = sW + r * kGemmLd;
+  const bool four_bit = p.format != WeightFormat::kInt8;
+  const int runs = four_bit ? 2 : 1, run_len = four_bit ? 16 : 32;
+  for (int run = 0; run < runs; ++run) {
+    // Tile columns of this run, and where their codes sit in the row.
+    const int c0 = four_bit ? run * 32 + half * 16 : half * 32;
+    const int64_t byte0 = four_bit ? k0 / 2 + half * 16 : k0 + half * 32;
+    const int64_t col0 = k0 + c0;
+    if (row >= p.n || col0 >= p.k) {
+      for (int j = 0; j < run_len; ++j) dst[c0 + j] = from_float<T>(0.0f);
+      continue;
+    }
+    const int64_t g = col0 / p.group_size, groups = p.k / p.group_size;
+    const float scale = p.scales[row * groups + g];
+    const float zero = p.format == WeightFormat::kInt4 ? p.zeros[row * groups + g] : 0.0f;
+    const uint8_t* w = p.qweight + row * p.qweight_row_stride + byte0;
+    for (int j = 0; j < run_len; ++j) {
+      float v = 0.0f;
+      if (col0 + j < p.k) {  // padding columns of the last chunk decode to 0, not (0 - zero) * scale
+        const uint32_t byte = w[j];
+        switch (p.format) {
+          case WeightFormat::kInt4:
+            v = (static_cast<float>(run == 0 ? (byte & 15u) : (byte >> 4)) - zero) * scale;
+            break;
+          case WeightFormat::kNf4:
+            v = kNf4[run == 0 ? (byte & 15u) : (byte >> 4)] * scale;
+            break;
+          default:
+            v = static_cast<float>(static_cast<int8_t>(byte)) * scale;
+            break;
+        }
+      }
+      dst[c0 + j] = from_float<T>(v);  // rounded once, as the dequantised weight
+    }
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const WeightOnlyParams p) {
+  using Mma = cuda::MmaType<T>;
+  TK_DYNAMIC_SMEM(smem);
+  T* sX = reinterpret_cast<T*>(smem);
+  T* sW = sX + kGemmTile * kGemmLd;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kGemmTile, m0 = static_cast<int64_t>(blockIdx.y) * kGemmTile;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  const T* x = static_cast<const T*>(p.x);
+  float acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+
+  for (int64_t k0 = 0; k0 < p.k; k0 += kGemmTile) {
+    __syncthreads();  // the previous tiles are no longer read
+    for (int c = threadIdx.x; c < kGemmTile * kGemmTile; c += kGemmThreads) {
+      const int r = c / kGemmTile, col = c % kGemmTile;
+      const bool in = m0 + r < p.m && k0 + col < p.k;
+      sX[r * kGemmLd + col] = in ? x[(m0 + r) * p.x_row_stride + k0 + col] : from_float<T>(0.0f);
+    }
+    decode_weight_tile(p, n0, k0, sW);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kGemmTile / 16; ++kk) {
+      uint32_t a[2][4];
+      cuda::load_a(a[0], sX, kGemmLd, wm, kk * 16, lane);
+      cuda::load_a(a[1], sX, kGemmLd, wm + 16, kk * 16, lane);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        uint32_t b[4];
+        cuda::load_b_nk(b, sW, kGemmLd, wn + 16 * j, kk * 16, lane);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          Mma::mma(acc[i][2 * j], a[i], b[0], b[1]);
+          Mma::mma(acc[i][2 * j + 1], a[i], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  const T* bias = static_cast<const T*>(p.bias);
+  T* out = static_cast<T*>(p.out);
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t row = m0 + wm + 16 * i + g + 8 * (e >> 1), col = n0 + wn + 8 * j + 2 * t + (e & 1);
+        if (row < p.m && col < p.n)
+          out[row * p.out_row_stride + col] = from_float<T>(acc[i][j][e] + (bias ? to_float(bias[col]) : 0.0f));
+      }
+}
+
 }  // namespace
 
 void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream) {
@@ -121,6 +238,19 @@ void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream) {
       TK_KERNEL_LAUNCH(grid, 32 * kWarps, 0, stream, gemv_kernel<T, kMaxRows>)(p);
   });
   cuda::check_launch("weight_only_matmul");
+}
+
+void weight_only_gemm_cuda(const WeightOnlyParams& p, CUstream_st* stream) {
+  if (p.dtype == DType::kFloat32) throw std::invalid_argument("weight_only_gemm_cuda: x must be bf16 or fp16");
+  if (p.m <= 0) return;
+  const dim3 grid(static_cast<unsigned>(cuda::ceil_div(p.n, kGemmTile)),
+                  static_cast<unsigned>(cuda::ceil_div(p.m, kGemmTile)));
+  cuda::dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>)
+      TK_KERNEL_LAUNCH(grid, kGemmThreads, kGemmSmemBytes, stream, gemm_kernel<T>)(p);
+  });
+  cuda::check_launch("weight_only_gemm");
 }
 
 void weight_only_dequantize_cuda(const WeightOnlyParams& p, void* dense, CUstream_st* stream) {
