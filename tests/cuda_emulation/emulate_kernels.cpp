@@ -415,6 +415,47 @@ void run_pack() {
   write_floats("unpacked", to_f32(back));
 }
 
+template <class T>
+void run_cache_ops() {
+  const int64_t tokens = cfg("tokens"), heads_k = cfg("heads_k"), D = cfg("head_dim"), bs = cfg("block_size");
+  std::vector<T> key = to_dtype<T>(read_array<float>("key")), value = to_dtype<T>(read_array<float>("value"));
+  std::vector<T> kc = to_dtype<T>(read_array<float>("key_cache")), vc = to_dtype<T>(read_array<float>("value_cache"));
+  std::vector<int64_t> slots = read_array<int64_t>("slots"), mapping = read_array<int64_t>("mapping");
+  CacheLayout c;
+  c.num_blocks = static_cast<int64_t>(kc.size()) / (bs * heads_k * D);
+  c.block_size = bs;
+  c.heads_k = heads_k;
+  c.head_dim = D;
+  c.block_stride = bs * heads_k * D;
+  c.pos_stride = heads_k * D;
+  c.head_stride = D;
+  ReshapeAndCacheParams r;
+  r.key = key.data();
+  r.value = value.data();
+  r.key_token_stride = r.value_token_stride = heads_k * D;
+  r.key_head_stride = r.value_head_stride = D;
+  r.key_cache = kc.data();
+  r.value_cache = vc.data();
+  r.cache = c;
+  r.slot_mapping = slots.data();
+  r.num_tokens = tokens;
+  r.element_size = sizeof(T);
+  reshape_and_cache_cuda(r, nullptr);
+  write_floats("key_cache_written", to_f32(kc));
+  write_floats("value_cache_written", to_f32(vc));
+  // Then copy blocks (src, dst pairs) in both caches.
+  void* caches[2] = {kc.data(), vc.data()};
+  CopyBlocksParams b;
+  b.caches = caches;
+  b.num_caches = 2;
+  b.mapping = mapping.data();
+  b.num_pairs = static_cast<int64_t>(mapping.size()) / 2;
+  b.block_bytes = c.block_stride * static_cast<int64_t>(sizeof(T));
+  copy_blocks_cuda(b, nullptr);
+  write_floats("key_cache_copied", to_f32(kc));
+  write_floats("value_cache_copied", to_f32(vc));
+}
+
 // Calls f(T{}) for the dtype code of `key` (0 fp32, 1 bf16, 2 fp16).
 template <class F>
 void with_dtype(const char* key, const F& f) {
@@ -443,6 +484,7 @@ int main(int argc, char** argv) {
                            : config.count("op_rotary")  ? "rotary"
                            : config.count("op_quant")   ? "quant"
                            : config.count("op_pack")    ? "pack"
+                           : config.count("op_cache")   ? "cache"
                            : cfg("paged_decode") != 0  ? "paged_decode"
                                                         : "flash";
     if (op == "rms_norm") {
@@ -461,6 +503,8 @@ int main(int argc, char** argv) {
       with_dtype("segment_dtype", [](auto s) {
         with_dtype("bucket_dtype", [](auto b) { run_pack<decltype(s), decltype(b)>(); });
       });
+    } else if (op == "cache") {
+      with_dtype("dtype", [](auto t) { run_cache_ops<decltype(t)>(); });
     } else if (op == "paged_decode") {
       with_dtype("dtype", [](auto t) { run_paged_decode<decltype(t)>(); });
     } else {

@@ -81,7 +81,7 @@ def emulator(tmp_path_factory) -> Path:
 
 
 OUTPUTS = ("out", "lse", "dq", "dk", "dv", "sum", "dx", "dw", "dense", "bucket", "residual", "unpacked",
-           "num_splits")
+           "num_splits", "key_cache_written", "value_cache_written", "key_cache_copied", "value_cache_copied")
 
 
 def run(emulator: Path, workdir: Path, config: dict, arrays: dict, sms: int = 132) -> dict:
@@ -418,3 +418,26 @@ def test_bucket_pack_unpack(emulator, tmp_path, seg_dtype, bucket_dtype, residua
         assert torch.equal(out["unpacked"][at : at + n], packed.to(seg_dtype).float()), f"unpacked segment {i}"
         at += n
     assert torch.isnan(bucket[5:8]).all(), "a gap between segments was written"
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 16), (torch.bfloat16, 24), (torch.float16, 64)], ids=str)
+def test_reshape_and_cache_and_copy_blocks(emulator, tmp_path, dtype, d):
+    # copy_blocks moves 16-byte words when a block's size allows, 2-byte words otherwise.
+    blocks, bs, heads_k, tokens = 6, 4, 2, 7
+    key, value = (torch.randn(tokens, heads_k, d).to(dtype) for _ in range(2))
+    kc, vc = (torch.randn(blocks, bs, heads_k, d).to(dtype) for _ in range(2))
+    slots = torch.tensor([5, -1, 0, 23, 9, -1, 12], dtype=torch.int64)  # -1: padding, skipped
+    mapping = torch.tensor([[1, 4], [5, 2]], dtype=torch.int64)
+    cfg = {"op_cache": 1, "dtype": DTYPE_CODE[dtype], "tokens": tokens, "heads_k": heads_k, "head_dim": d,
+           "block_size": bs}
+    out = run(emulator, tmp_path, cfg, dict(key=key, value=value, key_cache=kc, value_cache=vc, slots=slots,
+                                            mapping=mapping))
+    for name, new, cache in (("key", key, kc), ("value", value, vc)):
+        want = cache.clone().view(blocks * bs, heads_k, d)
+        for t, slot in enumerate(slots.tolist()):
+            if slot >= 0:
+                want[slot] = new[t]
+        want = want.view(blocks, bs, heads_k, d)
+        assert torch.equal(out[f"{name}_cache_written"].view(want.shape), want.float()), name
+        want[4], want[2] = want[1].clone(), want[5].clone()
+        assert torch.equal(out[f"{name}_cache_copied"].view(want.shape), want.float()), f"{name} after copy_blocks"
