@@ -36,7 +36,7 @@ DEVICES = [
 
 @pytest.fixture(params=ISAS)
 def cpu_isa(request):
-    """Every CPU ISA, for ops that have no CUDA kernel yet."""
+    """Every CPU ISA, for tests of the CPU kernels alone (CUDA ones have their own cases)."""
     name = request.param
     if not isa_supported(name):
         pytest.skip(f"this CPU cannot run the {name} path")

@@ -90,11 +90,16 @@ TK_DECLARE_CPU_KERNEL(void, w8a8_matmul, const W8A8Params&)
 
 // CUDA: the in-register path takes at most 8 rows of x; the glue sends more
 // rows of bf16 / fp16 x to the tensor-core GEMM and fp32 x through
-// weight_only_dequantize_cuda + cuBLAS. No W8A8 kernel yet.
+// weight_only_dequantize_cuda + cuBLAS.
 void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream);
 // Any number of rows of bf16 / fp16 x: tensor-core GEMM over weight tiles
 // decoded into shared memory (the dense weight is never written out).
 void weight_only_gemm_cuda(const WeightOnlyParams& p, CUstream_st* stream);
 void weight_only_dequantize_cuda(const WeightOnlyParams& p, void* dense, CUstream_st* stream);
+// W8A8 on CUDA (weight_sums unused): quantises x into the caller's scratch
+// xq (m, w8a8_cuda_x_stride(k)) int8 and x_scale (m) fp32, then an int8
+// tensor-core GEMM.
+int64_t w8a8_cuda_x_stride(int64_t k);
+void w8a8_matmul_cuda(const W8A8Params& p, int8_t* xq, float* x_scale, CUstream_st* stream);
 
 }  // namespace torchkiln

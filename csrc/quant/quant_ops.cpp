@@ -1,5 +1,5 @@
 // Torch glue for quantised matmul (weight-only int8 / int4 / nf4, and W8A8).
-// Weight-only: CPU and CUDA; W8A8: CPU only so far. Layouts: quant/quant_matmul.h.
+// Weight-only and W8A8, CPU and CUDA. Layouts: quant/quant_matmul.h.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -19,11 +19,6 @@ WeightFormat parse_format(const char* op, const std::string& f) {
   if (f == "nf4") return WeightFormat::kNf4;
   TORCH_CHECK_VALUE(false, op, ": format must be 'int8', 'int4' or 'nf4', got '", f, "'");
   return WeightFormat::kInt8;  // unreachable
-}
-
-void check_cpu(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (W8A8 has no CUDA kernel yet), got ",
-                    t.device());
 }
 
 // Above this many rows of x the weight is dequantised (in tiles) to x's
@@ -202,7 +197,6 @@ at::Tensor quant_matmul_w8a8(const at::Tensor& x, const at::Tensor& qweight, con
                              const at::Tensor& weight_sums, const std::optional<at::Tensor>& bias) {
   const char* op = "quant_matmul_w8a8";
   check_x(op, x);
-  check_cpu(op, x, "x");
   const int64_t k = x.size(-1);
   // |q| <= 127 on both sides and x shifted to 0..255: int32 sums stay exact
   // up to 65536 columns.
@@ -210,7 +204,7 @@ at::Tensor quant_matmul_w8a8(const at::Tensor& x, const at::Tensor& qweight, con
   TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ", scales.scalar_type());
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) > 0 && scales.is_contiguous(), op,
                     ": scales must be a contiguous (out_features) vector, got ", scales.sizes());
-  check_cpu(op, scales, "scales");
+  check_same_device(scales, x, op, "scales", "x");
   const int64_t n = scales.size(0);
   const int64_t n16 = (n + kPanelRows - 1) / kPanelRows * kPanelRows, k4 = (k + 3) / 4 * 4;
   TORCH_CHECK_TYPE(qweight.scalar_type() == at::kChar, op, ": qweight must be int8, got ", qweight.scalar_type());
@@ -219,12 +213,12 @@ at::Tensor quant_matmul_w8a8(const at::Tensor& x, const at::Tensor& qweight, con
                     op, ": qweight must be the panel layout (", n16 / kPanelRows, ", ", k4 / 4, ", 16, 4) for ", n,
                     " out_features and ", k, " in_features, got ", qweight.sizes());
   TORCH_CHECK_VALUE(qweight.is_contiguous(), op, ": qweight must be contiguous");
-  check_cpu(op, qweight, "qweight");
+  check_same_device(qweight, x, op, "qweight", "x");
   TORCH_CHECK_TYPE(weight_sums.scalar_type() == at::kInt, op, ": weight_sums must be int32, got ",
                    weight_sums.scalar_type());
   TORCH_CHECK_VALUE(weight_sums.dim() == 1 && weight_sums.size(0) == n16 && weight_sums.is_contiguous(), op,
                     ": weight_sums must be a contiguous (", n16, ") vector, got ", weight_sums.sizes());
-  check_cpu(op, weight_sums, "weight_sums");
+  check_same_device(weight_sums, x, op, "weight_sums", "x");
   check_bias(op, bias, x, n);
   at::Tensor out = at::empty(output_shape(x, n), x.options());
   const int64_t m = x.numel() / k;
@@ -242,6 +236,15 @@ at::Tensor quant_matmul_w8a8(const at::Tensor& x, const at::Tensor& qweight, con
   p.n = n;
   p.k = k;
   p.dtype = kernel_dtype(x, op, "x");
+#ifdef TORCHKILN_WITH_CUDA
+  if (x.is_cuda()) {
+    const c10::DeviceGuard guard(x.device());
+    at::Tensor xq = at::empty({m, w8a8_cuda_x_stride(k)}, x.options().dtype(at::kChar));
+    at::Tensor x_scale = at::empty({m}, x.options().dtype(at::kFloat));
+    w8a8_matmul_cuda(p, xq.data_ptr<int8_t>(), x_scale.data_ptr<float>(), current_cuda_stream(x));
+    return out;
+  }
+#endif
   TK_CPU_DISPATCH(w8a8_matmul, p);
   return out;
 }
@@ -258,6 +261,7 @@ TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
 TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
   m.impl("quant_matmul_weight_only", &quant_matmul_weight_only);
   m.impl("quant_dequantize", &quant_dequantize);
+  m.impl("quant_matmul_w8a8", &quant_matmul_w8a8);
 }
 #endif
 

@@ -1,9 +1,7 @@
 """torchkiln: native kernels for training, fine-tuning and serving LLMs from PyTorch.
 
 Every op is a torch custom op (``torch.ops.torchkiln.*``) with CPU kernels
-(AVX-512 / AVX2 / scalar, picked at run time), CUDA kernels for the layer ops
-(RMSNorm, rotary, SwiGLU; attention, the paged cache and quantised matmul
-are CPU-only so far),
+(AVX-512 / AVX2 / scalar, picked at run time) and CUDA kernels (sm_80+),
 a fake implementation for ``torch.compile`` and, where it applies, an autograd
 formula. The functions below are the typed public entry points.
 """

@@ -178,6 +178,33 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   }
 }
 
+// mma.sync.m16n8k32.row.col.s32.s8.s8.s32: fragment layouts as in common/cuda/mma.cuh.
+inline void mma_s8_16832(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  int A[16][32], B[32][8];
+  warp_exchange(mine, 6, [&](uint32_t (*words)[8]) {
+    for (int l = 0; l < 32; ++l) {
+      const int g = l >> 2, t = l & 3;
+      for (int i = 0; i < 4; ++i) {
+        auto byte = [&](int reg) { return static_cast<int>(static_cast<int8_t>((words[l][reg] >> (8 * i)) & 0xFF)); };
+        A[g][4 * t + i] = byte(0);
+        A[g + 8][4 * t + i] = byte(1);
+        A[g][16 + 4 * t + i] = byte(2);
+        A[g + 8][16 + 4 * t + i] = byte(3);
+        B[4 * t + i][g] = byte(4);
+        B[16 + 4 * t + i][g] = byte(5);
+      }
+    }
+  });
+  const int g = lane() >> 2, t = lane() & 3;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    int s = 0;
+    for (int k = 0; k < 32; ++k) s += A[row][k] * B[k][col];
+    c[e] += s;
+  }
+}
+
 inline void syncthreads() { block_barrier.arrive_and_wait(); }
 
 inline float shfl_xor(float v, int mask) {
@@ -270,6 +297,7 @@ inline void __syncthreads() { emu::syncthreads(); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) { return emu::shfl_xor(v, mask); }
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __fdiv_rn(float a, float b) { return a / b; }  // host division is IEEE round-to-nearest
 // nvcc's typed overload (cuda_runtime.h offers it only to CUDA code).
 template <class R, class... A>
 cudaError_t cudaFuncSetAttribute(R (*kernel)(A...), cudaFuncAttribute attr, int value) {

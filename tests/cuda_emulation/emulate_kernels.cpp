@@ -456,6 +456,33 @@ void run_cache_ops() {
   write_floats("value_cache_copied", to_f32(vc));
 }
 
+template <class T>
+void run_w8a8() {
+  const int64_t m = cfg("m"), n = cfg("n"), k = cfg("k");
+  std::vector<T> x = to_dtype<T>(read_array<float>("x")), bias, out = poisoned<T>(m * n);
+  std::vector<uint8_t> qweight = read_array<uint8_t>("qweight");
+  std::vector<float> scales = read_array<float>("scales");
+  W8A8Params p;
+  p.x = x.data();
+  p.x_row_stride = k;
+  p.qweight = reinterpret_cast<const int8_t*>(qweight.data());
+  p.scales = scales.data();
+  if (cfg("bias") != 0) {
+    bias = to_dtype<T>(read_array<float>("bias"));
+    p.bias = bias.data();
+  }
+  p.out = out.data();
+  p.out_row_stride = n;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.dtype = dtype_of<T>();
+  std::vector<int8_t> xq(m * w8a8_cuda_x_stride(k), 99);  // poisoned: the kernel must write the padding too
+  std::vector<float> x_scale(m, NAN);
+  w8a8_matmul_cuda(p, xq.data(), x_scale.data(), nullptr);
+  write_floats("out", to_f32(out));
+}
+
 // Calls f(T{}) for the dtype code of `key` (0 fp32, 1 bf16, 2 fp16).
 template <class F>
 void with_dtype(const char* key, const F& f) {
@@ -485,6 +512,7 @@ int main(int argc, char** argv) {
                            : config.count("op_quant")   ? "quant"
                            : config.count("op_pack")    ? "pack"
                            : config.count("op_cache")   ? "cache"
+                           : config.count("op_w8a8")    ? "w8a8"
                            : cfg("paged_decode") != 0  ? "paged_decode"
                                                         : "flash";
     if (op == "rms_norm") {
@@ -503,6 +531,8 @@ int main(int argc, char** argv) {
       with_dtype("segment_dtype", [](auto s) {
         with_dtype("bucket_dtype", [](auto b) { run_pack<decltype(s), decltype(b)>(); });
       });
+    } else if (op == "w8a8") {
+      with_dtype("dtype", [](auto t) { run_w8a8<decltype(t)>(); });
     } else if (op == "cache") {
       with_dtype("dtype", [](auto t) { run_cache_ops<decltype(t)>(); });
     } else if (op == "paged_decode") {

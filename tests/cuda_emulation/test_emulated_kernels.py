@@ -441,3 +441,17 @@ def test_reshape_and_cache_and_copy_blocks(emulator, tmp_path, dtype, d):
         assert torch.equal(out[f"{name}_cache_written"].view(want.shape), want.float()), name
         want[4], want[2] = want[1].clone(), want[5].clone()
         assert torch.equal(out[f"{name}_cache_copied"].view(want.shape), want.float()), f"{name} after copy_blocks"
+
+
+@pytest.mark.parametrize("m,n,k,dtype,bias", [(1, 37, 203, torch.bfloat16, True), (70, 130, 256, torch.float32, False),
+                                              (9, 16, 3, torch.float16, True)], ids=str)
+def test_w8a8(emulator, tmp_path, m, n, k, dtype, bias):
+    qw = torchkiln.quantize(torch.randn(n, k), "w8a8")
+    x = (3 * torch.randn(m, k)).to(dtype)
+    x[0, :] = 0  # an all-zero row: scale 0
+    b = torch.randn(n).to(dtype)
+    cfg = {"op_w8a8": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k, "bias": int(bias)}
+    out = run(emulator, tmp_path, cfg, dict(x=x, qweight=qw.qweight.view(torch.uint8), scales=qw.scales, bias=b))
+    # Same int8 codes, exact int32 sums and the same epilogue as the CPU kernel.
+    cpu = torchkiln.quant_matmul(x, qw, b if bias else None)
+    assert torch.equal(out["out"].view(m, n), cpu.float())

@@ -251,8 +251,7 @@ def test_bad_inputs():
         torchkiln.quantize(torch.randn(1, 65540), "w8a8")
 
 
-@pytest.mark.parametrize("scheme,group,sym", [s for s in SCHEMES if s[0] != "w8a8"],
-                         ids=[i for i, s in zip(SCHEME_IDS, SCHEMES) if s[0] != "w8a8"])
+@pytest.mark.parametrize("scheme,group,sym", SCHEMES, ids=SCHEME_IDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("device", [p for p in __import__("conftest").DEVICES if p.id == "cuda"])
 def test_quant_matmul_cuda(device, scheme, group, sym, dtype):
@@ -262,7 +261,8 @@ def test_quant_matmul_cuda(device, scheme, group, sym, dtype):
     n = 77
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=group, symmetric=sym)
     qw_gpu = qw.to(device)
-    assert torch.equal(torchkiln.dequantize(qw_gpu).cpu(), torchkiln.dequantize(qw))
+    if scheme != "w8a8":
+        assert torch.equal(torchkiln.dequantize(qw_gpu).cpu(), torchkiln.dequantize(qw))
     bias = torch.randn(n).to(dtype)
     for m in (1, 5, 8, 9, 64, 200):
         x = torch.randn(m, k).to(dtype)

@@ -75,6 +75,20 @@ struct MmaType<__half> {
   __device__ static __forceinline__ __half2 pair(float lo, float hi) { return __floats2half2_rn(lo, hi); }
 };
 
+// int8 x int8 -> int32, m16n8k32 (exact). Per lane, four 8-bit values per
+// register: a0 (g, 4t..4t+3)  a1 (g+8, 4t..)  a2 (g, 16+4t..)  a3 (g+8, 16+4t..);
+// b0 (k 4t..4t+3, n g)  b1 (k 16+4t.., n g); C as above, in int32.
+__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef TORCHKILN_EMULATE_CUDA
+  emu::mma_s8_16832(c, a, b0, b1);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
 // ------------------------------------------------------------ shared memory
 // tests/cuda_emulation runs these kernels on the host (TORCHKILN_EMULATE_CUDA):
 // the few PTX instructions below then go to its emulator.
