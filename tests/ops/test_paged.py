@@ -35,6 +35,7 @@ CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
     ([64, 1, 250, 31], 32, 8, 2, 128),
     ([2048], 16, 32, 8, 128),  # one long sequence: split over the context
     ([9, 40], 16, 6, 1, 40),  # MQA, head_dim not a multiple of the vector width
+    ([70, 5], 16, 4, 2, 192),  # P V: register blocks of head_dim plus a remainder in L1
 ]
 
 

@@ -58,6 +58,30 @@ void two_key_scores(const float* q, int64_t dp, int64_t D, const T* k0, const T*
   }
 }
 
+// P V for query heads [h0, h0 + HT) of one kv head over a chunk's n keys,
+// head_dim columns [d0, d0 + kSlices * kW): the accumulators stay in
+// registers for the whole chunk instead of a load and store per key.
+constexpr int kSlices = 8;
+
+template <int HT, class T>
+void pv_registers(const float* sc, const T* const* vpos, int64_t n, int64_t v_off, float* acc, int64_t dp,
+                  int64_t h0, int64_t d0) {
+  Vec a[HT][kSlices];
+  for (int g = 0; g < HT; ++g)
+    for (int i = 0; i < kSlices; ++i) a[g][i] = vload(acc + (h0 + g) * dp + d0 + i * kW);
+  for (int64_t c0 = 0; c0 < n; ++c0) {
+    const T* vr = vpos[c0] + v_off + d0;
+    Vec pr[HT];
+    for (int g = 0; g < HT; ++g) pr[g] = vset1(sc[(h0 + g) * kChunk + c0]);
+    for (int i = 0; i < kSlices; ++i) {
+      const Vec v = vload(vr + i * kW);
+      for (int g = 0; g < HT; ++g) a[g][i] = vfma(pr[g], v, a[g][i]);
+    }
+  }
+  for (int g = 0; g < HT; ++g)
+    for (int i = 0; i < kSlices; ++i) vstore(acc + (h0 + g) * dp + d0 + i * kW, a[g][i]);
+}
+
 // Online-softmax state of one query head within a task.
 struct HeadState {
   float m, l;
@@ -143,12 +167,24 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
         for (int64_t d = 0; d < dp; d += kW) vstore(a + d, vload(a + d) * va);
       }
     }
-    // P V in memory order: each V row is loaded once per head_dim slice and
-    // serves every query head of its group (accumulators in L1).
+    // P V. Whole blocks of kSlices vectors of head_dim: per kv head, the
+    // chunk's V rows stream through register accumulators, PV_HEADS query
+    // heads at a time (the rows are re-read from L1 / L2 for the next heads).
+    // Other head dims: in memory order, accumulators in L1.
+    constexpr int kPvHeads = kW >= 16 ? 2 : 1;  // AVX-512: 2 x 8 accumulators of 32 registers
+    const int64_t d_reg = D / (kSlices * kW) * (kSlices * kW);
+    if (d_reg > 0 && group % kPvHeads == 0) {
+      for (int64_t hk = 0; hk < c.heads_k; ++hk)
+        for (int64_t d0 = 0; d0 < d_reg; d0 += kSlices * kW)
+          for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += kPvHeads)
+            pv_registers<kPvHeads, T>(sc, vpos, n, hk * c.head_stride, acc.data(), dp, h0, d0);
+    }
+    const int64_t d_rest = d_reg > 0 && group % kPvHeads == 0 ? d_reg : 0;
+    if (d_rest < D)
     for (int64_t c0 = 0; c0 < n; ++c0) {
       for (int64_t hk = 0; hk < c.heads_k; ++hk) {
         const T* vr = vpos[c0] + hk * c.head_stride;
-        for (int64_t d = 0; d < D; d += kW) {
+        for (int64_t d = d_rest; d < D; d += kW) {
           const Vec v = d + kW <= D ? vload(vr + d) : vload_partial(vr + d, D - d);
           for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
             float* a = acc.data() + h * dp + d;
