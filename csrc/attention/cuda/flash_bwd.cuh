@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) flash_bwd_dq_kernel(co
   const int b = blockIdx.z, h = blockIdx.y;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const SeqInfo si = seq_info(p, b, h);
-  const int i0 = blockIdx.x * kBlockQ;
+  const int i0 = (gridDim.x - 1 - blockIdx.x) * kBlockQ;  // heaviest (causal) query tiles first
   if (i0 >= si.sq) return;
   const int i1 = min(i0 + kBlockQ, si.sq);
   const int hk = h / static_cast<int>(p.heads / p.heads_k);

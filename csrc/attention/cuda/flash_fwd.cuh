@@ -40,7 +40,9 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) flash_fwd_kernel(const
   const int b = blockIdx.z, h = blockIdx.y;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const SeqInfo si = seq_info(p, b, h);
-  const int i0 = blockIdx.x * kBlockM;
+  // Last query tiles first: under a causal mask they see the most keys, and
+  // starting them early keeps the tail of the grid short.
+  const int i0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
   if (i0 >= si.sq) return;
   const int i1 = min(i0 + kBlockM, si.sq);
   const int hk = h / static_cast<int>(p.heads / p.heads_k);
