@@ -34,6 +34,10 @@ DEVICES = [
 ]
 
 
+# Marks for a test module that only makes sense on a GPU.
+REQUIRES_CUDA = DEVICES[1].marks
+
+
 @pytest.fixture(params=ISAS)
 def cpu_isa(request):
     """Every CPU ISA, for tests of the CPU kernels alone (CUDA ones have their own cases)."""

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import torchkiln
+from attention_helpers import random_cache
 from reference import assert_within_rule, fused_add_rms_norm_ref, rms_norm_ref, rotary_ref
 from torchkiln.ops.activation import silu_and_mul_ref
 from torchkiln.ops.attention import attention_ref
@@ -225,25 +226,12 @@ def test_flash_varlen_with_empty_sequences(emulator, tmp_path):
             assert_within_rule(ours[None], r, lo.double(), factor=3.0, what=f"{name} of sequence {b}")
 
 
-def shuffled_cache(lens, block_size, heads_k, d, dtype, spare=2):
-    need = [(n + block_size - 1) // block_size for n in lens]
-    num_blocks = sum(need) + spare
-    k = torch.randn(num_blocks, block_size, heads_k, d).to(dtype)
-    v = torch.randn(num_blocks, block_size, heads_k, d).to(dtype)
-    perm = torch.randperm(num_blocks).tolist()
-    table = torch.zeros(len(lens), max(need), dtype=torch.int32)
-    for s, n in enumerate(need):
-        for b in range(n):
-            table[s, b] = perm.pop()
-    return k, v, table
-
-
 def test_flash_chunked_prefill_through_block_table(emulator, tmp_path):
     shapes = [(0, 37), (50, 20), (129, 1)]  # (cached prefix, new tokens)
     lens = [p + n for p, n in shapes]
     new = [n for _, n in shapes]
     heads, heads_k, d, block = 4, 2, 64, 16
-    k, v, table = shuffled_cache(lens, block, heads_k, d, torch.bfloat16)
+    k, v, table, _ = random_cache(lens, block, heads_k, d, torch.bfloat16)
     q = torch.randn(sum(new), heads, d).bfloat16()
     cu_q, cu_k = _cu(new), _cu(lens)
     cfg = flash_config(q, k, varlen=True, causal=True, backward=False, block_size=block, batch=len(lens),
@@ -269,7 +257,7 @@ DECODE = [  # (seq_lens, block_size, heads, heads_k, d, dtype, emulated SMs, opt
 
 @pytest.mark.parametrize("lens,block,heads,heads_k,d,dtype,sms,opts", DECODE, ids=str)
 def test_paged_decode(emulator, tmp_path, lens, block, heads, heads_k, d, dtype, sms, opts):
-    k, v, table = shuffled_cache(lens, block, heads_k, d, dtype)
+    k, v, table, _ = random_cache(lens, block, heads_k, d, dtype)
     q = (2 * torch.randn(len(lens), heads, d)).to(dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     alibi = torch.rand(heads) if opts.get("alibi") else None

@@ -5,7 +5,6 @@ The CUDA kernels have their own file, test_attention_cuda.py."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import torchkiln
+from attention_helpers import check_grads, grads, qkv
 from reference import FLOAT_DTYPES, assert_within_rule, poison_allocator, to64
 from torchkiln.ops.attention import attention_ref
 
@@ -21,13 +21,6 @@ ops = torch.ops.torchkiln
 SEQLENS = [(1, 239), (3, 799), (113, 203), (128, 217), (108, 256), (256, 512), (512, 256), (1023, 1024)]
 HEAD_DIMS = [32, 40, 64, 96, 111, 128, 256]
 HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (3, 1)}
-
-
-def qkv(batch, sq, sk, heads, heads_k, d, dtype):
-    q = torch.randn(batch, sq, heads, d).to(dtype)
-    k = torch.randn(batch, sk, heads_k, d).to(dtype)
-    v = torch.randn(batch, sk, heads_k, d).to(dtype)
-    return q, k, v
 
 
 def check(q, k, v, **kw):
@@ -167,24 +160,6 @@ def test_compile_forward_backward(backend_name):
     compiled = grads(torch.compile(f, fullgraph=True, backend=backend_name), lambda t: t, q, k, v, torch.tensor(1.0))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
-
-
-def grads(fn, conv, q, k, v, g, **kw):
-    q, k, v = (conv(t).detach().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v, **kw)
-    out = out[0] if isinstance(out, tuple) else out
-    out.backward(conv(g))
-    return q.grad, k.grad, v.grad
-
-
-def check_grads(q, k, v, **kw):
-    g = torch.randn(q.shape).to(q.dtype)
-    ours = grads(torchkiln.flash_attn_func, lambda t: t, q, k, v, g, **kw)
-    ref = grads(attention_ref, lambda t: t.double(), q, k, v, g, **kw)
-    low = grads(attention_ref, lambda t: t, q, k, v, g, **kw)
-    for name, a, r, lo in zip(("dq", "dk", "dv"), ours, ref, low):
-        assert a.dtype == q.dtype
-        assert_within_rule(a, r, lo, factor=3.0, what=name)
 
 
 BWD_GRID = [

@@ -10,17 +10,13 @@ import pytest
 import torch
 
 import torchkiln
+from attention_helpers import check_grads, grads, qkv
+from conftest import REQUIRES_CUDA
 from reference import assert_within_rule, poison_allocator, to64
 from torchkiln.ops.attention import attention_ref
 from torchkiln.ops.paged import gather_cache
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() and torchkiln.info()["build"]["cuda"]),
-        reason="needs an NVIDIA GPU and a CUDA build of torchkiln",
-    ),
-]
+pytestmark = REQUIRES_CUDA
 
 ops = torch.ops.torchkiln
 DEV = "cuda"
@@ -28,13 +24,6 @@ LOWP = [torch.bfloat16, torch.float16]
 SEQLENS = [(1, 239), (3, 799), (113, 203), (128, 217), (108, 256), (256, 512), (512, 256), (1023, 1024), (2048, 2048)]
 HEAD_DIMS = [32, 40, 64, 96, 128, 256, 72]  # 32 / 40 / 72 run padded
 HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (3, 1)}
-
-
-def qkv(batch, sq, sk, heads, heads_k, d, dtype):
-    q = torch.randn(batch, sq, heads, d, device=DEV).to(dtype)
-    k = torch.randn(batch, sk, heads_k, d, device=DEV).to(dtype)
-    v = torch.randn(batch, sk, heads_k, d, device=DEV).to(dtype)
-    return q, k, v
 
 
 def check(q, k, v, **kw):
@@ -58,7 +47,7 @@ GRID = [
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("sq,sk,d,heads,dtype", GRID, ids=lambda x: str(x).removeprefix("torch."))
 def test_forward(causal, sq, sk, d, heads, dtype):
-    q, k, v = qkv(2, sq, sk, *HEADS[heads], d, dtype)
+    q, k, v = qkv(2, sq, sk, *HEADS[heads], d, dtype, device=DEV)
     check(q, k, v, causal=causal)
 
 
@@ -66,13 +55,13 @@ def test_forward(causal, sq, sk, d, heads, dtype):
     "window,causal", [((32, 16), False), ((0, 0), False), ((100, -1), False), ((-1, 7), False), ((48, -1), True)]
 )
 def test_sliding_window(window, causal):
-    q, k, v = qkv(2, 157, 301, 4, 2, 64, torch.bfloat16)
+    q, k, v = qkv(2, 157, 301, 4, 2, 64, torch.bfloat16, device=DEV)
     check(q, k, v, window_size=window, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 def test_softcap_and_alibi(dtype):
-    q, k, v = qkv(2, 77, 190, 4, 2, 128, dtype)
+    q, k, v = qkv(2, 77, 190, 4, 2, 128, dtype, device=DEV)
     q = q * 4  # large scores, so the cap matters
     check(q, k, v, softcap=5.0)
     check(q, k, v, alibi_slopes=torch.rand(4, device=DEV), causal=True)
@@ -90,7 +79,7 @@ def test_strided_and_misaligned_inputs():
 
 
 def test_rows_without_keys_are_zero():
-    q, k, v = qkv(1, 40, 10, 2, 2, 64, torch.bfloat16)
+    q, k, v = qkv(1, 40, 10, 2, 2, 64, torch.bfloat16, device=DEV)
     out, lse = torchkiln.flash_attn_func(q, k, v, causal=True, return_lse=True)
     assert (out[:, :30] == 0).all() and (lse[:, :, :30] == float("inf")).all()
     assert torch.isfinite(lse[:, :, 30:]).all()
@@ -151,24 +140,6 @@ def test_chunked_prefill_through_block_table(block_size):
 
 
 # ----------------------------------------------------------------------------- backward
-def grads(fn, conv, q, k, v, g, **kw):
-    q, k, v = (conv(t).detach().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v, **kw)
-    out = out[0] if isinstance(out, tuple) else out
-    out.backward(conv(g))
-    return q.grad, k.grad, v.grad
-
-
-def check_grads(q, k, v, **kw):
-    g = torch.randn(q.shape, device=DEV).to(q.dtype)
-    ours = grads(torchkiln.flash_attn_func, lambda t: t, q, k, v, g, **kw)
-    ref = grads(attention_ref, lambda t: t.double(), q, k, v, g, **kw)
-    low = grads(attention_ref, lambda t: t, q, k, v, g, **kw)
-    for name, a, r, lo in zip(("dq", "dk", "dv"), ours, ref, low):
-        assert a.dtype == q.dtype
-        assert_within_rule(a, r, lo, factor=3.0, what=name)
-
-
 BWD_GRID = [
     (1, 239, 32, "mha", torch.bfloat16),
     (113, 203, 40, "gqa", torch.bfloat16),
@@ -184,12 +155,12 @@ BWD_GRID = [
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("sq,sk,d,heads,dtype", BWD_GRID, ids=lambda x: str(x).removeprefix("torch."))
 def test_backward(causal, sq, sk, d, heads, dtype):
-    q, k, v = qkv(2, sq, sk, *HEADS[heads], d, dtype)
+    q, k, v = qkv(2, sq, sk, *HEADS[heads], d, dtype, device=DEV)
     check_grads(q, k, v, causal=causal)
 
 
 def test_backward_options():
-    q, k, v = qkv(2, 97, 150, 4, 2, 64, torch.bfloat16)
+    q, k, v = qkv(2, 97, 150, 4, 2, 64, torch.bfloat16, device=DEV)
     check_grads(q, k, v, window_size=(30, 8))
     check_grads(4 * q, k, v, softcap=6.0, causal=True)
     check_grads(q, k, v, alibi_slopes=torch.rand(2, 4, device=DEV), window_size=(64, -1))
@@ -197,12 +168,12 @@ def test_backward_options():
 
 
 def test_backward_rows_without_keys():
-    q, k, v = qkv(1, 50, 20, 2, 1, 64, torch.bfloat16)
+    q, k, v = qkv(1, 50, 20, 2, 1, 64, torch.bfloat16, device=DEV)
     check_grads(q, k, v, causal=True)  # the first 30 queries see no key
 
 
 def test_backward_deterministic():
-    q, k, v = qkv(1, 700, 700, 8, 2, 128, torch.bfloat16)
+    q, k, v = qkv(1, 700, 700, 8, 2, 128, torch.bfloat16, device=DEV)
     g = torch.randn(q.shape, device=DEV).to(q.dtype)
     first = grads(torchkiln.flash_attn_func, lambda t: t, q, k, v, g, causal=True, deterministic=True)
     for _ in range(3):
@@ -238,7 +209,7 @@ def test_varlen_backward(causal):
 
 
 def test_opcheck_and_compile():
-    q, k, v = qkv(2, 33, 47, 4, 2, 64, torch.bfloat16)
+    q, k, v = qkv(2, 33, 47, 4, 2, 64, torch.bfloat16, device=DEV)
     torch.library.opcheck(ops.flash_attn_fwd, (q, k, v, 0.2, -1, 0, 0.0, None))
     rg = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.library.opcheck(ops.flash_attn_fwd, (*rg, 0.2, 16, 0, 2.0, torch.rand(4, device=DEV)))
@@ -267,7 +238,7 @@ def test_opcheck_and_compile():
 
 
 def test_bad_inputs():
-    q, k, v = qkv(2, 16, 16, 4, 2, 64, torch.bfloat16)
+    q, k, v = qkv(2, 16, 16, 4, 2, 64, torch.bfloat16, device=DEV)
     fa = torchkiln.flash_attn_func
     with pytest.raises(TypeError, match="CUDA kernels take bfloat16 or float16"):
         fa(q.float(), k.float(), v.float())
@@ -291,7 +262,7 @@ def test_bad_inputs():
 
 def test_memory_is_linear_in_seqlen():
     # 16k tokens, 8 heads: one head's score matrix alone would be 512 MiB in bf16.
-    q, k, v = (t.requires_grad_() for t in qkv(1, 16384, 16384, 8, 8, 64, torch.bfloat16))
+    q, k, v = (t.requires_grad_() for t in qkv(1, 16384, 16384, 8, 8, 64, torch.bfloat16, device=DEV))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()

@@ -8,25 +8,12 @@ import pytest
 import torch
 
 import torchkiln
+from attention_helpers import random_cache
 from reference import FLOAT_DTYPES, assert_within_rule
 from torchkiln.memory import PagedKVCache
 from torchkiln.ops.paged import copy_blocks, gather_cache, paged_attention_ref, reshape_and_cache, swap_blocks
 
 ops = torch.ops.torchkiln
-
-
-def random_cache(seq_lens, block_size, kv_heads, d, dtype, spare=3):
-    """A cache whose blocks are handed to the sequences in shuffled order."""
-    need = [(n + block_size - 1) // block_size for n in seq_lens]
-    num_blocks = sum(need) + spare
-    k = torch.randn(num_blocks, block_size, kv_heads, d).to(dtype)
-    v = torch.randn(num_blocks, block_size, kv_heads, d).to(dtype)
-    perm = torch.randperm(num_blocks).tolist()
-    table = torch.zeros(len(seq_lens), max(need), dtype=torch.int32)
-    for s, n in enumerate(need):
-        for b in range(n):
-            table[s, b] = perm.pop()
-    return k, v, table, torch.tensor(seq_lens, dtype=torch.int32)
 
 
 CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)

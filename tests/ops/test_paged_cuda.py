@@ -9,34 +9,16 @@ import pytest
 import torch
 
 import torchkiln
+from attention_helpers import random_cache
+from conftest import REQUIRES_CUDA
 from reference import FLOAT_DTYPES, assert_within_rule, poison_allocator
 from torchkiln.memory import PagedKVCache
 from torchkiln.ops.paged import paged_attention_ref
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() and torchkiln.info()["build"]["cuda"]),
-        reason="needs an NVIDIA GPU and a CUDA build of torchkiln",
-    ),
-]
+pytestmark = REQUIRES_CUDA
 
 ops = torch.ops.torchkiln
 DEV = "cuda"
-
-
-def random_cache(seq_lens, block_size, kv_heads, d, dtype, spare=3):
-    """A cache whose blocks are handed to the sequences in shuffled order."""
-    need = [(n + block_size - 1) // block_size for n in seq_lens]
-    num_blocks = sum(need) + spare
-    k = torch.randn(num_blocks, block_size, kv_heads, d, device=DEV).to(dtype)
-    v = torch.randn(num_blocks, block_size, kv_heads, d, device=DEV).to(dtype)
-    perm = torch.randperm(num_blocks).tolist()
-    table = torch.zeros(len(seq_lens), max(need), dtype=torch.int32)
-    for s, n in enumerate(need):
-        for b in range(n):
-            table[s, b] = perm.pop()
-    return k, v, table.to(DEV), torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
 
 
 CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
@@ -53,7 +35,7 @@ CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("seq_lens,block_size,heads,kv_heads,d", CASES)
 def test_paged_attention(dtype, seq_lens, block_size, heads, kv_heads, d):
-    k, v, table, lens = random_cache(seq_lens, block_size, kv_heads, d, dtype)
+    k, v, table, lens = random_cache(seq_lens, block_size, kv_heads, d, dtype, device=DEV)
     q = torch.randn(len(seq_lens), heads, d, device=DEV).to(dtype)
     poison_allocator(q)
     out, lse = torchkiln.paged_attention(q, k, v, table, lens, return_lse=True)
@@ -65,7 +47,7 @@ def test_paged_attention(dtype, seq_lens, block_size, heads, kv_heads, d):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_paged_attention_options(dtype):
-    k, v, table, lens = random_cache([50, 1300, 3], 16, 2, 64, dtype)
+    k, v, table, lens = random_cache([50, 1300, 3], 16, 2, 64, dtype, device=DEV)
     q = (3 * torch.randn(3, 4, 64, device=DEV)).to(dtype)
     for kw in (
         {"softcap": 5.0},
@@ -116,7 +98,7 @@ def test_copy_and_swap_round_trip(d):
 
 
 def test_opcheck_and_compile():
-    k, v, table, lens = random_cache([20, 3], 8, 2, 32, torch.bfloat16)
+    k, v, table, lens = random_cache([20, 3], 8, 2, 32, torch.bfloat16, device=DEV)
     q = torch.randn(2, 4, 32, device=DEV).bfloat16()
     torch.library.opcheck(ops.paged_attention, (q, k, v, table, lens, 0.2, -1, -1, 0.0, None))
     slots = torch.tensor([0, -1, 9], device=DEV)
@@ -140,7 +122,7 @@ def test_opcheck_and_compile():
 
 
 def test_bad_inputs():
-    k, v, table, lens = random_cache([20, 3], 8, 2, 32, torch.bfloat16)
+    k, v, table, lens = random_cache([20, 3], 8, 2, 32, torch.bfloat16, device=DEV)
     q = torch.randn(2, 4, 32, device=DEV).bfloat16()
     bad = table.clone()
     bad[0, 1] = 99
