@@ -1,6 +1,6 @@
 // Tensor-core building blocks for sm_80+ kernels (attention, quantised GEMM):
-// mma.sync m16n8k16 with fp32 accumulators, ldmatrix fragment loads from
-// shared memory, cp.async copies.
+// mma.sync m16n8k16 (bf16 / fp16, fp32 accumulators) and m16n8k32 (int8,
+// int32 accumulators), ldmatrix fragment loads from shared memory, cp.async.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 with 16-bit inputs), per lane with
 // g = lane / 4 and t = lane % 4:
@@ -13,7 +13,7 @@
 //
 // Shared-memory tiles are row major with rows padded by 8 elements (16 bytes):
 // the 8 rows an ldmatrix reads then start in 8 different 16-byte bank groups,
-// so no access conflicts, for any head_dim that is a multiple of 8.
+// so no access conflicts, for any row length that is a multiple of 8.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
