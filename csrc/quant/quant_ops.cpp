@@ -171,7 +171,8 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
   check_same_device(x, qweight, op, "x", "qweight");
   // Many rows: CUDA multiplies 16-bit x on tensor cores straight from the
   // packed weight; fp32 x (and CPU) go through dense tiles and ATen's GEMM.
-  const bool cuda_gemm = x.is_cuda() && x.scalar_type() != at::kFloat;
+  // (The GEMM's grid has at most 65535 tiles of 64 rows; more rows take the tile path.)
+  const bool cuda_gemm = x.is_cuda() && x.scalar_type() != at::kFloat && m <= int64_t{65535} * 64;
   if (m > dense_rows_threshold(p.format, x.is_cuda()) && !cuda_gemm) return dense_tiles_matmul(p, x, bias);
   at::Tensor out = at::empty(output_shape(x, p.n), x.options());
   if (m == 0) return out;

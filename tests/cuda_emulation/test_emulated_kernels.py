@@ -166,8 +166,9 @@ def test_flash_forward_backward(emulator, tmp_path, batch, sq, sk, heads, heads_
         dict(softcap=5.0, causal=True),
         dict(alibi=True, window_size=(40, -1)),
         dict(softmax_scale=0.05, causal=True, window_size=(20, -1)),
+        dict(window_size=(2**40 + 5, 2**33)),  # beyond 32 bits: unbounded, not wrapped
     ],
-    ids=["window", "softcap", "alibi", "scale"],
+    ids=["window", "softcap", "alibi", "scale", "huge_window"],
 )
 def test_flash_options(emulator, tmp_path, kw):
     batch, sq, sk, heads, heads_k, d = 2, 97, 150, 4, 2, 64
@@ -252,6 +253,7 @@ DECODE = [  # (seq_lens, block_size, heads, heads_k, d, dtype, emulated SMs, opt
     ([40, 9], 1, 6, 1, 40, torch.float32, 1, {}),  # MQA; one SM: a single chunk, written directly
     ([77, 130], 32, 32, 2, 128, torch.float16, 132, {"softcap": 5.0}),  # 16 heads per kv head: two head groups
     ([200, 3], 16, 4, 2, 96, torch.bfloat16, 132, {"alibi": True, "window": 70}),  # window skips whole chunks
+    ([300, 5], 16, 4, 2, 64, torch.bfloat16, 132, {"window": 2**40 + 5}),  # beyond 32 bits: no window
 ]
 
 

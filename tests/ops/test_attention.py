@@ -59,7 +59,9 @@ def test_forward_2048(dtype):
 
 
 @pytest.mark.parametrize(
-    "window,causal", [((32, 16), False), ((0, 0), False), ((100, -1), False), ((-1, 7), False), ((48, -1), True)]
+    "window,causal",
+    [((32, 16), False), ((0, 0), False), ((100, -1), False), ((-1, 7), False), ((48, -1), True),
+     ((2**40 + 5, 2**33), False)],  # windows beyond 32 bits mean "unbounded", never a wrapped 5
 )
 def test_sliding_window(cpu_isa, window, causal):
     q, k, v = qkv(2, 157, 301, 4, 2, 64, torch.bfloat16)

@@ -52,7 +52,9 @@ def test_forward(causal, sq, sk, d, heads, dtype):
 
 
 @pytest.mark.parametrize(
-    "window,causal", [((32, 16), False), ((0, 0), False), ((100, -1), False), ((-1, 7), False), ((48, -1), True)]
+    "window,causal",
+    [((32, 16), False), ((0, 0), False), ((100, -1), False), ((-1, 7), False), ((48, -1), True),
+     ((2**40 + 5, 2**33), False)],  # windows beyond 32 bits mean "unbounded", never a wrapped 5
 )
 def test_sliding_window(window, causal):
     q, k, v = qkv(2, 157, 301, 4, 2, 64, torch.bfloat16, device=DEV)

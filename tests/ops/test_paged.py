@@ -44,7 +44,8 @@ def test_paged_attention(cpu_isa, dtype, seq_lens, block_size, heads, kv_heads, 
 def test_paged_attention_options(cpu_isa, dtype):
     k, v, table, lens = random_cache([50, 130, 3], 16, 2, 64, dtype)
     q = (3 * torch.randn(3, 4, 64)).to(dtype)
-    for kw in ({"softcap": 5.0}, {"alibi_slopes": torch.rand(4)}, {"window_size": (20, -1)}, {"softmax_scale": 0.05}):
+    for kw in ({"softcap": 5.0}, {"alibi_slopes": torch.rand(4)}, {"window_size": (20, -1)}, {"softmax_scale": 0.05},
+               {"window_size": (2**40 + 5, -1)}):  # beyond 32 bits: no window
         out = torchkiln.paged_attention(q, k, v, table, lens, **kw)
         ref, _ = paged_attention_ref(q.double(), k, v, table, lens, **kw)
         low, _ = paged_attention_ref(q, k, v, table, lens, **kw)

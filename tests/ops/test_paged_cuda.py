@@ -55,6 +55,7 @@ def test_paged_attention_options(dtype):
         {"window_size": (20, -1)},
         {"window_size": (700, -1)},  # whole chunks before the window are skipped
         {"softmax_scale": 0.05},
+        {"window_size": (2**40 + 5, -1)},  # beyond 32 bits: no window, not a wrapped 5
     ):
         out = torchkiln.paged_attention(q, k, v, table, lens, **kw)
         ref, _ = paged_attention_ref(q.double(), k, v, table, lens, **kw)

@@ -270,4 +270,6 @@ def test_quant_matmul_cuda(device, scheme, group, sym, dtype):
         assert out.device.type == "cuda" and out.dtype == dtype
         err = _rel_err(out.cpu(), _ref_matmul(x, qw, bias))
         assert err <= TOL[dtype], f"m={m}: relative error {err:.2e}"
+    with pytest.raises(RuntimeError, match="must be on the same device as (x|qweight)"):
+        torchkiln.quant_matmul(x.to(device), qw, bias.to(device))  # weight left on the CPU
 

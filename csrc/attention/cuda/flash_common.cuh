@@ -73,6 +73,13 @@ struct ScoreRule {
   int sk;
 };
 
+// Windows are int64 in the params; any window of 2^30 or more keys already
+// covers every sequence a 32-bit index can address, so it is clamped there
+// rather than cast (a cast would wrap 2^40 + 5 to 5).
+__device__ __forceinline__ int clamp_window(int64_t w) {
+  return w < 0 ? -1 : static_cast<int>(w < (int64_t{1} << 30) ? w : (int64_t{1} << 30));
+}
+
 __device__ __forceinline__ ScoreRule score_rule(const FlashAttnParams& p, int b, int h, int sq, int sk) {
   ScoreRule r;
   r.scale = p.scale;
@@ -81,8 +88,8 @@ __device__ __forceinline__ ScoreRule score_rule(const FlashAttnParams& p, int b,
   r.slope = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
   r.modified = p.softcap > 0.0f || p.alibi_slopes != nullptr;
   r.diag = sk - sq;
-  r.left = static_cast<int>(p.window_left);
-  r.right = static_cast<int>(p.window_right);
+  r.left = clamp_window(p.window_left);
+  r.right = clamp_window(p.window_right);
   r.sk = sk;
   return r;
 }

@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnP
   // The query is position len - 1: only the left window can hide keys.
   int begin = split * chunk;
   const int end = min(begin + chunk, len);
-  if (p.window_left >= 0) begin = max(begin, len - 1 - static_cast<int>(p.window_left));
+  if (p.window_left >= 0 && p.window_left < len) begin = max(begin, len - 1 - static_cast<int>(p.window_left));
   const int n = max(0, end - begin);
 
   const T* q = static_cast<const T*>(p.q);
