@@ -111,6 +111,30 @@ def test_quant_matmul_matches_fp64(cpu_isa, scheme, group, sym, dtype):
             assert err <= TOL[dtype], f"k={k} m={m}: relative error {err:.2e} > {TOL[dtype]:.0e}"
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads):
+    # Many rows of x and enough output features that each thread dequantises
+    # and multiplies its own tiles of weight rows (up to 4 MiB of dense weight
+    # each: 256 fp32 rows of 4096 here, so 600 rows make four tiles, the last
+    # one short), with and without bias, fp32 and bf16 x.
+    k, n, m = 4096, 600, 40
+    qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=None if scheme == "int8" else 128)
+    bias = torch.randn(n)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k).to(dtype)
+            for b in (None, bias.to(dtype)):
+                poison_allocator(torch.empty(m, n, dtype=dtype))
+                out = torchkiln.quant_matmul(x, qw, b)
+                err = _rel_err(out, _ref_matmul(x, qw, b))
+                assert err <= TOL[dtype], f"{dtype} bias={b is not None}: relative error {err:.2e}"
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
 def test_quant_matmul_shapes(scheme):
     # leading dims, a non-contiguous x, fewer output rows than one register tile,
