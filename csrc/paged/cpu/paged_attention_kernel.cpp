@@ -58,18 +58,33 @@ void two_key_scores(const float* q, int64_t dp, int64_t D, const T* k0, const T*
   }
 }
 
+// Every line of one K or V row into L2 (not L1: a chunk ahead is more than
+// L1 holds).
+template <class T>
+inline void prefetch_row(const T* row, int64_t row_bytes) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  const char* r = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(r + b, _MM_HINT_T1);
+#else
+  (void)row, (void)row_bytes;
+#endif
+}
+
 // P V for query heads [h0, h0 + HT) of one kv head over a chunk's n keys,
 // head_dim columns [d0, d0 + kSlices * kW): the accumulators stay in
 // registers for the whole chunk instead of a load and store per key.
 constexpr int kSlices = 8;
 
+// Also prefetches into L2 the row at pf[c0] + v_off (row_bytes) for the
+// first n_pf keys, spreading the next chunk's K reads over this work.
 template <int HT, class T>
 void pv_registers(const float* sc, const T* const* vpos, int64_t n, int64_t v_off, float* acc, int64_t dp,
-                  int64_t h0, int64_t d0) {
+                  int64_t h0, int64_t d0, const T* const* pf, int64_t n_pf, int64_t row_bytes) {
   Vec a[HT][kSlices];
   for (int g = 0; g < HT; ++g)
     for (int i = 0; i < kSlices; ++i) a[g][i] = vload(acc + (h0 + g) * dp + d0 + i * kW);
   for (int64_t c0 = 0; c0 < n; ++c0) {
+    if (c0 < n_pf) prefetch_row(pf[c0] + v_off, row_bytes);
     const T* vr = vpos[c0] + v_off + d0;
     Vec pr[HT];
     for (int g = 0; g < HT; ++g) pr[g] = vset1(sc[(h0 + g) * kChunk + c0]);
@@ -90,8 +105,11 @@ struct HeadState {
 // One (sequence, split of its context), every head. Keys are visited chunk
 // by chunk, and within a chunk in memory order: position by position, every
 // kv head of a position (one contiguous run of the cache block) before the
-// next. The cache is then read as sequential streams the hardware
-// prefetchers follow, once for the scores (K) and once for P V (V).
+// next. The cache is then read as sequential streams, once for the scores
+// (K) and once for P V (V). Blocks are scattered, so the hardware
+// prefetchers lose the stream at each block; software prefetches into L2
+// run one phase ahead instead: this chunk's V during the scores, the next
+// chunk's K during P V (bf16 16 x 2048 decode 12.9 -> 8.1-8.9 ms).
 template <int HT, class T>
 void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_per_split, Partials& part) {
   const CacheLayout& c = p.cache;
@@ -115,22 +133,45 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     if (d < D) vstore_partial(q.data() + h * dp + d, vload_partial(qh + d, D - d) * vs, D - d);
   }
 
-  for (int64_t j0 = k0; j0 < k1; j0 += kChunk) {
-    const int64_t n = std::min(kChunk, k1 - j0);
-    // Position addresses once per chunk: no division per key below.
+  // Position addresses once per chunk: no division per key below.
+  auto positions = [&](int64_t j0, int64_t n, const T** kp, const T** vp) {
     for (int64_t c0 = 0, blk = j0 / c.block_size, off = j0 % c.block_size; c0 < n; ++c0) {
       const int64_t where = table[blk] * c.block_stride + off * c.pos_stride;
-      kpos[c0] = static_cast<const T*>(p.key_cache) + where;
-      vpos[c0] = static_cast<const T*>(p.value_cache) + where;
+      kp[c0] = static_cast<const T*>(p.key_cache) + where;
+      vp[c0] = static_cast<const T*>(p.value_cache) + where;
       if (++off == c.block_size) {
         off = 0;
         ++blk;
       }
     }
+  };
+  // P V keeps accumulators in registers for whole slabs of kSlices vectors
+  // of head_dim, kPvHeads query heads at a time (AVX-512: 2 x 8 of the 32
+  // registers); other head dims / groups take the L1 loop.
+  constexpr int kPvHeads = kW >= 16 ? 2 : 1;
+  const int64_t d_reg = D / (kSlices * kW) * (kSlices * kW);
+  const bool pv_in_registers = d_reg > 0 && group % kPvHeads == 0;
+  const T* kpos_next[kChunk];
+  const T* vpos_next[kChunk];
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  if (k0 < k1) positions(k0, std::min(kChunk, k1 - k0), kpos_next, vpos_next);
+  for (int64_t j0 = k0; j0 < k1; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, k1 - j0);
+    std::copy_n(kpos_next, n, kpos);
+    std::copy_n(vpos_next, n, vpos);
+    const int64_t n_next = std::max<int64_t>(0, std::min(kChunk, k1 - j0 - kChunk));
+    if (n_next > 0) positions(j0 + kChunk, n_next, kpos_next, vpos_next);
     // Scores, two positions at a time (a lone last one is paired with itself).
     for (int64_t c0 = 0; c0 < n; c0 += 2) {
       const bool pair = c0 + 1 < n;
       const int64_t c1 = pair ? c0 + 1 : c0;
+      // While K streams through the scores, pull this chunk's V into L2 (and
+      // while V streams through P V below, the next chunk's K).
+      for (int64_t at = c0; at <= c1; ++at)
+        for (int64_t hk = 0; hk < c.heads_k; ++hk) {
+          prefetch_row(vpos[at] + hk * c.head_stride, row_bytes);
+          if (!pv_in_registers && at < n_next) prefetch_row(kpos_next[at] + hk * c.head_stride, row_bytes);
+        }
       for (int64_t hk = 0; hk < c.heads_k; ++hk) {
         const T* kr0 = kpos[c0] + hk * c.head_stride;
         const T* kr1 = kpos[c1] + hk * c.head_stride;
@@ -167,19 +208,17 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
         for (int64_t d = 0; d < dp; d += kW) vstore(a + d, vload(a + d) * va);
       }
     }
-    // P V. Whole blocks of kSlices vectors of head_dim: per kv head, the
-    // chunk's V rows stream through register accumulators, PV_HEADS query
-    // heads at a time (the rows are re-read from L1 / L2 for the next heads).
-    // Other head dims: in memory order, accumulators in L1.
-    constexpr int kPvHeads = kW >= 16 ? 2 : 1;  // AVX-512: 2 x 8 accumulators of 32 registers
-    const int64_t d_reg = D / (kSlices * kW) * (kSlices * kW);
-    if (d_reg > 0 && group % kPvHeads == 0) {
+    // P V. Register path: per kv head, the chunk's V rows stream through the
+    // accumulators (re-read from L1 / L2 for the next query heads). Other
+    // head dims: in memory order, accumulators in L1.
+    if (pv_in_registers) {
       for (int64_t hk = 0; hk < c.heads_k; ++hk)
         for (int64_t d0 = 0; d0 < d_reg; d0 += kSlices * kW)
           for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += kPvHeads)
-            pv_registers<kPvHeads, T>(sc, vpos, n, hk * c.head_stride, acc.data(), dp, h0, d0);
+            pv_registers<kPvHeads, T>(sc, vpos, n, hk * c.head_stride, acc.data(), dp, h0, d0, kpos_next,
+                                      d0 == 0 && h0 == hk * group ? n_next : 0, row_bytes);
     }
-    const int64_t d_rest = d_reg > 0 && group % kPvHeads == 0 ? d_reg : 0;
+    const int64_t d_rest = pv_in_registers ? d_reg : 0;
     if (d_rest < D)
     for (int64_t c0 = 0; c0 < n; ++c0) {
       for (int64_t hk = 0; hk < c.heads_k; ++hk) {
