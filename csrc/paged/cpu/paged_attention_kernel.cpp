@@ -58,16 +58,68 @@ void two_key_scores(const float* q, int64_t dp, int64_t D, const T* k0, const T*
   }
 }
 
+#if defined(__AVX512F__)
+// Lane j of the result is the sum of v[j]'s lanes, for 16 vectors at once:
+// four rounds of halving (30 shuffles, 15 adds) instead of 16 separate
+// horizontal sums (about 8 operations each). The rounds leave the sums in
+// the order kReduceSlot, which is its own inverse: feed the vector meant
+// for lane j in v[kReduceSlot[j]].
+constexpr int kReduceSlot[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+inline __m512 reduce16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[i], x[i + 2], 0x44), _mm512_shuffle_ps(x[i], x[i + 2], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+}
+
+// Scores of 4 query heads (rows of q, dp apart) against 4 key rows, into
+// s[g * kChunk + key]: 16 FMA chains, each K vector widened once for all 4
+// heads and each q vector loaded once for all 4 keys, one joint reduction.
+template <class T>
+void four_by_four_scores(const float* q, int64_t dp, int64_t D, const T* const* k, float* s) {
+  __m512 a[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
+  auto step = [&](int64_t d, int64_t width) {
+    __m512 kv[4];
+#pragma GCC unroll 4
+    for (int key = 0; key < 4; ++key) kv[key] = (width == kW ? vload(k[key] + d) : vload_partial(k[key] + d, width)).v;
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const __m512 qv = _mm512_loadu_ps(q + g * dp + d);  // q rows are zero-padded to dp
+#pragma GCC unroll 4
+      for (int key = 0; key < 4; ++key) a[kReduceSlot[g * 4 + key]] = _mm512_fmadd_ps(qv, kv[key], a[kReduceSlot[g * 4 + key]]);
+    }
+  };
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) step(d, kW);
+  if (d < D) step(d, D - d);
+  const __m512 r = reduce16(a);
+  _mm_storeu_ps(s, _mm512_castps512_ps128(r));
+  _mm_storeu_ps(s + kChunk, _mm512_extractf32x4_ps(r, 1));
+  _mm_storeu_ps(s + 2 * kChunk, _mm512_extractf32x4_ps(r, 2));
+  _mm_storeu_ps(s + 3 * kChunk, _mm512_extractf32x4_ps(r, 3));
+}
+#endif
+
+inline void prefetch_l2(const char* at) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  _mm_prefetch(at, _MM_HINT_T1);
+#else
+  (void)at;
+#endif
+}
+
 // Every line of one K or V row into L2 (not L1: a chunk ahead is more than
 // L1 holds).
 template <class T>
 inline void prefetch_row(const T* row, int64_t row_bytes) {
-#if defined(__AVX2__) || defined(__AVX512F__)
-  const char* r = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(r + b, _MM_HINT_T1);
-#else
-  (void)row, (void)row_bytes;
-#endif
+  for (int64_t b = 0; b < row_bytes; b += 64) prefetch_l2(reinterpret_cast<const char*>(row) + b);
 }
 
 // P V for query heads [h0, h0 + HT) of one kv head over a chunk's n keys,
@@ -75,16 +127,23 @@ inline void prefetch_row(const T* row, int64_t row_bytes) {
 // registers for the whole chunk instead of a load and store per key.
 constexpr int kSlices = 8;
 
-// Also prefetches into L2 the row at pf[c0] + v_off (row_bytes) for the
-// first n_pf keys, spreading the next chunk's K reads over this work.
-template <int HT, class T>
+// With kPrefetch, also pulls into L2 the same columns of the row at
+// pf[c0] + v_off for every key (the next chunk's K, spread over this work).
+template <int HT, bool kPrefetch, class T>
 void pv_registers(const float* sc, const T* const* vpos, int64_t n, int64_t v_off, float* acc, int64_t dp,
-                  int64_t h0, int64_t d0, const T* const* pf, int64_t n_pf, int64_t row_bytes) {
+                  int64_t h0, int64_t d0, const T* const* pf) {
+  constexpr int kLines = static_cast<int>(kSlices * kW * sizeof(T) / 64);
+  // Full unrolling of the loads and stores of a keeps it in registers: left
+  // as loops, GCC -O3's loop vectoriser takes them and a moves to the stack,
+  // stored back on every key.
   Vec a[HT][kSlices];
+#pragma GCC unroll 4
   for (int g = 0; g < HT; ++g)
+#pragma GCC unroll 8
     for (int i = 0; i < kSlices; ++i) a[g][i] = vload(acc + (h0 + g) * dp + d0 + i * kW);
   for (int64_t c0 = 0; c0 < n; ++c0) {
-    if (c0 < n_pf) prefetch_row(pf[c0] + v_off, row_bytes);
+    if constexpr (kPrefetch)
+      for (int l = 0; l < kLines; ++l) prefetch_l2(reinterpret_cast<const char*>(pf[c0] + v_off + d0) + 64 * l);
     const T* vr = vpos[c0] + v_off + d0;
     Vec pr[HT];
     for (int g = 0; g < HT; ++g) pr[g] = vset1(sc[(h0 + g) * kChunk + c0]);
@@ -93,7 +152,9 @@ void pv_registers(const float* sc, const T* const* vpos, int64_t n, int64_t v_of
       for (int g = 0; g < HT; ++g) a[g][i] = vfma(pr[g], v, a[g][i]);
     }
   }
+#pragma GCC unroll 4
   for (int g = 0; g < HT; ++g)
+#pragma GCC unroll 8
     for (int i = 0; i < kSlices; ++i) vstore(acc + (h0 + g) * dp + d0 + i * kW, a[g][i]);
 }
 
@@ -153,6 +214,7 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
   const bool pv_in_registers = d_reg > 0 && group % kPvHeads == 0;
   const T* kpos_next[kChunk];
   const T* vpos_next[kChunk];
+  const T* pf_rows[kChunk];
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   if (k0 < k1) positions(k0, std::min(kChunk, k1 - k0), kpos_next, vpos_next);
   for (int64_t j0 = k0; j0 < k1; j0 += kChunk) {
@@ -161,17 +223,37 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     std::copy_n(vpos_next, n, vpos);
     const int64_t n_next = std::max<int64_t>(0, std::min(kChunk, k1 - j0 - kChunk));
     if (n_next > 0) positions(j0 + kChunk, n_next, kpos_next, vpos_next);
-    // Scores, two positions at a time (a lone last one is paired with itself).
-    for (int64_t c0 = 0; c0 < n; c0 += 2) {
-      const bool pair = c0 + 1 < n;
-      const int64_t c1 = pair ? c0 + 1 : c0;
-      // While K streams through the scores, pull this chunk's V into L2 (and
-      // while V streams through P V below, the next chunk's K).
-      for (int64_t at = c0; at <= c1; ++at)
+    // What P V prefetches for each key: the next chunk's K at that key, or
+    // (past its end) the V row just read, a no-op.
+    for (int64_t c0 = 0; c0 < n; ++c0) pf_rows[c0] = c0 < n_next ? kpos_next[c0] : vpos[c0];
+    // While K streams through the scores, pull this chunk's V into L2 (and
+    // while V streams through P V below, the next chunk's K).
+    auto prefetch_positions = [&](int64_t from, int64_t to) {
+      for (int64_t at = from; at < to; ++at)
         for (int64_t hk = 0; hk < c.heads_k; ++hk) {
           prefetch_row(vpos[at] + hk * c.head_stride, row_bytes);
           if (!pv_in_registers && at < n_next) prefetch_row(kpos_next[at] + hk * c.head_stride, row_bytes);
         }
+    };
+    int64_t c0 = 0;
+#if defined(__AVX512F__)
+    if constexpr (HT == 4) {
+      for (; c0 + 4 <= n; c0 += 4) {
+        prefetch_positions(c0, c0 + 4);
+        for (int64_t hk = 0; hk < c.heads_k; ++hk) {
+          const int64_t off = hk * c.head_stride;
+          const T* kr[4] = {kpos[c0] + off, kpos[c0 + 1] + off, kpos[c0 + 2] + off, kpos[c0 + 3] + off};
+          for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += 4)
+            four_by_four_scores(q.data() + h0 * dp, dp, D, kr, sc + h0 * kChunk + c0);
+        }
+      }
+    }
+#endif
+    // Then two positions at a time (a lone last one is paired with itself).
+    for (; c0 < n; c0 += 2) {
+      const bool pair = c0 + 1 < n;
+      const int64_t c1 = pair ? c0 + 1 : c0;
+      prefetch_positions(c0, c1 + 1);
       for (int64_t hk = 0; hk < c.heads_k; ++hk) {
         const T* kr0 = kpos[c0] + hk * c.head_stride;
         const T* kr1 = kpos[c1] + hk * c.head_stride;
@@ -215,8 +297,10 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
       for (int64_t hk = 0; hk < c.heads_k; ++hk)
         for (int64_t d0 = 0; d0 < d_reg; d0 += kSlices * kW)
           for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += kPvHeads)
-            pv_registers<kPvHeads, T>(sc, vpos, n, hk * c.head_stride, acc.data(), dp, h0, d0, kpos_next,
-                                      d0 == 0 && h0 == hk * group ? n_next : 0, row_bytes);
+            if (h0 == hk * group)
+              pv_registers<kPvHeads, true, T>(sc, vpos, n, hk * c.head_stride, acc.data(), dp, h0, d0, pf_rows);
+            else
+              pv_registers<kPvHeads, false, T>(sc, vpos, n, hk * c.head_stride, acc.data(), dp, h0, d0, pf_rows);
     }
     const int64_t d_rest = pv_in_registers ? d_reg : 0;
     if (d_rest < D)
