@@ -190,6 +190,9 @@ inline void prefetch_next_tile(const WeightOnlyParams& p, const void* at) {
 }
 
 // ------------------------------------------------------------ fp32 inner loops
+// Every loop over the register tile (rows r, x rows i, chains c) is fully
+// unrolled by pragma: left as loops, GCC -O3's loop vectoriser takes some of
+// them and the accumulators move to the stack, stored on every iteration.
 // A register tile of kTileN weight rows by MB rows of x: each x vector loaded
 // serves kTileN weight rows and each decoded weight vector MB rows of x, so
 // neither L1 loads nor decoding bound the loop. Weights are scaled while
@@ -204,6 +207,7 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
   const uint8_t* w[kTileN];
   const float* sc[kTileN];
   const float* zr[kTileN];
+#pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r) {
     const int64_t row = tile_row(p, row0, r);
     w[r] = p.qweight + row * p.qweight_row_stride;
@@ -211,16 +215,21 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
     zr[r] = has_zero ? p.zeros + row * sx.groups : nullptr;
   }
   const float* xr[MB];
+#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) xr[i] = sx.x.data() + (m0 + i) * sx.kp;
   Vec acc[kTileN][MB][C];
+#pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r)
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
       for (int c = 0; c < C; ++c) acc[r][i][c] = vzero();
   for (int64_t col = 0; col < sx.kp; col += kNibbleChunk) {
     // A k that is 32 mod 64 leaves the last high half as padding (x is 0 there).
     const bool has_hi = col + 32 < p.k;
     const int64_t g_lo = col / p.group_size, g_hi = has_hi ? (col + 32) / p.group_size : g_lo;
     Vec s_lo[kTileN], s_hi[kTileN], b_lo[kTileN], b_hi[kTileN];
+#pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
       s_lo[r] = vset1(sc[r][g_lo]);
       s_hi[r] = vset1(sc[r][g_hi]);
@@ -229,16 +238,19 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
     }
     for (int j = 0; j < 32; j += W) {
       Vec xl[MB], xh[MB];
+#pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) {
         xl[i] = vload(xr[i] + col + j);
         xh[i] = vload(xr[i] + col + 32 + j);
       }
+#pragma GCC unroll 16
       for (int r = 0; r < kTileN; ++r) {
         if (j == 0 && (col / kNibbleChunk) % 2 == 1) prefetch_next_tile(p, w[r] + col / 2);
         Vec lo, hi;
         decode_nibbles(w[r] + col / 2 + j, tab, lo, hi);
         lo = vfma(lo, s_lo[r], b_lo[r]);
         hi = vfma(hi, s_hi[r], b_hi[r]);
+#pragma GCC unroll 16
         for (int i = 0; i < MB; ++i) {
           acc[r][i][0] = vfma(lo, xl[i], acc[r][i][0]);
           acc[r][i][C - 1] = vfma(hi, xh[i], acc[r][i][C - 1]);
@@ -246,7 +258,9 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
       }
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r)
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) y[r * MB + i] = vsum(C == 2 ? acc[r][i][0] + acc[r][i][C - 1] : acc[r][i][0]);
 }
 
@@ -254,25 +268,34 @@ template <int MB>
 void tile_int8_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   constexpr int W = Vec::kWidth;
   const int8_t* w[kTileN];
+#pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r)
     w[r] = reinterpret_cast<const int8_t*>(p.qweight + tile_row(p, row0, r) * p.qweight_row_stride);
   const float* xr[MB];
+#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) xr[i] = sx.x.data() + (m0 + i) * sx.kp;
   Vec acc[kTileN][MB];
+#pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r)
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) acc[r][i] = vzero();
   const int64_t kv = p.k / W * W;
   int64_t j = 0;
   for (; j < kv; j += W) {
     Vec xv[MB];
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) xv[i] = vload(xr[i] + j);
+#pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
       if (j % 64 == 0) prefetch_next_tile(p, w[r] + j);
       const Vec wv = decode_int8(w[r] + j);
+#pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) acc[r][i] = vfma(wv, xv[i], acc[r][i]);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r)
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
       float tail = 0.0f;
       for (int64_t t = j; t < p.k; ++t) tail += static_cast<float>(w[r][t]) * xr[i][t];
@@ -294,6 +317,7 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
   const uint8_t* w[kTileN];
   const float* sc[kTileN];
   int64_t rows[kTileN];
+#pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r) {
     rows[r] = tile_row(p, row0, r);
     w[r] = p.qweight + rows[r] * p.qweight_row_stride;
@@ -301,21 +325,27 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
   }
   const uint16_t* hr[MB];
   const uint16_t* lr[MB];
+#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) {
     hr[i] = sx.hi.data() + (m0 + i) * sx.kp;
     lr[i] = sx.lo.data() + (m0 + i) * sx.kp;
   }
   __m512 total[kTileN][MB];
+#pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r)
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) total[r][i] = _mm512_setzero_ps();
   const int64_t chunks_per_group = p.group_size / kNibbleChunk;
   for (int64_t g = 0; g < sx.groups; ++g) {
     __m512 acc[kTileN][MB];
+#pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r)
+#pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
     for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
       const int64_t o = c * kNibbleChunk;
       __m512bh xh_lo[MB], xh_hi[MB], xl_lo[MB], xl_hi[MB];
+#pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) {
         xh_lo[i] = load_bh(hr[i] + o);
         xh_hi[i] = load_bh(hr[i] + o + 32);
@@ -324,11 +354,13 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
           xl_hi[i] = load_bh(lr[i] + o + 32);
         }
       }
+#pragma GCC unroll 16
       for (int r = 0; r < kTileN; ++r) {
         if (c & 1) prefetch_next_tile(p, w[r] + o / 2);  // one line per two 32-byte chunks
         const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
         const __m512bh lo = as_bh(_mm512_ternarylogic_epi32(b, low4, base, 0xEA));  // (b & 15) | base
         const __m512bh hi = as_bh(_mm512_or_si512(_mm512_srli_epi16(b, 4), base));
+#pragma GCC unroll 16
         for (int i = 0; i < MB; ++i) {
           acc[r][i] = _mm512_dpbf16_ps(acc[r][i], lo, xh_lo[i]);
           acc[r][i] = _mm512_dpbf16_ps(acc[r][i], hi, xh_hi[i]);
@@ -339,12 +371,16 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
         }
       }
     }
+#pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
       const __m512 s = _mm512_set1_ps(sc[r][g]);
+#pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) total[r][i] = _mm512_fmadd_ps(acc[r][i], s, total[r][i]);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r)
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
       // sum_g s_g * (z_g + 128) * sum_{k in g} x_k
       const float* z = p.zeros + rows[r] * sx.groups;
