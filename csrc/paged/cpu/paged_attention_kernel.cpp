@@ -171,8 +171,8 @@ struct HeadState {
 // next. The cache is then read as sequential streams, once for the scores
 // (K) and once for P V (V, a kv head at a time). Software prefetches into L2
 // run a few rows ahead of both (bf16 16 x 2048 decode 12.9 -> 8.5-9.3 ms on
-// the Zen 4); with them the decode is still bound by how many misses a core
-// keeps in flight: 15 GB/s of bf16 K/V from DRAM, 26 from L3.
+// the Zen 4). It then reads about 15 GB/s of bf16 K/V from DRAM against 26
+// when K/V sit in L3: memory and compute overlap only in part.
 template <int HT, class T>
 void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_per_split, Partials& part) {
   const CacheLayout& c = p.cache;
