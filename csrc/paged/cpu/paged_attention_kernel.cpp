@@ -125,31 +125,30 @@ inline void prefetch_row(const T* row, int64_t row_bytes) {
 }
 
 // P V for query heads [h0, h0 + HT) of one kv head over a chunk's n keys,
-// head_dim columns [d0, d0 + kSlices * kW): the accumulators stay in
+// head_dim columns [d0, d0 + S * kW): the accumulators stay in
 // registers for the whole chunk instead of a load and store per key.
-constexpr int kSlices = 8;
 
 // With kPrefetch, also pulls into L2 the same columns of the row at pf[c0]
 // for every key (V rows a few keys ahead).
-template <int HT, bool kPrefetch, class T>
+template <int HT, int S, bool kPrefetch, class T>
 void pv_registers(const float* sc, const T* const* vpos, int64_t n, int64_t v_off, float* acc, int64_t dp,
                   int64_t h0, int64_t d0, const T* const* pf) {
-  constexpr int kLines = static_cast<int>(kSlices * kW * sizeof(T) / 64);
+  constexpr int kLines = static_cast<int>(S * kW * sizeof(T) / 64);
   // Full unrolling of the loads and stores of a keeps it in registers: left
   // as loops, GCC -O3's loop vectoriser takes them and a moves to the stack,
   // stored back on every key.
-  Vec a[HT][kSlices];
+  Vec a[HT][S];
 #pragma GCC unroll 4
   for (int g = 0; g < HT; ++g)
 #pragma GCC unroll 8
-    for (int i = 0; i < kSlices; ++i) a[g][i] = vload(acc + (h0 + g) * dp + d0 + i * kW);
+    for (int i = 0; i < S; ++i) a[g][i] = vload(acc + (h0 + g) * dp + d0 + i * kW);
   for (int64_t c0 = 0; c0 < n; ++c0) {
     if constexpr (kPrefetch)
       for (int l = 0; l < kLines; ++l) prefetch_l2(reinterpret_cast<const char*>(pf[c0] + d0) + 64 * l);
     const T* vr = vpos[c0] + v_off + d0;
     Vec pr[HT];
     for (int g = 0; g < HT; ++g) pr[g] = vset1(sc[(h0 + g) * kChunk + c0]);
-    for (int i = 0; i < kSlices; ++i) {
+    for (int i = 0; i < S; ++i) {
       const Vec v = vload(vr + i * kW);
       for (int g = 0; g < HT; ++g) a[g][i] = vfma(pr[g], v, a[g][i]);
     }
@@ -157,7 +156,7 @@ void pv_registers(const float* sc, const T* const* vpos, int64_t n, int64_t v_of
 #pragma GCC unroll 4
   for (int g = 0; g < HT; ++g)
 #pragma GCC unroll 8
-    for (int i = 0; i < kSlices; ++i) vstore(acc + (h0 + g) * dp + d0 + i * kW, a[g][i]);
+    for (int i = 0; i < S; ++i) vstore(acc + (h0 + g) * dp + d0 + i * kW, a[g][i]);
 }
 
 // Online-softmax state of one query head within a task.
@@ -208,10 +207,12 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
       }
     }
   };
-  // P V keeps accumulators in registers for whole slabs of kSlices vectors
-  // of head_dim, kPvHeads query heads at a time (AVX-512: 2 x 8 of the 32
-  // registers); other head dims / groups take the L1 loop.
-  constexpr int kPvHeads = kW >= 16 ? 2 : 1;
+  // P V keeps 16 (AVX-512: of 32 registers) or 8 (AVX2: of 16) accumulators
+  // in registers: kPvHeads query heads x kSlices vectors of head_dim. Groups
+  // of 4 take all 4 heads in one pass, so each V vector is widened once for
+  // every head of its group; other head dims / groups take the L1 loop.
+  constexpr int kPvHeads = kW < 16 ? 1 : (HT == 4 ? 4 : 2);
+  constexpr int kSlices = kW < 16 ? 8 : 16 / kPvHeads;
   const int64_t d_reg = D / (kSlices * kW) * (kSlices * kW);
   const bool pv_in_registers = d_reg > 0 && group % kPvHeads == 0;
   const T* pf_rows[kChunk];
@@ -304,9 +305,9 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
         for (int64_t d0 = 0; d0 < d_reg; d0 += kSlices * kW)
           for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += kPvHeads)
             if (h0 == hk * group)
-              pv_registers<kPvHeads, true, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, pf_rows);
+              pv_registers<kPvHeads, kSlices, true, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, pf_rows);
             else
-              pv_registers<kPvHeads, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, pf_rows);
+              pv_registers<kPvHeads, kSlices, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, pf_rows);
       }
     }
     const int64_t d_rest = pv_in_registers ? d_reg : 0;
