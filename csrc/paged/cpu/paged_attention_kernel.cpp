@@ -20,8 +20,7 @@ namespace TK_CPU_NS {
 namespace {
 
 constexpr int64_t kChunk = 64;      // keys per softmax step
-constexpr int64_t kAheadPositions = 8;  // software prefetch distance of the scores (positions)
-constexpr int64_t kAheadRows = 16;      // and of P V (V rows of one kv head)
+constexpr int64_t kAheadPositions = 16;  // software prefetch distance of the scores (positions)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -128,11 +127,11 @@ inline void prefetch_row(const T* row, int64_t row_bytes) {
 // head_dim columns [d0, d0 + S * kW): the accumulators stay in
 // registers for the whole chunk instead of a load and store per key.
 
-// With kPrefetch, also pulls into L2 the same columns of the row at pf[c0]
-// for every key (V rows a few keys ahead).
+// With kPrefetch, also pulls into L2 the same columns of the row at
+// vpos[c0] + pf_off for every key (the next kv head's V).
 template <int HT, int S, bool kPrefetch, class T>
 void pv_registers(const float* sc, const T* const* vpos, int64_t n, int64_t v_off, float* acc, int64_t dp,
-                  int64_t h0, int64_t d0, const T* const* pf) {
+                  int64_t h0, int64_t d0, int64_t pf_off) {
   constexpr int kLines = static_cast<int>(S * kW * sizeof(T) / 64);
   // Full unrolling of the loads and stores of a keeps it in registers: left
   // as loops, GCC -O3's loop vectoriser takes them and a moves to the stack,
@@ -144,7 +143,7 @@ void pv_registers(const float* sc, const T* const* vpos, int64_t n, int64_t v_of
     for (int i = 0; i < S; ++i) a[g][i] = vload(acc + (h0 + g) * dp + d0 + i * kW);
   for (int64_t c0 = 0; c0 < n; ++c0) {
     if constexpr (kPrefetch)
-      for (int l = 0; l < kLines; ++l) prefetch_l2(reinterpret_cast<const char*>(pf[c0] + d0) + 64 * l);
+      for (int l = 0; l < kLines; ++l) prefetch_l2(reinterpret_cast<const char*>(vpos[c0] + pf_off + d0) + 64 * l);
     const T* vr = vpos[c0] + v_off + d0;
     Vec pr[HT];
     for (int g = 0; g < HT; ++g) pr[g] = vset1(sc[(h0 + g) * kChunk + c0]);
@@ -169,9 +168,9 @@ struct HeadState {
 // kv head of a position (one contiguous run of the cache block) before the
 // next. The cache is then read as sequential streams, once for the scores
 // (K) and once for P V (V, a kv head at a time). Software prefetches into L2
-// run a few rows ahead of both (bf16 16 x 2048 decode 12.9 -> 8.5-9.3 ms on
-// the Zen 4). It then reads about 15 GB/s of bf16 K/V from DRAM against 26
-// when K/V sit in L3: memory and compute overlap only in part.
+// run ahead of both (bf16 16 x 2048 decode 12.9 -> 7.1-8.1 ms on the Zen 4).
+// It then reads 17-19 GB/s of bf16 K/V from DRAM against 30 when K/V sit in
+// L3: memory and compute overlap only in part.
 template <int HT, class T>
 void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_per_split, Partials& part) {
   const CacheLayout& c = p.cache;
@@ -215,16 +214,17 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
   constexpr int kSlices = kW < 16 ? 8 : 16 / kPvHeads;
   const int64_t d_reg = D / (kSlices * kW) * (kSlices * kW);
   const bool pv_in_registers = d_reg > 0 && group % kPvHeads == 0;
-  const T* pf_rows[kChunk];
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   for (int64_t j0 = k0; j0 < k1; j0 += kChunk) {
     const int64_t n = std::min(kChunk, k1 - j0);
     positions(j0, n, kpos, vpos);
-    // Scores prefetch K kAheadPositions positions ahead of the one they
-    // read (the chunk's first ones go out in one burst), and P V each head's
-    // V rows kAheadRows keys ahead. (Prefetching a whole phase ahead, V
-    // during the scores and the next chunk's K during P V, measured 5%
-    // slower.)
+    // Software prefetches into L2: the scores pull K kAheadPositions
+    // positions ahead of the one they read (the chunk's first ones in one
+    // burst); P V, going a kv head at a time, pulls the first head's V rows
+    // in one burst and then at each key the next head's row. (Measured bf16
+    // 16 x 2048: V 8 / 16 / 32 rows ahead 13 / 15 / 17 GB/s, a head ahead
+    // 19; the first head's rows spread over the scores instead of a burst,
+    // 15-17.)
     auto prefetch_k = [&](int64_t from, int64_t to) {
       for (int64_t at = from; at < std::min(to, n); ++at)
         for (int64_t hk = 0; hk < c.heads_k; ++hk) {
@@ -292,22 +292,17 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     // accumulators (re-read from L1 / L2 for the next query heads). Other
     // head dims: in memory order, accumulators in L1.
     if (pv_in_registers) {
-      for (int64_t c0 = 0; c0 < std::min(kAheadRows, n); ++c0) prefetch_row(vpos[c0], row_bytes);
+      for (int64_t c0 = 0; c0 < n; ++c0) prefetch_row(vpos[c0], row_bytes);  // the first head's V
       for (int64_t hk = 0; hk < c.heads_k; ++hk) {
-        // The row each key prefetches: this head's kAheadRows keys on, then
-        // the next head's first rows (the last head's are no-ops).
-        const int64_t hs = c.head_stride;
-        for (int64_t c0 = 0; c0 < n; ++c0) {
-          const int64_t ahead = c0 + kAheadRows;
-          pf_rows[c0] = ahead < n ? vpos[ahead] + hk * hs
-                                  : (hk + 1 < c.heads_k ? vpos[ahead - n] + (hk + 1) * hs : vpos[c0] + hk * hs);
-        }
+        // The row each key prefetches: the next head's at that key (for the
+        // last head, the row just read: a no-op).
+        const int64_t hs = c.head_stride, next = hk + 1 < c.heads_k ? hk + 1 : hk;
         for (int64_t d0 = 0; d0 < d_reg; d0 += kSlices * kW)
           for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += kPvHeads)
             if (h0 == hk * group)
-              pv_registers<kPvHeads, kSlices, true, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, pf_rows);
+              pv_registers<kPvHeads, kSlices, true, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
             else
-              pv_registers<kPvHeads, kSlices, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, pf_rows);
+              pv_registers<kPvHeads, kSlices, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
       }
     }
     const int64_t d_rest = pv_in_registers ? d_reg : 0;
