@@ -116,8 +116,8 @@ inline void prefetch_l2(const char* at) {
 #endif
 }
 
-// Every line of one K or V row into L2 (not L1: a chunk ahead is more than
-// L1 holds).
+// Every line of one K or V row into L2 (not L1: what runs ahead, 16
+// positions of K or a kv head's V rows, is about as much as L1 holds).
 template <class T>
 inline void prefetch_row(const T* row, int64_t row_bytes) {
   for (int64_t b = 0; b < row_bytes; b += 64) prefetch_l2(reinterpret_cast<const char*>(row) + b);
@@ -126,7 +126,6 @@ inline void prefetch_row(const T* row, int64_t row_bytes) {
 // P V for query heads [h0, h0 + HT) of one kv head over a chunk's n keys,
 // head_dim columns [d0, d0 + S * kW): the accumulators stay in
 // registers for the whole chunk instead of a load and store per key.
-
 // With kPrefetch, also pulls into L2 the same columns of the row at
 // vpos[c0] + pf_off for every key (the next kv head's V).
 template <int HT, int S, bool kPrefetch, class T>
