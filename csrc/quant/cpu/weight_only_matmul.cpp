@@ -190,9 +190,10 @@ inline void prefetch_next_tile(const WeightOnlyParams& p, const void* at) {
 }
 
 // ------------------------------------------------------------ fp32 inner loops
-// Every loop over the register tile (rows r, x rows i, chains c) is fully
-// unrolled by pragma: left as loops, GCC -O3's loop vectoriser takes some of
-// them and the accumulators move to the stack, stored on every iteration.
+// Every loop over a register tile (rows r, x rows i, chains c), here and in
+// the bf16 loop below, is fully unrolled by pragma: left as loops, GCC -O3's
+// loop vectoriser takes some of them and the accumulators move to the stack,
+// stored on every iteration.
 // A register tile of kTileN weight rows by MB rows of x: each x vector loaded
 // serves kTileN weight rows and each decoded weight vector MB rows of x, so
 // neither L1 loads nor decoding bound the loop. Weights are scaled while
