@@ -45,6 +45,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#undef __noinline__
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 // A static __shared__ array would become a function-local static, which the
 // optimiser may keep in registers across a fiber switch: kernels run here
@@ -304,3 +306,4 @@ cudaError_t cudaFuncSetAttribute(R (*kernel)(A...), cudaFuncAttribute attr, int 
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
 }
 inline float __logf(float x) { return std::log(x); }
+inline float __uint_as_float(unsigned u) { return emu::bits_to_float(u); }

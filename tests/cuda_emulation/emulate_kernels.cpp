@@ -35,6 +35,7 @@ int64_t cfg(const char* key) {
   if (it == config.end()) throw std::runtime_error(std::string("missing config key ") + key);
   return static_cast<int64_t>(it->second);
 }
+int64_t cfg_or(const char* key, int64_t fallback) { return config.count(key) ? cfg(key) : fallback; }
 
 template <class E>
 std::vector<E> read_array(const std::string& name) {
@@ -346,8 +347,12 @@ void run_quant() {
   std::vector<T> x = to_dtype<T>(read_array<float>("x")), bias, out = poisoned<T>(m * n), dense = poisoned<T>(n * k);
   std::vector<uint8_t> qweight = read_array<uint8_t>("qweight");
   std::vector<float> scales = read_array<float>("scales"), zeros;
+  // x_offset > 0: x starts that many elements into its buffer (a sliced,
+  // not 16-byte aligned x: the kernels' narrow-load path).
+  const int64_t x_offset = cfg_or("x_offset", 0);
+  x.insert(x.begin(), x_offset, cuda::from_float<T>(0.0f));
   WeightOnlyParams p;
-  p.x = x.data();
+  p.x = x.data() + x_offset;
   p.x_row_stride = k;
   p.qweight = qweight.data();
   p.qweight_row_stride = static_cast<int64_t>(qweight.size()) / n;

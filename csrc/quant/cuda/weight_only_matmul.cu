@@ -1,7 +1,7 @@
 // Weight-only quantised matmul on CUDA.
 //  * Up to kMaxRows rows of x (decode): a warp per output row decodes the
-//    packed weight in registers (coalesced 4-byte loads, 128 bytes per warp
-//    step) and multiplies it with every row of x.
+//    packed weight in registers (16-byte loads, 512 contiguous bytes per
+//    warp step) and multiplies it with every row of x.
 //  * More rows, bf16 / fp16 x (prefill): a tensor-core GEMM. Each block
 //    decodes a 64 x 64 weight tile into shared memory as x's dtype (exactly
 //    the dequantised values) and multiplies it with a 64 x 64 tile of x by
@@ -61,36 +61,153 @@ __device__ __forceinline__ void for_codes(const WeightOnlyParams& p, int64_t b, 
   if (hi < p.k) f(hi, static_cast<int>(byte >> 4));
 }
 
+// ------------------------------------------------------------ decode GEMV
+// A warp per output row; each lane takes 16-byte packets of the row (the
+// warp reads 512 contiguous bytes per step) and two packets at a time, so
+// two loads are in flight before the first is decoded. A 4-bit packet is
+// two runs of 16 columns (low and high nibbles, kNibbleChunk layout), an
+// int8 packet one run; a run lies in one group, so its scale (and zero) is
+// read once and every code costs a few ALU operations, a multiply and one
+// FMA per row of x. Rows and x not 16-byte aligned (int8 with k % 16 != 0,
+// a sliced x) take the same path with narrow loads.
+constexpr int kRun = 16;  // columns that share one decode of scale and zero
+
+struct Packet {
+  uint32_t w[4];
+};
+
+// Byte by byte (a row or x not 16-byte aligned, an int8 row's short last
+// packet). Not inlined: its dynamically indexed packet lives on the stack,
+// which would otherwise take the fast path's packet with it.
+__device__ __noinline__ Packet load_packet_narrow(const uint8_t* at, int valid_bytes) {
+  Packet pk{};
+  for (int i = 0; i < 16 && i < valid_bytes; ++i) pk.w[i / 4] |= static_cast<uint32_t>(at[i]) << (8 * (i % 4));
+  return pk;
+}
+
+__device__ __forceinline__ Packet load_packet(const uint8_t* at, int valid_bytes, bool vec) {
+  if (!vec || valid_bytes < 16) return load_packet_narrow(at, valid_bytes);
+  const uint4 v = *reinterpret_cast<const uint4*>(at);
+  return Packet{{v.x, v.y, v.z, v.w}};
+}
+
+__device__ __forceinline__ uint32_t packet_byte(const Packet& pk, int i) { return (pk.w[i / 4] >> (8 * (i % 4))) & 0xFFu; }
+
+// A code in [0, 255] as a float without an int-to-float conversion (a
+// quarter-rate instruction): in the low mantissa bits of 2^23 it reads as
+// 2^23 + code exactly.
+__device__ __forceinline__ float small_code_to_float(uint32_t code) {
+  return __uint_as_float(0x4B000000u | code) - 8388608.0f;
+}
+
+// Columns [c0, c0 + 16) of row `row` of x as fp32; columns past k read 0.
+template <class T>
+__device__ __forceinline__ void load_x_run(const WeightOnlyParams& p, int64_t row, int64_t c0, bool vec,
+                                           float (&xv)[kRun]) {
+  const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride + c0;
+  if (vec && c0 + kRun <= p.k) {
+    uint4 raw[kRun * sizeof(T) / 16];
+#pragma unroll
+    for (int i = 0; i < kRun * static_cast<int>(sizeof(T)) / 16; ++i) raw[i] = reinterpret_cast<const uint4*>(x)[i];
+    const T* e = reinterpret_cast<const T*>(raw);
+#pragma unroll
+    for (int i = 0; i < kRun; ++i) xv[i] = to_float(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kRun; ++i) xv[i] = c0 + i < p.k ? to_float(x[i]) : 0.0f;
+  }
+}
+
+// acc[m] += sum_i w[i] * x[m, c0 + i] for every row m of x.
 template <class T, int M>
-__global__ void gemv_kernel(WeightOnlyParams p) {
+__device__ __forceinline__ void run_dot(const WeightOnlyParams& p, int64_t c0, bool vec, const float (&w)[kRun],
+                                        float (&acc)[M]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    if (m >= p.m) break;
+    float xv[kRun];
+    load_x_run<T>(p, m, c0, vec, xv);
+#pragma unroll
+    for (int i = 0; i < kRun; ++i) acc[m] = fmaf(w[i], xv[i], acc[m]);
+  }
+}
+
+// Decodes the 16 weights of one run: the nibbles at `shift` (0: low, 4:
+// high) of a 4-bit packet, or the bytes of an int8 packet, as the CPU
+// reference does: (q - zero) * scale, code * scale (nf4), q * scale (int8).
+__device__ __forceinline__ void decode_run(const WeightOnlyParams& p, const Packet& pk, int shift, float scale,
+                                           float zero, const float* nf4_table, float (&w)[kRun]) {
+  switch (p.format) {
+    case WeightFormat::kInt4:
+#pragma unroll
+      for (int i = 0; i < kRun; ++i) w[i] = (small_code_to_float((packet_byte(pk, i) >> shift) & 15u) - zero) * scale;
+      break;
+    case WeightFormat::kNf4:
+#pragma unroll
+      for (int i = 0; i < kRun; ++i) w[i] = nf4_table[(packet_byte(pk, i) >> shift) & 15u] * scale;
+      break;
+    default:  // int8: flipping the sign bit maps [-128, 127] onto [0, 255]
+#pragma unroll
+      for (int i = 0; i < kRun; ++i) w[i] = (small_code_to_float(packet_byte(pk, i) ^ 0x80u) - 128.0f) * scale;
+      break;
+  }
+}
+
+template <class T, int M>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(WeightOnlyParams p, bool vec) {
+  // The NF4 code values in shared memory: a lookup there is conflict-free
+  // (16 words, 16 banks), unlike divergent reads of __constant__ memory.
+  TK_DYNAMIC_SMEM(smem);
+  float* nf4_table = reinterpret_cast<float*>(smem);
+  if (threadIdx.x < 16) nf4_table[threadIdx.x] = kNf4[threadIdx.x];
+  __syncthreads();
+
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (row >= p.n) return;
-  const T* x = static_cast<const T*>(p.x);
-  const uint8_t* w = p.qweight + row * p.qweight_row_stride;
+  const uint8_t* wrow = p.qweight + row * p.qweight_row_stride;
+  const bool four_bit = p.format != WeightFormat::kInt8;
+  const int64_t row_bytes = four_bit ? p.qweight_row_stride : p.k;
+  const int64_t packets = (row_bytes + 15) / 16;
+  const uint32_t group = static_cast<uint32_t>(p.group_size);
+  const int64_t groups = p.k / p.group_size;
+  const float* scales = p.scales + row * groups;
+  const float* zeros = p.zeros ? p.zeros + row * groups : nullptr;
+
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-  // Rows are 4-byte aligned when the row stride is (it is: k/2 rounded to 32, or k % 4 == 0).
-  const bool aligned = (p.qweight_row_stride % 4) == 0;
-  for (int64_t b0 = static_cast<int64_t>(lane) * 4; b0 < p.qweight_row_stride; b0 += 32 * 4) {
-    uint32_t word = 0;
-    if (aligned && b0 + 4 <= p.qweight_row_stride) {
-      word = *reinterpret_cast<const uint32_t*>(w + b0);
-    } else {
-      for (int t = 0; t < 4 && b0 + t < p.qweight_row_stride; ++t) word |= static_cast<uint32_t>(w[b0 + t]) << (8 * t);
+
+  auto process = [&](int64_t q, const Packet& pk) {
+    float w[kRun];
+    if (!four_bit) {
+      decode_run(p, pk, 0, scales[0], 0.0f, nf4_table, w);
+      run_dot<T, M>(p, q * 16, vec, w, acc);
+      return;
     }
+    // Packet q holds columns [c0, c0 + 16) (low nibbles) and [c0 + 32,
+    // c0 + 48) (high); k is a multiple of 32, so each run is all in or all
+    // padding.
+    const int64_t c0 = (q / 2) * kNibbleChunk + (q % 2) * kRun;
 #pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      if (b0 + t >= p.qweight_row_stride) break;
-      for_codes(p, b0 + t, (word >> (8 * t)) & 0xFFu, [&](int64_t col, int code) {
-        const float wv = weight_value(p, row, col, code);
-#pragma unroll
-        for (int m = 0; m < M; ++m)
-          if (m < p.m) acc[m] += wv * to_float(x[m * p.x_row_stride + col]);
-      });
+    for (int half = 0; half < 2; ++half) {
+      const int64_t c = c0 + half * (kNibbleChunk / 2);
+      if (c >= p.k) break;
+      const uint32_t g = static_cast<uint32_t>(c) / group;
+      decode_run(p, pk, 4 * half, scales[g], zeros ? zeros[g] : 0.0f, nf4_table, w);
+      run_dot<T, M>(p, c, vec, w, acc);
     }
+  };
+  // Bytes of packet q inside the row (16 but for an int8 row's last packet).
+  const auto valid = [&](int64_t q) { return static_cast<int>(row_bytes - q * 16 < 16 ? row_bytes - q * 16 : 16); };
+  for (int64_t q = lane; q < packets; q += 64) {
+    const bool second = q + 32 < packets;
+    const Packet a = load_packet(wrow + q * 16, valid(q), vec);
+    const Packet b = second ? load_packet(wrow + (q + 32) * 16, valid(q + 32), vec) : Packet{};
+    process(q, a);
+    if (second) process(q + 32, b);
   }
+
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
 #pragma unroll
@@ -227,15 +344,23 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const WeightOnlyPara
 
 void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream) {
   if (p.m > kMaxRows) throw std::invalid_argument("weight_only_matmul_cuda: at most 8 rows of x per call");
+  if (p.k >= (int64_t{1} << 31)) throw std::invalid_argument("weight_only_matmul_cuda: in_features must be < 2^31");
   const dim3 grid(static_cast<unsigned>(cuda::ceil_div(p.n, kWarps)));
+  const size_t smem = 16 * sizeof(float);  // the NF4 table
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    // 16-byte loads need every weight row and x row to start 16-byte aligned.
+    const auto aligned = [](const void* ptr, int64_t stride_bytes) {
+      return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride_bytes % 16 == 0;
+    };
+    const bool vec = aligned(p.qweight, p.qweight_row_stride) &&
+                     aligned(p.x, (p.m > 1 ? p.x_row_stride : 0) * static_cast<int64_t>(sizeof(T)));
     if (p.m <= 1)
-      TK_KERNEL_LAUNCH(grid, 32 * kWarps, 0, stream, gemv_kernel<T, 1>)(p);
+      TK_KERNEL_LAUNCH(grid, 32 * kWarps, smem, stream, gemv_kernel<T, 1>)(p, vec);
     else if (p.m <= 4)
-      TK_KERNEL_LAUNCH(grid, 32 * kWarps, 0, stream, gemv_kernel<T, 4>)(p);
+      TK_KERNEL_LAUNCH(grid, 32 * kWarps, smem, stream, gemv_kernel<T, 4>)(p, vec);
     else
-      TK_KERNEL_LAUNCH(grid, 32 * kWarps, 0, stream, gemv_kernel<T, kMaxRows>)(p);
+      TK_KERNEL_LAUNCH(grid, 32 * kWarps, smem, stream, gemv_kernel<T, kMaxRows>)(p, vec);
   });
   cuda::check_launch("weight_only_matmul");
 }
