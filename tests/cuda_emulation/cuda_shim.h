@@ -45,8 +45,6 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#undef __noinline__
-#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 // A static __shared__ array would become a function-local static, which the
 // optimiser may keep in registers across a fiber switch: kernels run here

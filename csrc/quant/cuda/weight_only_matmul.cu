@@ -26,69 +26,27 @@ using cuda::warp_sum;
 constexpr int kWarps = 4;  // output rows per block
 constexpr int kMaxRows = 8;
 
-__constant__ float kNf4[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
-    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
-    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
-    0.7229568362236023f, 1.0f,
-};
-
-// The weight of (row, column) from its code, as in the CPU reference:
-// (q - zero) * scale, code * scale (nf4) or q * scale (int8).
-__device__ __forceinline__ float weight_value(const WeightOnlyParams& p, int64_t row, int64_t col, int code) {
-  const int64_t g = col / p.group_size, groups = p.k / p.group_size;
-  const float s = p.scales[row * groups + g];
-  switch (p.format) {
-    case WeightFormat::kInt4:
-      return (static_cast<float>(code) - p.zeros[row * groups + g]) * s;
-    case WeightFormat::kNf4:
-      return kNf4[code] * s;
-    default:
-      return static_cast<float>(code) * s;
-  }
-}
-
-// Calls f(column, code) for the (up to two) codes held by byte b of a row.
-template <class F>
-__device__ __forceinline__ void for_codes(const WeightOnlyParams& p, int64_t b, uint32_t byte, const F& f) {
-  if (p.format == WeightFormat::kInt8) {
-    if (b < p.k) f(b, static_cast<int>(static_cast<int8_t>(byte)));
-    return;
-  }
-  const int64_t c = b / (kNibbleChunk / 2), j = b % (kNibbleChunk / 2);
-  const int64_t lo = c * kNibbleChunk + j, hi = lo + kNibbleChunk / 2;
-  if (lo < p.k) f(lo, static_cast<int>(byte & 15u));
-  if (hi < p.k) f(hi, static_cast<int>(byte >> 4));
-}
-
-// ------------------------------------------------------------ decode GEMV
-// A warp per output row; each lane takes 16-byte packets of the row (the
-// warp reads 512 contiguous bytes per step) and two packets at a time, so
-// two loads are in flight before the first is decoded. A 4-bit packet is
-// two runs of 16 columns (low and high nibbles, kNibbleChunk layout), an
-// int8 packet one run; a run lies in one group, so its scale (and zero) is
-// read once and every code costs a few ALU operations, a multiply and one
-// FMA per row of x. Rows and x not 16-byte aligned (int8 with k % 16 != 0,
-// a sliced x) take the same path with narrow loads.
-constexpr int kRun = 16;  // columns that share one decode of scale and zero
+// ------------------------------------------------------------ packed rows
+// Every kernel here reads a weight row as 16-byte packets. A 4-bit packet is
+// two runs of 16 columns (its low nibbles and its high nibbles, see
+// kNibbleChunk), an int8 packet one run; a run lies in one group, so its
+// scale (and zero) is read once, and each code then costs a few ALU
+// operations: no division, no int-to-float conversion.
+constexpr int kRun = 16;  // columns per run
 
 struct Packet {
   uint32_t w[4];
 };
 
-// Byte by byte (a row or x not 16-byte aligned, an int8 row's short last
-// packet). Not inlined: its dynamically indexed packet lives on the stack,
-// which would otherwise take the fast path's packet with it.
-__device__ __noinline__ Packet load_packet_narrow(const uint8_t* at, int valid_bytes) {
+// Byte by byte (a row not 16-byte aligned, an int8 row's short last packet).
+// Unrolled, so the packet stays in registers (a loop indexing it would put
+// it, and the fast path's packet with it, on the stack).
+__device__ __forceinline__ Packet load_packet_narrow(const uint8_t* at, int valid_bytes) {
   Packet pk{};
-  for (int i = 0; i < 16 && i < valid_bytes; ++i) pk.w[i / 4] |= static_cast<uint32_t>(at[i]) << (8 * (i % 4));
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    if (i < valid_bytes) pk.w[i / 4] |= static_cast<uint32_t>(at[i]) << (8 * (i % 4));
   return pk;
-}
-
-__device__ __forceinline__ Packet load_packet(const uint8_t* at, int valid_bytes, bool vec) {
-  if (!vec || valid_bytes < 16) return load_packet_narrow(at, valid_bytes);
-  const uint4 v = *reinterpret_cast<const uint4*>(at);
-  return Packet{{v.x, v.y, v.z, v.w}};
 }
 
 __device__ __forceinline__ uint32_t packet_byte(const Packet& pk, int i) { return (pk.w[i / 4] >> (8 * (i % 4))) & 0xFFu; }
@@ -99,6 +57,100 @@ __device__ __forceinline__ uint32_t packet_byte(const Packet& pk, int i) { retur
 __device__ __forceinline__ float small_code_to_float(uint32_t code) {
   return __uint_as_float(0x4B000000u | code) - 8388608.0f;
 }
+
+// The NF4 code values, copied into shared memory by each kernel: lookups
+// there are conflict-free (16 words, 16 banks), unlike divergent reads of
+// __constant__ memory.
+__constant__ float kNf4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+    0.7229568362236023f, 1.0f,
+};
+constexpr size_t kNf4TableBytes = 16 * sizeof(float);
+
+// Fills `table` (shared) and syncs the block: call before any early return.
+__device__ __forceinline__ void load_nf4_table(float* table) {
+  if (threadIdx.x < 16) table[threadIdx.x] = kNf4[threadIdx.x];
+  __syncthreads();
+}
+
+// 16-byte loads need every row to start 16-byte aligned.
+inline bool rows_aligned(const void* base, int64_t row_stride_bytes) {
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && row_stride_bytes % 16 == 0;
+}
+
+// One weight row: its packets, their runs, and the runs' decoded weights.
+struct WeightRow {
+  const uint8_t* bytes;
+  const float* scales;
+  const float* zeros;  // kInt4 only
+  const float* nf4_table;
+  int64_t row_bytes;  // holding codes: the row stride for 4-bit formats, k for int8
+  int64_t k;
+  uint32_t group_size;
+  WeightFormat format;
+  bool four_bit, vec;
+
+  __device__ WeightRow(const WeightOnlyParams& p, int64_t row, bool vec_loads, const float* table)
+      : nf4_table(table), k(p.k), group_size(static_cast<uint32_t>(p.group_size)), format(p.format),
+        vec(vec_loads) {
+    const int64_t groups = p.k / p.group_size;
+    four_bit = p.format != WeightFormat::kInt8;
+    row_bytes = four_bit ? p.qweight_row_stride : p.k;
+    bytes = p.qweight + row * p.qweight_row_stride;
+    scales = p.scales + row * groups;
+    zeros = p.zeros ? p.zeros + row * groups : nullptr;
+  }
+
+  __device__ int64_t packets() const { return (row_bytes + 15) / 16; }
+  __device__ int runs_per_packet() const { return four_bit ? 2 : 1; }
+  // First column of run `run` of packet q. k is a multiple of 32 for 4-bit
+  // formats, so a 4-bit run is all inside the row or all padding.
+  __device__ int64_t run_column(int64_t q, int run) const {
+    return four_bit ? (q / 2) * kNibbleChunk + (q % 2) * kRun + run * (kNibbleChunk / 2) : q * kRun;
+  }
+
+  __device__ Packet load(int64_t q) const {
+    const int64_t left = row_bytes - q * 16;
+    if (!vec || left < 16) return load_packet_narrow(bytes + q * 16, static_cast<int>(left < 16 ? left : 16));
+    const uint4 v = *reinterpret_cast<const uint4*>(bytes + q * 16);
+    return Packet{{v.x, v.y, v.z, v.w}};
+  }
+
+  // The 16 weights of run `run` of packet q (run_column < k), as the CPU
+  // reference computes them: (q - zero) * scale, code * scale (nf4),
+  // q * scale (int8). Columns of an int8 run past k decode to 0.
+  __device__ void decode(const Packet& pk, int64_t q, int run, float (&w)[kRun]) const {
+    const int64_t c = run_column(q, run);
+    const uint32_t g = four_bit ? static_cast<uint32_t>(c) / group_size : 0;
+    const float scale = scales[g];
+    const int shift = 4 * run;
+    switch (format) {
+      case WeightFormat::kInt4: {
+        const float zero = zeros[g];
+#pragma unroll
+        for (int i = 0; i < kRun; ++i) w[i] = (small_code_to_float((packet_byte(pk, i) >> shift) & 15u) - zero) * scale;
+        break;
+      }
+      case WeightFormat::kNf4:
+#pragma unroll
+        for (int i = 0; i < kRun; ++i) w[i] = nf4_table[(packet_byte(pk, i) >> shift) & 15u] * scale;
+        break;
+      default:  // int8: flipping the sign bit maps [-128, 127] onto [0, 255]
+#pragma unroll
+        for (int i = 0; i < kRun; ++i) w[i] = (small_code_to_float(packet_byte(pk, i) ^ 0x80u) - 128.0f) * scale;
+        break;
+    }
+  }
+};
+
+// ------------------------------------------------------------ decode GEMV
+// A warp per output row: the warp reads 512 contiguous bytes per step, each
+// lane two packets at a time so that two loads are in flight before the
+// first is decoded, and each decoded weight costs one FMA per row of x.
+// Rows or x not 16-byte aligned (int8 with k % 16 != 0, a sliced x) take the
+// same path with narrow loads.
 
 // Columns [c0, c0 + 16) of row `row` of x as fp32; columns past k read 0.
 template <class T>
@@ -118,94 +170,42 @@ __device__ __forceinline__ void load_x_run(const WeightOnlyParams& p, int64_t ro
   }
 }
 
-// acc[m] += sum_i w[i] * x[m, c0 + i] for every row m of x.
 template <class T, int M>
-__device__ __forceinline__ void run_dot(const WeightOnlyParams& p, int64_t c0, bool vec, const float (&w)[kRun],
-                                        float (&acc)[M]) {
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    if (m >= p.m) break;
-    float xv[kRun];
-    load_x_run<T>(p, m, c0, vec, xv);
-#pragma unroll
-    for (int i = 0; i < kRun; ++i) acc[m] = fmaf(w[i], xv[i], acc[m]);
-  }
-}
-
-// Decodes the 16 weights of one run: the nibbles at `shift` (0: low, 4:
-// high) of a 4-bit packet, or the bytes of an int8 packet, as the CPU
-// reference does: (q - zero) * scale, code * scale (nf4), q * scale (int8).
-__device__ __forceinline__ void decode_run(const WeightOnlyParams& p, const Packet& pk, int shift, float scale,
-                                           float zero, const float* nf4_table, float (&w)[kRun]) {
-  switch (p.format) {
-    case WeightFormat::kInt4:
-#pragma unroll
-      for (int i = 0; i < kRun; ++i) w[i] = (small_code_to_float((packet_byte(pk, i) >> shift) & 15u) - zero) * scale;
-      break;
-    case WeightFormat::kNf4:
-#pragma unroll
-      for (int i = 0; i < kRun; ++i) w[i] = nf4_table[(packet_byte(pk, i) >> shift) & 15u] * scale;
-      break;
-    default:  // int8: flipping the sign bit maps [-128, 127] onto [0, 255]
-#pragma unroll
-      for (int i = 0; i < kRun; ++i) w[i] = (small_code_to_float(packet_byte(pk, i) ^ 0x80u) - 128.0f) * scale;
-      break;
-  }
-}
-
-template <class T, int M>
-__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(WeightOnlyParams p, bool vec) {
-  // The NF4 code values in shared memory: a lookup there is conflict-free
-  // (16 words, 16 banks), unlike divergent reads of __constant__ memory.
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(WeightOnlyParams p, bool vec_weight, bool vec_x) {
   TK_DYNAMIC_SMEM(smem);
   float* nf4_table = reinterpret_cast<float*>(smem);
-  if (threadIdx.x < 16) nf4_table[threadIdx.x] = kNf4[threadIdx.x];
-  __syncthreads();
-
+  load_nf4_table(nf4_table);
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (row >= p.n) return;
-  const uint8_t* wrow = p.qweight + row * p.qweight_row_stride;
-  const bool four_bit = p.format != WeightFormat::kInt8;
-  const int64_t row_bytes = four_bit ? p.qweight_row_stride : p.k;
-  const int64_t packets = (row_bytes + 15) / 16;
-  const uint32_t group = static_cast<uint32_t>(p.group_size);
-  const int64_t groups = p.k / p.group_size;
-  const float* scales = p.scales + row * groups;
-  const float* zeros = p.zeros ? p.zeros + row * groups : nullptr;
+  const WeightRow wr(p, row, vec_weight, nf4_table);
 
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-
-  auto process = [&](int64_t q, const Packet& pk) {
-    float w[kRun];
-    if (!four_bit) {
-      decode_run(p, pk, 0, scales[0], 0.0f, nf4_table, w);
-      run_dot<T, M>(p, q * 16, vec, w, acc);
-      return;
-    }
-    // Packet q holds columns [c0, c0 + 16) (low nibbles) and [c0 + 32,
-    // c0 + 48) (high); k is a multiple of 32, so each run is all in or all
-    // padding.
-    const int64_t c0 = (q / 2) * kNibbleChunk + (q % 2) * kRun;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t c = c0 + half * (kNibbleChunk / 2);
+  const auto multiply = [&](int64_t q, const Packet& pk) {
+    for (int run = 0; run < wr.runs_per_packet(); ++run) {
+      const int64_t c = wr.run_column(q, run);
       if (c >= p.k) break;
-      const uint32_t g = static_cast<uint32_t>(c) / group;
-      decode_run(p, pk, 4 * half, scales[g], zeros ? zeros[g] : 0.0f, nf4_table, w);
-      run_dot<T, M>(p, c, vec, w, acc);
+      float w[kRun];
+      wr.decode(pk, q, run, w);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        if (m >= p.m) break;
+        float xv[kRun];
+        load_x_run<T>(p, m, c, vec_x, xv);
+#pragma unroll
+        for (int i = 0; i < kRun; ++i) acc[m] = fmaf(w[i], xv[i], acc[m]);
+      }
     }
   };
-  // Bytes of packet q inside the row (16 but for an int8 row's last packet).
-  const auto valid = [&](int64_t q) { return static_cast<int>(row_bytes - q * 16 < 16 ? row_bytes - q * 16 : 16); };
+  const int64_t packets = wr.packets();
   for (int64_t q = lane; q < packets; q += 64) {
     const bool second = q + 32 < packets;
-    const Packet a = load_packet(wrow + q * 16, valid(q), vec);
-    const Packet b = second ? load_packet(wrow + (q + 32) * 16, valid(q + 32), vec) : Packet{};
-    process(q, a);
-    if (second) process(q + 32, b);
+    const Packet a = wr.load(q);
+    const Packet b = second ? wr.load(q + 32) : Packet{};
+    multiply(q, a);
+    if (second) multiply(q + 32, b);
   }
 
   const T* bias = static_cast<const T*>(p.bias);
@@ -217,77 +217,74 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(WeightOnlyParams p, b
   }
 }
 
+// ------------------------------------------------------------ dequantisation
+// A thread per packet; exactly the CPU's values (the same operations on the
+// same fp32 inputs, rounded once to T).
 template <class T>
-__global__ void dequantize_kernel(WeightOnlyParams p, T* dense) {
-  const int64_t total = p.n * p.qweight_row_stride;
+__global__ void dequantize_kernel(WeightOnlyParams p, bool vec, T* dense) {
+  TK_DYNAMIC_SMEM(smem);
+  float* nf4_table = reinterpret_cast<float*>(smem);
+  load_nf4_table(nf4_table);
+  const int64_t packets = WeightRow(p, 0, vec, nf4_table).packets(), total = p.n * packets;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / p.qweight_row_stride, b = i % p.qweight_row_stride;
-    for_codes(p, b, p.qweight[i], [&](int64_t col, int code) {
-      dense[row * p.k + col] = from_float<T>(weight_value(p, row, col, code));
-    });
+    const int64_t row = i / packets, q = i % packets;
+    const WeightRow wr(p, row, vec, nf4_table);
+    const Packet pk = wr.load(q);
+    for (int run = 0; run < wr.runs_per_packet(); ++run) {
+      const int64_t c = wr.run_column(q, run);
+      if (c >= p.k) break;
+      float w[kRun];
+      wr.decode(pk, q, run, w);
+      T* dst = dense + row * p.k + c;
+#pragma unroll
+      for (int j = 0; j < kRun; ++j)
+        if (c + j < p.k) dst[j] = from_float<T>(w[j]);
+    }
   }
 }
-
 
 // ------------------------------------------------------------ tensor-core GEMM
 constexpr int kGemmTile = 64;             // rows of x, output features and columns of k per block step
 constexpr int kGemmLd = kGemmTile + 8;    // padded shared rows: conflict-free ldmatrix
 constexpr int kGemmThreads = 128;         // 4 warps, each a 32 x 32 block of the output tile
-constexpr size_t kGemmSmemBytes = 2 * kGemmTile * kGemmLd * sizeof(uint16_t);
+constexpr size_t kGemmTileBytes = 2 * kGemmTile * kGemmLd * sizeof(uint16_t);  // sX and sW
+constexpr size_t kGemmSmemBytes = kGemmTileBytes + kNf4TableBytes;
 
-// Decodes weight rows [n0, n0 + 64) x columns [k0, k0 + 64) into sW as T.
-// Thread t owns row t / 2 and half t % 2 of the row's bytes for this tile:
-// 4-bit formats store 64 columns in 32 bytes (byte j: column j low nibble,
-// 32 + j high), so a half is 16 bytes = two runs of 16 columns; int8 stores
-// one column per byte, so a half is 32 columns. Each run lies in one group.
+// Decodes weight rows [n0, n0 + 64) x columns [k0, k0 + 64) into sW as T,
+// each weight rounded once, as the dequantised weight. Thread t owns row
+// t / 2 and half t % 2 of the row's bytes for this tile: one packet (two
+// runs) of a 4-bit row, two packets (a run each) of an int8 row. Rows past
+// n and columns past k (padding) are 0.
 template <class T>
-__device__ void decode_weight_tile(const WeightOnlyParams& p, int64_t n0, int64_t k0, T* sW) {
+__device__ void decode_weight_tile(const WeightOnlyParams& p, bool vec, const float* nf4_table, int64_t n0,
+                                   int64_t k0, T* sW) {
   const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
-  const int64_t row = n0 + r;
-  T* dst = sW + r * kGemmLd;
-  const bool four_bit = p.format != WeightFormat::kInt8;
-  const int runs = four_bit ? 2 : 1, run_len = four_bit ? 16 : 32;
-  for (int run = 0; run < runs; ++run) {
-    // Tile columns of this run, and where their codes sit in the row.
-    const int c0 = four_bit ? run * 32 + half * 16 : half * 32;
-    const int64_t byte0 = four_bit ? k0 / 2 + half * 16 : k0 + half * 32;
-    const int64_t col0 = k0 + c0;
-    if (row >= p.n || col0 >= p.k) {
-      for (int j = 0; j < run_len; ++j) dst[c0 + j] = from_float<T>(0.0f);
-      continue;
-    }
-    const int64_t g = col0 / p.group_size, groups = p.k / p.group_size;
-    const float scale = p.scales[row * groups + g];
-    const float zero = p.format == WeightFormat::kInt4 ? p.zeros[row * groups + g] : 0.0f;
-    const uint8_t* w = p.qweight + row * p.qweight_row_stride + byte0;
-    for (int j = 0; j < run_len; ++j) {
-      float v = 0.0f;
-      if (col0 + j < p.k) {  // padding columns of the last chunk decode to 0, not (0 - zero) * scale
-        const uint32_t byte = w[j];
-        switch (p.format) {
-          case WeightFormat::kInt4:
-            v = (static_cast<float>(run == 0 ? (byte & 15u) : (byte >> 4)) - zero) * scale;
-            break;
-          case WeightFormat::kNf4:
-            v = kNf4[run == 0 ? (byte & 15u) : (byte >> 4)] * scale;
-            break;
-          default:
-            v = static_cast<float>(static_cast<int8_t>(byte)) * scale;
-            break;
-        }
-      }
-      dst[c0 + j] = from_float<T>(v);  // rounded once, as the dequantised weight
+  const bool in_rows = n0 + r < p.n;
+  const WeightRow wr(p, in_rows ? n0 + r : 0, vec, nf4_table);
+  const int packets = wr.four_bit ? 1 : 2;
+  for (int j = 0; j < packets; ++j) {
+    const int64_t q = wr.four_bit ? k0 / 32 + half : k0 / 16 + 2 * half + j;
+    const Packet pk = in_rows ? wr.load(q) : Packet{};  // load() reads nothing past the row
+    for (int run = 0; run < wr.runs_per_packet(); ++run) {
+      const int64_t c = wr.run_column(q, run);
+      float w[kRun] = {};
+      if (in_rows && c < p.k) wr.decode(pk, q, run, w);
+      T* dst = sW + r * kGemmLd + (c - k0);
+#pragma unroll
+      for (int i = 0; i < kRun; ++i) dst[i] = from_float<T>(c + i < p.k ? w[i] : 0.0f);
     }
   }
 }
 
 template <class T>
-__global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const WeightOnlyParams p) {
+__global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const WeightOnlyParams p, bool vec) {
   using Mma = cuda::MmaType<T>;
   TK_DYNAMIC_SMEM(smem);
   T* sX = reinterpret_cast<T*>(smem);
   T* sW = sX + kGemmTile * kGemmLd;
+  float* nf4_table = reinterpret_cast<float*>(smem + kGemmTileBytes);
+  load_nf4_table(nf4_table);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kGemmTile, m0 = static_cast<int64_t>(blockIdx.y) * kGemmTile;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
@@ -305,7 +302,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const WeightOnlyPara
       const bool in = m0 + r < p.m && k0 + col < p.k;
       sX[r * kGemmLd + col] = in ? x[(m0 + r) * p.x_row_stride + k0 + col] : from_float<T>(0.0f);
     }
-    decode_weight_tile(p, n0, k0, sW);
+    decode_weight_tile(p, vec, nf4_table, n0, k0, sW);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kGemmTile / 16; ++kk) {
@@ -346,44 +343,44 @@ void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream) {
   if (p.m > kMaxRows) throw std::invalid_argument("weight_only_matmul_cuda: at most 8 rows of x per call");
   if (p.k >= (int64_t{1} << 31)) throw std::invalid_argument("weight_only_matmul_cuda: in_features must be < 2^31");
   const dim3 grid(static_cast<unsigned>(cuda::ceil_div(p.n, kWarps)));
-  const size_t smem = 16 * sizeof(float);  // the NF4 table
+  const bool vec_weight = rows_aligned(p.qweight, p.qweight_row_stride);
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    // 16-byte loads need every weight row and x row to start 16-byte aligned.
-    const auto aligned = [](const void* ptr, int64_t stride_bytes) {
-      return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride_bytes % 16 == 0;
-    };
-    const bool vec = aligned(p.qweight, p.qweight_row_stride) &&
-                     aligned(p.x, (p.m > 1 ? p.x_row_stride : 0) * static_cast<int64_t>(sizeof(T)));
+    const bool vec_x = rows_aligned(p.x, (p.m > 1 ? p.x_row_stride : 0) * static_cast<int64_t>(sizeof(T)));
     if (p.m <= 1)
-      TK_KERNEL_LAUNCH(grid, 32 * kWarps, smem, stream, gemv_kernel<T, 1>)(p, vec);
+      TK_KERNEL_LAUNCH(grid, 32 * kWarps, kNf4TableBytes, stream, gemv_kernel<T, 1>)(p, vec_weight, vec_x);
     else if (p.m <= 4)
-      TK_KERNEL_LAUNCH(grid, 32 * kWarps, smem, stream, gemv_kernel<T, 4>)(p, vec);
+      TK_KERNEL_LAUNCH(grid, 32 * kWarps, kNf4TableBytes, stream, gemv_kernel<T, 4>)(p, vec_weight, vec_x);
     else
-      TK_KERNEL_LAUNCH(grid, 32 * kWarps, smem, stream, gemv_kernel<T, kMaxRows>)(p, vec);
+      TK_KERNEL_LAUNCH(grid, 32 * kWarps, kNf4TableBytes, stream, gemv_kernel<T, kMaxRows>)(p, vec_weight, vec_x);
   });
   cuda::check_launch("weight_only_matmul");
 }
 
 void weight_only_gemm_cuda(const WeightOnlyParams& p, CUstream_st* stream) {
   if (p.dtype == DType::kFloat32) throw std::invalid_argument("weight_only_gemm_cuda: x must be bf16 or fp16");
+  if (p.k >= (int64_t{1} << 31)) throw std::invalid_argument("weight_only_gemm_cuda: in_features must be < 2^31");
   if (p.m <= 0) return;
   const dim3 grid(static_cast<unsigned>(cuda::ceil_div(p.n, kGemmTile)),
                   static_cast<unsigned>(cuda::ceil_div(p.m, kGemmTile)));
+  const bool vec = rows_aligned(p.qweight, p.qweight_row_stride);
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>)
-      TK_KERNEL_LAUNCH(grid, kGemmThreads, kGemmSmemBytes, stream, gemm_kernel<T>)(p);
+      TK_KERNEL_LAUNCH(grid, kGemmThreads, kGemmSmemBytes, stream, gemm_kernel<T>)(p, vec);
   });
   cuda::check_launch("weight_only_gemm");
 }
 
 void weight_only_dequantize_cuda(const WeightOnlyParams& p, void* dense, CUstream_st* stream) {
-  const int64_t total = p.n * p.qweight_row_stride;
-  const int blocks = static_cast<int>(std::min<int64_t>(4096, cuda::ceil_div(total, 256)));
+  if (p.k >= (int64_t{1} << 31)) throw std::invalid_argument("weight_only_dequantize_cuda: in_features must be < 2^31");
+  const int64_t row_bytes = p.format == WeightFormat::kInt8 ? p.k : p.qweight_row_stride;
+  const int64_t packets = (row_bytes + 15) / 16;
+  const int blocks = static_cast<int>(std::min<int64_t>(4096, cuda::ceil_div(p.n * packets, 256)));
+  const bool vec = rows_aligned(p.qweight, p.qweight_row_stride);
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    TK_KERNEL_LAUNCH(blocks, 256, 0, stream, dequantize_kernel<T>)(p, static_cast<T*>(dense));
+    TK_KERNEL_LAUNCH(blocks, 256, kNf4TableBytes, stream, dequantize_kernel<T>)(p, vec, static_cast<T*>(dense));
   });
   cuda::check_launch("weight_only_dequantize");
 }
