@@ -9,6 +9,7 @@
 //  * fp32 x with many rows: dequantise + cuBLAS in the glue.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <type_traits>
 
@@ -161,7 +162,8 @@ __device__ __forceinline__ void load_x_run(const WeightOnlyParams& p, int64_t ro
     uint4 raw[kRun * sizeof(T) / 16];
 #pragma unroll
     for (int i = 0; i < kRun * static_cast<int>(sizeof(T)) / 16; ++i) raw[i] = reinterpret_cast<const uint4*>(x)[i];
-    const T* e = reinterpret_cast<const T*>(raw);
+    T e[kRun];
+    memcpy(e, raw, sizeof(e));  // not a pointer cast: reading uint4s as T breaks type-based alias analysis
 #pragma unroll
     for (int i = 0; i < kRun; ++i) xv[i] = to_float(e[i]);
   } else {
