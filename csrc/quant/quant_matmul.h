@@ -94,7 +94,11 @@ TK_DECLARE_CPU_KERNEL(void, w8a8_matmul, const W8A8Params&)
 void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream);
 // Any number of rows of bf16 / fp16 x: tensor-core GEMM over weight tiles
 // decoded into shared memory (the dense weight is never written out).
-void weight_only_gemm_cuda(const WeightOnlyParams& p, CUstream_st* stream);
+// Few rows split k over blocks: weight_only_gemm_cuda_splits(p) says into
+// how many; with more than one the caller passes a workspace of
+// splits * m * n floats.
+int64_t weight_only_gemm_cuda_splits(const WeightOnlyParams& p);
+void weight_only_gemm_cuda(const WeightOnlyParams& p, int64_t splits, float* workspace, CUstream_st* stream);
 void weight_only_dequantize_cuda(const WeightOnlyParams& p, void* dense, CUstream_st* stream);
 // W8A8 on CUDA (weight_sums unused): quantises x into the caller's scratch
 // xq (m, w8a8_cuda_x_stride(k)) int8 and x_scale (m) fp32, then an int8

@@ -217,7 +217,10 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
 #ifdef TORCHKILN_WITH_CUDA
   if (cuda_gemm && m > dense_rows_threshold(p.format, true)) {
     const c10::DeviceGuard guard(x.device());
-    weight_only_gemm_cuda(p, current_cuda_stream(x));
+    const int64_t splits = weight_only_gemm_cuda_splits(p);
+    at::Tensor workspace;
+    if (splits > 1) workspace = at::empty({splits, m, p.n}, x.options().dtype(at::kFloat));
+    weight_only_gemm_cuda(p, splits, splits > 1 ? workspace.data_ptr<float>() : nullptr, current_cuda_stream(x));
     return out;
   }
 #endif

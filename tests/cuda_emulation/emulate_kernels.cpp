@@ -373,8 +373,15 @@ void run_quant() {
   p.k = k;
   p.group_size = cfg("group_size");
   p.dtype = dtype_of<T>();
-  if (cfg("gemm") != 0) weight_only_gemm_cuda(p, nullptr);  // the tensor-core path for many rows
-  else weight_only_matmul_cuda(p, nullptr);
+  std::vector<float> workspace;
+  if (cfg("gemm") != 0) {  // the tensor-core path for many rows, k split as planned for TK_EMU_SMS SMs
+    const int64_t splits = weight_only_gemm_cuda_splits(p);
+    workspace.assign(splits * m * n, std::nanf(""));
+    weight_only_gemm_cuda(p, splits, splits > 1 ? workspace.data() : nullptr, nullptr);
+    write_floats("num_splits", {static_cast<float>(splits)});
+  } else {
+    weight_only_matmul_cuda(p, nullptr);
+  }
   weight_only_dequantize_cuda(p, dense.data(), nullptr);
   write_floats("out", to_f32(out));
   write_floats("dense", to_f32(dense));

@@ -392,6 +392,34 @@ def test_weight_only_matmul(emulator, tmp_path, scheme, group, m, n, k, dtype, b
     assert rel <= tol, f"relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("scheme,group,m,n,k,dtype", [
+    ("int4", 64, 20, 72, 1088, torch.float16),   # 17 k steps: 4 splits of 5, 5, 5, 2
+    ("int8", None, 12, 40, 1030, torch.bfloat16),  # rows and x not 16-byte aligned: narrow loads
+    ("nf4", 64, 65, 9, 2048, torch.bfloat16),    # two m tiles
+], ids=str)
+def test_weight_only_gemm_split_k(emulator, tmp_path, scheme, group, m, n, k, dtype):
+    qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=group)
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype)
+    qweight = qw.qweight.view(torch.uint8) if qw.qweight.dtype == torch.int8 else qw.qweight
+    arrays = dict(x=x, qweight=qweight, scales=qw.scales.float(), bias=b)
+    if scheme == "int4":
+        arrays["zeros"] = qw.zeros.float()
+    cfg = {"op_quant": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k,
+           "format": {"int8": 0, "int4": 1, "nf4": 2}[scheme], "group_size": qw.group_size if scheme != "int8" else k,
+           "bias": 1, "gemm": 1}
+    # (The QUANT cases above, k <= 384, run unsplit.)
+    split = run(emulator, tmp_path / "split", cfg, arrays)  # 132 SMs: k split over many blocks
+    fewer = run(emulator, tmp_path / "fewer", cfg, arrays, sms=1)  # 1 SM: fewer, longer splits
+    assert split["num_splits"].item() > 1
+    # The GEMM multiplies x with the weight rounded to x's dtype, as dequantize gives it.
+    ref = x.double() @ torchkiln.dequantize(qw, dtype).double().T + b.double()
+    for name, res in (("split", split), ("fewer", fewer)):
+        got = res["out"].view(m, n).double()
+        rel = (got - ref).norm() / ref.norm()
+        assert rel <= {torch.bfloat16: 2.5e-3, torch.float16: 6e-4}[dtype], f"{name}: relative error {rel:.2e}"
+
+
 @pytest.mark.parametrize("scheme,dtype", [("int4", torch.bfloat16), ("int8", torch.float16), ("nf4", torch.float32)])
 def test_weight_only_gemv_unaligned_x(emulator, tmp_path, scheme, dtype):
     # x one element into its buffer: no 16-byte loads of x (nor of the weight).

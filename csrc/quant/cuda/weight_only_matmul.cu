@@ -247,40 +247,96 @@ __global__ void dequantize_kernel(WeightOnlyParams p, bool vec, T* dense) {
 }
 
 // ------------------------------------------------------------ tensor-core GEMM
+// Each block multiplies a 64 x 64 tile of x with a 64 x 64 tile of the
+// decoded weight per step of k, by mma.sync from shared memory. The next
+// step's weight packets and x tile are loaded into registers before the
+// current step's products, so global loads overlap the tensor cores; and
+// when the (m, n) tiles alone are too few to keep every SM streaming (few
+// rows of x), k is split over blocks, which write fp32 partial sums that a
+// second kernel adds in a fixed order (deterministic), with the bias.
 constexpr int kGemmTile = 64;             // rows of x, output features and columns of k per block step
 constexpr int kGemmLd = kGemmTile + 8;    // padded shared rows: conflict-free ldmatrix
 constexpr int kGemmThreads = 128;         // 4 warps, each a 32 x 32 block of the output tile
 constexpr size_t kGemmTileBytes = 2 * kGemmTile * kGemmLd * sizeof(uint16_t);  // sX and sW
 constexpr size_t kGemmSmemBytes = kGemmTileBytes + kNf4TableBytes;
+constexpr int kXChunks = kGemmTile * kGemmTile / 8 / kGemmThreads;  // 8-element chunks of the x tile per thread
 
-// Decodes weight rows [n0, n0 + 64) x columns [k0, k0 + 64) into sW as T,
-// each weight rounded once, as the dequantised weight. Thread t owns row
-// t / 2 and half t % 2 of the row's bytes for this tile: one packet (two
-// runs) of a 4-bit row, two packets (a run each) of an int8 row. Rows past
-// n and columns past k (padding) are 0.
+// This thread's share of one k step, held in registers between its load and
+// its store to shared memory.
+struct GemmStage {
+  Packet w[2];       // the weight packets (one for 4-bit rows, two for int8)
+  uint4 x[kXChunks];  // 8 elements each of the x tile
+};
+
+// Thread t owns weight row t / 2 of the tile and half t % 2 of its bytes
+// for a step: one packet (two runs) of a 4-bit row, two packets (a run
+// each) of an int8 row; and x chunks t + 128 i (row / 8, 8 columns each).
+__device__ __forceinline__ int64_t tile_packet(const WeightRow& wr, int64_t k0, int j) {
+  const int half = threadIdx.x & 1;
+  return wr.four_bit ? k0 / 32 + half : k0 / 16 + 2 * half + j;
+}
+
 template <class T>
-__device__ void decode_weight_tile(const WeightOnlyParams& p, bool vec, const float* nf4_table, int64_t n0,
-                                   int64_t k0, T* sW) {
-  const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
-  const bool in_rows = n0 + r < p.n;
-  const WeightRow wr(p, in_rows ? n0 + r : 0, vec, nf4_table);
-  const int packets = wr.four_bit ? 1 : 2;
-  for (int j = 0; j < packets; ++j) {
-    const int64_t q = wr.four_bit ? k0 / 32 + half : k0 / 16 + 2 * half + j;
-    const Packet pk = in_rows ? wr.load(q) : Packet{};  // load() reads nothing past the row
-    for (int run = 0; run < wr.runs_per_packet(); ++run) {
-      const int64_t c = wr.run_column(q, run);
-      float w[kRun] = {};
-      if (in_rows && c < p.k) wr.decode(pk, q, run, w);
-      T* dst = sW + r * kGemmLd + (c - k0);
+__device__ __forceinline__ void load_stage(const WeightOnlyParams& p, const WeightRow& wr, bool in_rows, bool vec_x,
+                                           int64_t m0, int64_t k0, GemmStage& st) {
 #pragma unroll
-      for (int i = 0; i < kRun; ++i) dst[i] = from_float<T>(c + i < p.k ? w[i] : 0.0f);
+  for (int j = 0; j < 2; ++j)
+    st.w[j] = in_rows && (j == 0 || !wr.four_bit) ? wr.load(tile_packet(wr, k0, j)) : Packet{};  // nothing past the row
+  const T* x = static_cast<const T*>(p.x);
+#pragma unroll
+  for (int i = 0; i < kXChunks; ++i) {
+    const int u = threadIdx.x + kGemmThreads * i, r = u / 8;
+    const int64_t row = m0 + r, col = k0 + (u % 8) * 8;
+    const T* src = x + row * p.x_row_stride + col;
+    if (row < p.m && vec_x && col + 8 <= p.k) {
+      st.x[i] = *reinterpret_cast<const uint4*>(src);
+    } else {
+      T e[8];
+#pragma unroll
+      for (int c = 0; c < 8; ++c) e[c] = row < p.m && col + c < p.k ? src[c] : from_float<T>(0.0f);
+      memcpy(&st.x[i], e, sizeof(e));
     }
   }
 }
 
+// Writes a stage to shared memory: x as loaded, the weight decoded and
+// rounded once to T (as the dequantised weight); weight rows past n and
+// columns past k (padding) are 0.
 template <class T>
-__global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const WeightOnlyParams p, bool vec) {
+__device__ __forceinline__ void store_stage(const WeightOnlyParams& p, const WeightRow& wr, bool in_rows, int64_t k0,
+                                            const GemmStage& st, T* sX, T* sW) {
+#pragma unroll
+  for (int i = 0; i < kXChunks; ++i) {
+    const int u = threadIdx.x + kGemmThreads * i;
+    *reinterpret_cast<uint4*>(sX + (u / 8) * kGemmLd + (u % 8) * 8) = st.x[i];
+  }
+  T* dst_row = sW + (threadIdx.x >> 1) * kGemmLd;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (j == 1 && wr.four_bit) break;
+    const int64_t q = tile_packet(wr, k0, j);
+    for (int run = 0; run < wr.runs_per_packet(); ++run) {
+      const int64_t c = wr.run_column(q, run);
+      float w[kRun] = {};
+      if (in_rows && c < p.k) wr.decode(st.w[j], q, run, w);
+      T e[kRun];
+#pragma unroll
+      for (int i = 0; i < kRun; ++i) e[i] = from_float<T>(c + i < p.k ? w[i] : 0.0f);
+      uint4 v[2];  // two 16-byte stores: a run starts a multiple of 32 bytes into a 16-byte aligned row
+      memcpy(v, e, sizeof(v));
+      uint4* dst = reinterpret_cast<uint4*>(dst_row + (c - k0));
+      dst[0] = v[0];
+      dst[1] = v[1];
+    }
+  }
+}
+
+// Grid (n tiles, m tiles, k splits); split z covers k steps
+// [z * steps_per_split, (z + 1) * steps_per_split). With one split the block
+// writes out (+ bias); otherwise its fp32 partial, workspace[z][m][n].
+template <class T>
+__global__ void __launch_bounds__(kGemmThreads)
+    gemm_kernel(const WeightOnlyParams p, bool vec_w, bool vec_x, int64_t steps_per_split, float* workspace) {
   using Mma = cuda::MmaType<T>;
   TK_DYNAMIC_SMEM(smem);
   T* sX = reinterpret_cast<T*>(smem);
@@ -288,24 +344,26 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const WeightOnlyPara
   float* nf4_table = reinterpret_cast<float*>(smem + kGemmTileBytes);
   load_nf4_table(nf4_table);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kGemmTile, m0 = static_cast<int64_t>(blockIdx.y) * kGemmTile;
+  const int64_t k_begin = blockIdx.z * steps_per_split * kGemmTile;
+  const int64_t k_end = min(p.k, k_begin + steps_per_split * kGemmTile);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
-  const T* x = static_cast<const T*>(p.x);
+  const int64_t w_row = n0 + (threadIdx.x >> 1);
+  const bool in_rows = w_row < p.n;
+  const WeightRow wr(p, in_rows ? w_row : 0, vec_w, nf4_table);
   float acc[2][4][4];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
 
-  for (int64_t k0 = 0; k0 < p.k; k0 += kGemmTile) {
+  GemmStage st;
+  load_stage<T>(p, wr, in_rows, vec_x, m0, k_begin, st);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kGemmTile) {
     __syncthreads();  // the previous tiles are no longer read
-    for (int c = threadIdx.x; c < kGemmTile * kGemmTile; c += kGemmThreads) {
-      const int r = c / kGemmTile, col = c % kGemmTile;
-      const bool in = m0 + r < p.m && k0 + col < p.k;
-      sX[r * kGemmLd + col] = in ? x[(m0 + r) * p.x_row_stride + k0 + col] : from_float<T>(0.0f);
-    }
-    decode_weight_tile(p, vec, nf4_table, n0, k0, sW);
+    store_stage(p, wr, in_rows, k0, st, sX, sW);
     __syncthreads();
+    if (k0 + kGemmTile < k_end) load_stage<T>(p, wr, in_rows, vec_x, m0, k0 + kGemmTile, st);  // in flight below
 #pragma unroll
     for (int kk = 0; kk < kGemmTile / 16; ++kk) {
       uint32_t a[2][4];
@@ -326,6 +384,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const WeightOnlyPara
 
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
+  float* partial = workspace ? workspace + blockIdx.z * p.m * p.n : nullptr;
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -334,9 +393,27 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const WeightOnlyPara
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t row = m0 + wm + 16 * i + g + 8 * (e >> 1), col = n0 + wn + 8 * j + 2 * t + (e & 1);
-        if (row < p.m && col < p.n)
+        if (row >= p.m || col >= p.n) continue;
+        if (partial)
+          partial[row * p.n + col] = acc[i][j][e];
+        else
           out[row * p.out_row_stride + col] = from_float<T>(acc[i][j][e] + (bias ? to_float(bias[col]) : 0.0f));
       }
+}
+
+// out = sum over splits of workspace[z] (+ bias), splits added in order.
+template <class T>
+__global__ void split_sum_kernel(const WeightOnlyParams p, int splits, const float* workspace) {
+  const T* bias = static_cast<const T*>(p.bias);
+  T* out = static_cast<T*>(p.out);
+  const int64_t total = p.m * p.n;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / p.n, col = i % p.n;
+    float v = 0.0f;
+    for (int z = 0; z < splits; ++z) v += workspace[z * total + i];
+    out[row * p.out_row_stride + col] = from_float<T>(v + (bias ? to_float(bias[col]) : 0.0f));
+  }
 }
 
 }  // namespace
@@ -359,19 +436,44 @@ void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream) {
   cuda::check_launch("weight_only_matmul");
 }
 
-void weight_only_gemm_cuda(const WeightOnlyParams& p, CUstream_st* stream) {
+int64_t weight_only_gemm_cuda_splits(const WeightOnlyParams& p) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  // Enough blocks for about four per SM (each streams its weight packets),
+  // but at least 4 k steps per split so partial sums stay a small overhead.
+  const int64_t tiles = cuda::ceil_div(p.n, kGemmTile) * cuda::ceil_div(p.m, kGemmTile);
+  const int64_t steps = cuda::ceil_div(p.k, kGemmTile);
+  const int64_t want = cuda::ceil_div(4 * static_cast<int64_t>(std::max(sms, 1)), tiles);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, steps / 4, 65535}));
+  return cuda::ceil_div(steps, cuda::ceil_div(steps, splits));  // no empty split
+}
+
+void weight_only_gemm_cuda(const WeightOnlyParams& p, int64_t splits, float* workspace, CUstream_st* stream) {
   if (p.dtype == DType::kFloat32) throw std::invalid_argument("weight_only_gemm_cuda: x must be bf16 or fp16");
   if (p.k >= (int64_t{1} << 31)) throw std::invalid_argument("weight_only_gemm_cuda: in_features must be < 2^31");
+  if (splits < 1 || (splits > 1 && workspace == nullptr))
+    throw std::invalid_argument("weight_only_gemm_cuda: splits > 1 need a workspace of splits x m x n floats");
   if (p.m <= 0) return;
+  const int64_t steps = cuda::ceil_div(p.k, kGemmTile), per_split = cuda::ceil_div(steps, splits);
   const dim3 grid(static_cast<unsigned>(cuda::ceil_div(p.n, kGemmTile)),
-                  static_cast<unsigned>(cuda::ceil_div(p.m, kGemmTile)));
-  const bool vec = rows_aligned(p.qweight, p.qweight_row_stride);
+                  static_cast<unsigned>(cuda::ceil_div(p.m, kGemmTile)),
+                  static_cast<unsigned>(cuda::ceil_div(steps, per_split)));
+  const bool vec_w = rows_aligned(p.qweight, p.qweight_row_stride);
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (!std::is_same_v<T, float>)
-      TK_KERNEL_LAUNCH(grid, kGemmThreads, kGemmSmemBytes, stream, gemm_kernel<T>)(p, vec);
+    if constexpr (!std::is_same_v<T, float>) {
+      const bool vec_x = rows_aligned(p.x, p.x_row_stride * static_cast<int64_t>(sizeof(T)));
+      float* ws = grid.z > 1 ? workspace : nullptr;
+      TK_KERNEL_LAUNCH(grid, kGemmThreads, kGemmSmemBytes, stream, gemm_kernel<T>)(p, vec_w, vec_x, per_split, ws);
+      cuda::check_launch("weight_only_gemm");
+      if (ws != nullptr) {
+        const int blocks = static_cast<int>(std::min<int64_t>(4096, cuda::ceil_div(p.m * p.n, 256)));
+        TK_KERNEL_LAUNCH(blocks, 256, 0, stream, split_sum_kernel<T>)(p, static_cast<int>(grid.z), ws);
+        cuda::check_launch("weight_only_gemm split_sum");
+      }
+    }
   });
-  cuda::check_launch("weight_only_gemm");
 }
 
 void weight_only_dequantize_cuda(const WeightOnlyParams& p, void* dense, CUstream_st* stream) {
