@@ -20,7 +20,7 @@ namespace TK_CPU_NS {
 namespace {
 
 constexpr int64_t kChunk = 64;      // keys per softmax step
-constexpr int64_t kAheadPositions = 16;  // software prefetch distance of the scores (positions)
+constexpr int64_t kAheadBytes = 8 << 10;  // software prefetch distance of the scores (bytes of K)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -167,9 +167,8 @@ struct HeadState {
 // kv head of a position (one contiguous run of the cache block) before the
 // next. The cache is then read as sequential streams, once for the scores
 // (K) and once for P V (V, a kv head at a time). Software prefetches into L2
-// run ahead of both (bf16 16 x 2048 decode 12.9 -> 7.1-8.1 ms on the Zen 4).
-// It then reads 17-19 GB/s of bf16 K/V from DRAM against 30 when K/V sit in
-// L3: memory and compute overlap only in part.
+// run ahead of both (bf16 16 x 2048 decode 12.9 -> 5.0-5.2 ms on the Zen 4,
+// 26-27 GB/s of K/V from DRAM, about what it reaches with K/V in L3).
 template <int HT, class T>
 void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_per_split, Partials& part) {
   const CacheLayout& c = p.cache;
@@ -185,6 +184,9 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
   float spill[HT * kChunk];  // scores of the repeated row when a chunk has an odd key count
   const T* kpos[kChunk];
   const T* vpos[kChunk];
+  const T* kpos_next[kChunk];  // the next chunk's, once P V has started prefetching its K
+  const T* vpos_next[kChunk];
+  bool next_known = false;
   const Vec vs = vset1(p.scale);
   for (int64_t h = 0; h < p.heads; ++h) {
     const T* qh = static_cast<const T*>(p.q) + s * p.q_seq_stride + h * p.q_head_stride;
@@ -214,31 +216,53 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
   const int64_t d_reg = D / (kSlices * kW) * (kSlices * kW);
   const bool pv_in_registers = d_reg > 0 && group % kPvHeads == 0;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  // Software prefetches into L2, issued a few at a time between the
+  // products rather than in bursts (a burst of more misses than the core
+  // tracks stalls it): the scores pull K `ahead` positions ahead, one kv
+  // head's rows at a time, and V of the first kv head for the positions
+  // they score; P V, going a kv head at a time, pulls at each key the next
+  // head's V row, and per head that head's K rows of the next chunk's first
+  // `ahead` positions. Measured bf16 16 x 2048 decode on the Zen 4: bursts
+  // (a position's every head at once, the first head's V at the start of
+  // P V, the chunk's first K at its start) 7.0-7.6 ms, spread 5.0-5.2 ms;
+  // `ahead` 4 / 8 / 12 / 16 positions (8 / 16 / 24 / 32 KiB) within noise
+  // of each other, 24 and 32 slower.
+  const int64_t position_bytes = c.heads_k * row_bytes;
+  const int64_t ahead = std::min(kChunk, round_up((kAheadBytes + position_bytes - 1) / position_bytes, 4));
+  // K rows of kv head hk (and V rows, for the L1 loop) at positions [from, to) of kp / vp.
+  auto prefetch_head = [&](const T* const* kp, const T* const* vp, int64_t from, int64_t to, int64_t hk) {
+    for (int64_t at = from; at < to; ++at) {
+      prefetch_row(kp[at] + hk * c.head_stride, row_bytes);
+      if (!pv_in_registers) prefetch_row(vp[at] + hk * c.head_stride, row_bytes);
+    }
+  };
   for (int64_t j0 = k0; j0 < k1; j0 += kChunk) {
     const int64_t n = std::min(kChunk, k1 - j0);
-    positions(j0, n, kpos, vpos);
-    // Software prefetches into L2: the scores pull K kAheadPositions
-    // positions ahead of the one they read (the chunk's first ones in one
-    // burst); P V, going a kv head at a time, pulls the first head's V rows
-    // in one burst and then at each key the next head's row. (Measured bf16
-    // 16 x 2048: V 8 / 16 / 32 rows ahead 13 / 15 / 17 GB/s, a head ahead
-    // 19; the first head's rows spread over the scores instead of a burst,
-    // 15-17.)
-    auto prefetch_k = [&](int64_t from, int64_t to) {
-      for (int64_t at = from; at < std::min(to, n); ++at)
-        for (int64_t hk = 0; hk < c.heads_k; ++hk) {
-          prefetch_row(kpos[at] + hk * c.head_stride, row_bytes);
-          if (!pv_in_registers) prefetch_row(vpos[at] + hk * c.head_stride, row_bytes);  // the L1 loop's V
-        }
-    };
-    prefetch_k(0, kAheadPositions);
+    if (next_known) {  // P V of the previous chunk took the addresses and prefetched the first K rows
+      std::copy_n(kpos_next, n, kpos);
+      std::copy_n(vpos_next, n, vpos);
+    } else {
+      positions(j0, n, kpos, vpos);
+      for (int64_t hk = 0; hk < c.heads_k; ++hk) prefetch_head(kpos, vpos, 0, std::min(ahead, n), hk);
+    }
+    next_known = false;
+    // While the scores work on kv head hk of positions [c0, c1), they
+    // prefetch that head's K rows `ahead` positions on and, for hk = 0, the
+    // V rows of [c0, c1). (Written out in both loops below: called as a
+    // lambda, which GCC left out of line, the same prefetches measured no
+    // faster than the bursts.)
     int64_t c0 = 0;
 #if defined(__AVX512F__)
     if constexpr (HT == 4) {
       for (; c0 + 4 <= n; c0 += 4) {
-        prefetch_k(c0 + kAheadPositions, c0 + kAheadPositions + 4);
         for (int64_t hk = 0; hk < c.heads_k; ++hk) {
           const int64_t off = hk * c.head_stride;
+          for (int64_t at = c0 + ahead; at < std::min(c0 + 4 + ahead, n); ++at) {
+            prefetch_row(kpos[at] + off, row_bytes);
+            if (!pv_in_registers) prefetch_row(vpos[at] + off, row_bytes);
+          }
+          if (hk == 0 && pv_in_registers)
+            for (int64_t at = c0; at < c0 + 4; ++at) prefetch_row(vpos[at], row_bytes);
           const T* kr[4] = {kpos[c0] + off, kpos[c0 + 1] + off, kpos[c0 + 2] + off, kpos[c0 + 3] + off};
           for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += 4)
             four_by_four_scores(q.data() + h0 * dp, dp, D, kr, sc + h0 * kChunk + c0);
@@ -250,8 +274,14 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     for (; c0 < n; c0 += 2) {
       const bool pair = c0 + 1 < n;
       const int64_t c1 = pair ? c0 + 1 : c0;
-      prefetch_k(c0 + kAheadPositions, c1 + 1 + kAheadPositions);
       for (int64_t hk = 0; hk < c.heads_k; ++hk) {
+        const int64_t off = hk * c.head_stride;
+        for (int64_t at = c0 + ahead; at < std::min(c1 + 1 + ahead, n); ++at) {
+          prefetch_row(kpos[at] + off, row_bytes);
+          if (!pv_in_registers) prefetch_row(vpos[at] + off, row_bytes);
+        }
+        if (hk == 0 && pv_in_registers)
+          for (int64_t at = c0; at <= c1; ++at) prefetch_row(vpos[at], row_bytes);
         const T* kr0 = kpos[c0] + hk * c.head_stride;
         const T* kr1 = kpos[c1] + hk * c.head_stride;
         for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += HT)
@@ -291,8 +321,13 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     // accumulators (re-read from L1 / L2 for the next query heads). Other
     // head dims: in memory order, accumulators in L1.
     if (pv_in_registers) {
-      for (int64_t c0 = 0; c0 < n; ++c0) prefetch_row(vpos[c0], row_bytes);  // the first head's V
+      const int64_t n_next = std::min(kChunk, k1 - j0 - kChunk);
+      if (n_next > 0) {
+        positions(j0 + kChunk, n_next, kpos_next, vpos_next);
+        next_known = true;
+      }
       for (int64_t hk = 0; hk < c.heads_k; ++hk) {
+        if (next_known) prefetch_head(kpos_next, vpos_next, 0, std::min(ahead, n_next), hk);
         // The row each key prefetches: the next head's at that key (for the
         // last head, the row just read: a no-op).
         const int64_t hs = c.head_stride, next = hk + 1 < c.heads_k ? hk + 1 : hk;
