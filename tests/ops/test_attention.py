@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import torchkiln
-from attention_helpers import check_grads, grads, qkv
+from attention_helpers import check_grads, grads, qkv, random_cache
 from reference import FLOAT_DTYPES, assert_within_rule, poison_allocator, to64
 from torchkiln.ops.attention import attention_ref
 
@@ -115,6 +115,66 @@ def test_varlen(cpu_isa, dtype, causal):
         low_out, _ = attention_ref(*seq, causal=causal)
         assert_within_rule(out[qs][None], ref_out, low_out, what=f"sequence {b}")
         torch.testing.assert_close(lse[:, qs], ref_lse[0].float(), rtol=1e-4, atol=1e-3)
+
+
+# One query per sequence (decode) runs through the paged decode kernel:
+# every mask and option, GQA, odd head dims, and the layouts it must refuse
+# (then the general kernel runs) give flash-attn's numbers either way.
+DECODE = [  # (dtype, heads, heads_k, d, options)
+    (torch.bfloat16, 8, 2, 128, dict(causal=True)),
+    (torch.float16, 6, 6, 64, dict()),
+    (torch.float32, 4, 1, 111, dict(window_size=(50, 0))),
+    (torch.bfloat16, 4, 2, 40, dict(softcap=3.0, alibi_slopes="heads")),
+    (torch.float32, 4, 2, 64, dict(alibi_slopes="batch", causal=True)),  # per-batch slopes: the general kernel
+]
+
+
+@pytest.mark.parametrize("dtype,heads,heads_k,d,opts", DECODE, ids=str)
+def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
+    opts = dict(opts)
+    if opts.get("alibi_slopes") == "heads":
+        opts["alibi_slopes"] = torch.rand(heads)
+    elif opts.get("alibi_slopes") == "batch":
+        opts["alibi_slopes"] = torch.rand(3, heads)
+    q, k, v = qkv(3, 1, 300, heads, heads_k, d, dtype)
+    check(q * 3, k, v, **opts)
+    # k and v as views of one packed tensor (strided alike), and k, v strided
+    # differently (not one cache layout: the general kernel).
+    kv = torch.randn(3, 300, 2, heads_k, d).to(dtype)
+    check(q, kv[:, :, 0], kv[:, :, 1], **opts)
+    check(q, k, kv[:, :, 1], **opts)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["packed", "paged"])
+def test_decode_one_query_varlen(cpu_isa, paged):
+    lens_k = [1, 0, 37, 300, 16]  # a sequence with no key: zeros and lse +inf
+    heads, heads_k, d, dtype = 8, 2, 64, torch.bfloat16
+    batch = len(lens_k)
+    q = torch.randn(batch, heads, d).to(dtype)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    if paged:
+        k_cache, v_cache, table, _ = random_cache(lens_k, 16, heads_k, d, dtype)
+        seqs = [(k_cache[table[b]].flatten(0, 1)[:n], v_cache[table[b]].flatten(0, 1)[:n]) for b, n in enumerate(lens_k)]
+        out, lse = torchkiln.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 1, max(lens_k), causal=True,
+                                                    window_size=(100, 0), return_lse=True, block_table=table)
+    else:
+        k = torch.randn(sum(lens_k), heads_k, d).to(dtype)
+        v = torch.randn(sum(lens_k), heads_k, d).to(dtype)
+        seqs = [(k[cu_k[b]:cu_k[b + 1]], v[cu_k[b]:cu_k[b + 1]]) for b in range(batch)]
+        out, lse = torchkiln.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, max(lens_k), causal=True,
+                                                    window_size=(100, 0), return_lse=True)
+    assert lse.shape == (heads, batch)
+    for b, (kb, vb) in enumerate(seqs):
+        if lens_k[b] == 0:
+            assert (out[b] == 0).all() and (lse[:, b] == float("inf")).all()
+            continue
+        seq = (q[b : b + 1, None], kb[None], vb[None])
+        kw = dict(causal=True, window_size=(100, 0))
+        ref_out, ref_lse = attention_ref(*(to64(t) for t in seq), **kw)
+        low_out, _ = attention_ref(*seq, **kw)
+        assert_within_rule(out[b : b + 1, None], ref_out, low_out, what=f"sequence {b}")
+        torch.testing.assert_close(lse[:, b], ref_lse[0, :, 0].float(), rtol=1e-4, atol=1e-3)
 
 
 def test_varlen_matches_padded_batch():

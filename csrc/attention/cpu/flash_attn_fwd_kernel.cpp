@@ -8,6 +8,13 @@
 //   online softmax per row     running max m and sum l; O rescaled by exp(m_old - m_new)
 //   O += P V                   gemm_acc
 // All math is fp32; scratch is O(keys * head_dim) per task, never O(sq * sk).
+//
+// One query per sequence (decode) goes to the paged decode kernel instead:
+// widening and transposing every key for a single query row costs far more
+// than the attention, while the decode kernel reads each K/V row once, in
+// place, for all query heads of its group.
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -15,6 +22,7 @@
 
 #include "attention/cpu/attn_common.h"
 #include "common/parallel.h"
+#include "paged/paged_attention.h"
 
 namespace torchkiln {
 namespace TK_CPU_NS {
@@ -174,9 +182,86 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t h, int64_t r0, int64_
   }
 }
 
+// Runs the forward through the paged decode kernel when every sequence has
+// exactly one query and the operands fit its layout (K and V strided alike,
+// out contiguous, ALiBi slopes per head); returns false otherwise. With one
+// query, at the last position, flash-attn's masks reduce to the decode
+// kernel's: causal and the right window hide nothing, the left window keeps
+// keys from seqlen_k - 1 - left.
+bool decode_through_paged_kernel(const FlashAttnParams& p) {
+  const int64_t B = p.batch, H = p.heads, D = p.head_dim;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  if (!varlen && p.seqlen_q != 1) return false;
+  if (varlen)
+    for (int64_t b = 0; b < B; ++b)
+      if (p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] != 1) return false;
+  if (p.alibi_slopes != nullptr && p.alibi_batch_stride != 0) return false;
+  if (p.k.batch_stride != p.v.batch_stride || p.k.row_stride != p.v.row_stride || p.k.head_stride != p.v.head_stride)
+    return false;
+  const int64_t out_seq_stride = varlen ? p.out.row_stride : p.out.batch_stride;
+  if (p.out.head_stride != D || out_seq_stride != H * D) return false;
+  if (!varlen && (p.lse_batch_stride != H || p.lse_head_stride != 1)) return false;
+
+  PagedAttnParams d;
+  d.q = p.q.ptr;
+  d.q_seq_stride = varlen ? p.q.row_stride : p.q.batch_stride;
+  d.q_head_stride = p.q.head_stride;
+  d.key_cache = p.k.ptr;
+  d.value_cache = p.v.ptr;
+  d.cache.heads_k = p.heads_k;
+  d.cache.head_dim = D;
+  d.cache.pos_stride = p.k.row_stride;
+  d.cache.head_stride = p.k.head_stride;
+  std::vector<int32_t> lens(static_cast<size_t>(B)), table;
+  for (int64_t b = 0; b < B; ++b) lens[b] = static_cast<int32_t>(varlen ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : p.seqlen_k);
+  if (p.block_table != nullptr) {  // already paged
+    d.block_table = p.block_table;
+    d.block_table_stride = p.block_table_stride;
+    d.cache.block_size = p.block_size;
+    d.cache.block_stride = p.k.batch_stride;
+  } else {
+    // Blocks of one token (so the kernel can still split a long context
+    // over threads): sequence b's key j is token first(b) + j of k and v.
+    if (!varlen && (p.k.row_stride == 0 || p.k.batch_stride % p.k.row_stride != 0 ||
+                    (B - 1) * (p.k.batch_stride / p.k.row_stride) + p.seqlen_k > INT32_MAX))
+      return false;
+    const int64_t width = std::max<int64_t>(p.seqlen_k, 1);
+    table.resize(static_cast<size_t>(B * width));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t first = varlen ? p.cu_seqlens_k[b] : b * (p.k.batch_stride / p.k.row_stride);
+      for (int64_t j = 0; j < lens[b]; ++j) table[b * width + j] = static_cast<int32_t>(first + j);
+    }
+    d.block_table = table.data();
+    d.block_table_stride = width;
+    d.cache.block_size = 1;
+    d.cache.block_stride = p.k.row_stride;
+  }
+  d.seq_lens = lens.data();
+  d.out = p.out.ptr;
+  // The decode kernel writes lse as (sequence, head): the fixed layout's
+  // (batch, heads, 1) as is, varlen's (heads, total_q) through a transpose.
+  std::vector<float> lse;
+  if (varlen) lse.resize(static_cast<size_t>(B * H));
+  d.lse = varlen ? lse.data() : p.lse;
+  d.num_seqs = B;
+  d.heads = H;
+  d.max_seq_len = p.seqlen_k;
+  d.scale = p.scale;
+  d.softcap = p.softcap;
+  d.window_left = p.window_left;
+  d.alibi_slopes = p.alibi_slopes;
+  d.dtype = p.dtype;
+  paged_attention(d);
+  if (varlen)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) p.lse[h * p.lse_head_stride + b] = lse[b * H + h];
+  return true;
+}
+
 }  // namespace
 
 void flash_attn_fwd(const FlashAttnParams& p) {
+  if (decode_through_paged_kernel(p)) return;
   // Enough tasks for every thread even when batch * heads is small.
   const int64_t bh = p.batch * p.heads;
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
