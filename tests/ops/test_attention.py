@@ -145,6 +145,30 @@ def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
     check(q, k, kv[:, :, 1], **opts)
 
 
+FEW_ROWS = [  # (sq, sk, dtype, options): 2-8 queries run as that many decode passes
+    (2, 300, torch.bfloat16, dict(causal=True)),
+    (5, 257, torch.float32, dict()),
+    (8, 140, torch.float16, dict(window_size=(30, 2))),  # each row its own last key and left edge
+    (4, 90, torch.bfloat16, dict(window_size=(-1, 1), softcap=4.0)),
+    (3, 64, torch.float32, dict(causal=True, window_size=(10, -1), alibi_slopes="heads")),
+    (6, 3, torch.float32, dict(causal=True)),  # the first 3 rows see no key
+    (4, 77, torch.float32, dict(alibi_slopes="heads")),  # ALiBi without right = 0: the general kernel
+    (9, 200, torch.bfloat16, dict(causal=True)),  # past the limit: the general kernel
+]
+
+
+@pytest.mark.parametrize("sq,sk,dtype,opts", FEW_ROWS, ids=str)
+def test_decode_few_queries(cpu_isa, sq, sk, dtype, opts):
+    opts = dict(opts)
+    if opts.get("alibi_slopes") == "heads":
+        opts["alibi_slopes"] = torch.rand(8)
+    q, k, v = qkv(2, sq, sk, 8, 2, 72, dtype)
+    check(q * 2, k, v, **opts)
+    # a strided out-of-place layout: q, k, v views of one packed projection
+    packed = torch.randn(2, max(sq, sk), 3, 8, 72).to(dtype)
+    check(packed[:, :sq, 0], packed[:, :sk, 1, :2], packed[:, :sk, 2, :2], **opts)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["packed", "paged"])
 def test_decode_one_query_varlen(cpu_isa, paged):
     lens_k = [1, 0, 37, 300, 16]  # a sequence with no key: zeros and lse +inf
@@ -178,10 +202,14 @@ def test_decode_one_query_varlen(cpu_isa, paged):
 
 
 def test_varlen_matches_padded_batch():
-    lens = [17, 64, 3]
+    # Bit for bit where both layouts take the same kernel: a mixed varlen
+    # batch runs the general kernel, and so does a sequence of more than 8
+    # queries alone (fewer go through decode passes; test_decode_* checks
+    # those against the reference).
+    lens = [17, 64, 9]
     d = 32
     q = torch.randn(sum(lens), 2, d)
-    cu = torch.tensor([0, 17, 81, 84], dtype=torch.int32)
+    cu = torch.tensor([0, 17, 81, 90], dtype=torch.int32)
     out = torchkiln.flash_attn_varlen_func(q, q, q, cu, cu, 64, 64, causal=True)
     for b, n in enumerate(lens):
         s = slice(cu[b], cu[b + 1])
