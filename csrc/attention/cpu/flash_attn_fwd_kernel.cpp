@@ -105,13 +105,14 @@ void softmax_step(float* row, KeyRange keep, float& m, float& l, float* o, int64
   }
 }
 
+// Query rows [r0, r1) of sequence b for every query head of kv head hk:
+// the keys are widened once for the whole GQA group.
 template <class T>
-void run_task(const FlashAttnParams& p, int64_t b, int64_t h, int64_t r0, int64_t r1, Scratch& w) {
+void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t r1, Scratch& w) {
   const Sequence s = sequence(p, b);
   r1 = std::min(r1, s.sq);
   if (r0 >= r1) return;
-  const int64_t D = p.head_dim, hk = h / (p.heads / p.heads_k);
-  const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+  const int64_t D = p.head_dim, group = p.heads / p.heads_k;
   const int64_t lo = key_range(p, s, r0).lo, hi = std::max(key_range(p, s, r1 - 1).hi, lo);
   constexpr bool bf16_dot = use_bf16_dot<T>();
   const int64_t pairs = (D + 1) / 2;
@@ -129,6 +130,8 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t h, int64_t r0, int64_
   w.m.resize(kBq);
   w.l.resize(kBq);
 
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+  const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
   for (int64_t i0 = r0; i0 < r1; i0 += kBq) {
     const int64_t nr = std::min(r1 - i0, kBq), rows = round_up(nr, kRows);
     std::fill(w.o.begin(), w.o.end(), 0.0f);
@@ -179,6 +182,7 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t h, int64_t r0, int64_
       narrow(w.o.data() + r * w.dp, out, D, l > 0.0f ? 1.0f / l : 0.0f);
       p.lse[lse_index(p, s, b, h, i)] = l > 0.0f ? w.m[r] + std::log(l) : kInf;
     }
+  }
   }
 }
 
@@ -296,8 +300,9 @@ bool decode_through_paged_kernel(const FlashAttnParams& p) {
 
 void flash_attn_fwd(const FlashAttnParams& p) {
   if (decode_through_paged_kernel(p)) return;
-  // Enough tasks for every thread even when batch * heads is small.
-  const int64_t bh = p.batch * p.heads;
+  // Tasks of (sequence, kv head, chunk of query rows); enough of them for
+  // every thread even when batch * heads_k is small.
+  const int64_t bh = p.batch * p.heads_k;
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
   int64_t chunks = bh >= want ? 1 : (want + bh - 1) / bh;
   const int64_t chunk_rows = round_up((p.seqlen_q + chunks - 1) / chunks, kBq);
@@ -307,8 +312,8 @@ void flash_attn_fwd(const FlashAttnParams& p) {
     parallel_for(0, bh * chunks, 1, [&](int64_t lo, int64_t hi) {
       Scratch w;
       for (int64_t t = lo; t < hi; ++t) {
-        const int64_t b = t / (p.heads * chunks), h = t / chunks % p.heads, c = t % chunks;
-        run_task<T>(p, b, h, c * chunk_rows, (c + 1) * chunk_rows, w);
+        const int64_t b = t / (p.heads_k * chunks), hk = t / chunks % p.heads_k, c = t % chunks;
+        run_task<T>(p, b, hk, c * chunk_rows, (c + 1) * chunk_rows, w);
       }
     });
   });
