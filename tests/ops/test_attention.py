@@ -145,28 +145,30 @@ def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
     check(q, k, kv[:, :, 1], **opts)
 
 
-FEW_ROWS = [  # (sq, sk, dtype, options): 2-8 queries run as that many decode passes
-    (2, 300, torch.bfloat16, dict(causal=True)),
-    (5, 257, torch.float32, dict()),
-    (8, 140, torch.float16, dict(window_size=(30, 2))),  # each row its own last key and left edge
-    (4, 90, torch.bfloat16, dict(window_size=(-1, 1), softcap=4.0)),
-    (3, 64, torch.float32, dict(causal=True, window_size=(10, -1), alibi_slopes="heads")),
-    (6, 3, torch.float32, dict(causal=True)),  # the first 3 rows see no key
-    (4, 77, torch.float32, dict(alibi_slopes="heads")),  # ALiBi without right = 0: the general kernel
-    (9, 200, torch.bfloat16, dict(causal=True)),  # past the limit: the general kernel
+FEW_ROWS = [  # (sq, sk, heads_k, dtype, options); up to 4 queries (GQA) or 2 (MHA) run as decode passes
+    (2, 300, 2, torch.bfloat16, dict(causal=True)),
+    (4, 257, 2, torch.float32, dict()),
+    (4, 140, 2, torch.float16, dict(window_size=(30, 2))),  # each row its own last key and left edge
+    (3, 90, 2, torch.bfloat16, dict(window_size=(-1, 1), softcap=4.0)),
+    (3, 64, 2, torch.float32, dict(causal=True, window_size=(10, -1), alibi_slopes="heads")),
+    (4, 2, 2, torch.float32, dict(causal=True)),  # the first 2 rows see no key
+    (2, 150, 8, torch.float16, dict(causal=True, window_size=(20, 0))),  # MHA
+    (4, 77, 2, torch.float32, dict(alibi_slopes="heads")),  # ALiBi without right = 0: the general kernel
+    (5, 200, 2, torch.bfloat16, dict(causal=True)),  # past the limits: the general kernel
+    (3, 200, 8, torch.bfloat16, dict(causal=True)),
 ]
 
 
-@pytest.mark.parametrize("sq,sk,dtype,opts", FEW_ROWS, ids=str)
-def test_decode_few_queries(cpu_isa, sq, sk, dtype, opts):
+@pytest.mark.parametrize("sq,sk,heads_k,dtype,opts", FEW_ROWS, ids=str)
+def test_decode_few_queries(cpu_isa, sq, sk, heads_k, dtype, opts):
     opts = dict(opts)
     if opts.get("alibi_slopes") == "heads":
         opts["alibi_slopes"] = torch.rand(8)
-    q, k, v = qkv(2, sq, sk, 8, 2, 72, dtype)
+    q, k, v = qkv(2, sq, sk, 8, heads_k, 72, dtype)
     check(q * 2, k, v, **opts)
-    # a strided out-of-place layout: q, k, v views of one packed projection
+    # a strided layout: q, k, v views of one packed projection
     packed = torch.randn(2, max(sq, sk), 3, 8, 72).to(dtype)
-    check(packed[:, :sq, 0], packed[:, :sk, 1, :2], packed[:, :sk, 2, :2], **opts)
+    check(packed[:, :sq, 0], packed[:, :sk, 1, :heads_k], packed[:, :sk, 2, :heads_k], **opts)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["packed", "paged"])

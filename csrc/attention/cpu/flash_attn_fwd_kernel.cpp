@@ -44,20 +44,46 @@ constexpr bool use_bf16_dot() {
   return kBf16Dot && std::is_same_v<T, bf16_t>;
 }
 
+// The keys are transposed kKeyBlock at a time: for each column of K, the
+// block's values go to one contiguous run of kt (one cache line) instead of
+// one line per key, which made this copy cost more than the attention for a
+// few query rows.
+constexpr int64_t kKeyBlock = 16;
+
 #if defined(__AVX512BF16__)
+// K transposed into column pairs (kt2: pairs x ldk 32-bit words, each the
+// bf16 values of columns 2i and 2i + 1 of one key), V into key pairs (v2:
+// ldk / 2 x dp words, values of keys 2j and 2j + 1 in one column): the
+// operand layouts of vdpbf16ps.
 void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t hk, int64_t lo, int64_t hi,
                     Scratch& w) {
-  const int64_t D = p.head_dim, pairs = (D + 1) / 2, n = hi - lo;
+  const int64_t D = p.head_dim, pairs = (D + 1) / 2, full_pairs = D / 2, n = hi - lo;
   w.ldk = round_up(n, kBk);
   w.dp = round_up(D, kTileW);
   w.kt2.assign(static_cast<size_t>(pairs * w.ldk * 2), 0);
   w.v2.assign(static_cast<size_t>(w.ldk / 2 * w.dp * 2), 0);
-  for (int64_t j = 0; j < n; ++j) {
-    const auto* kj = static_cast<const bf16_t*>(p.k.ptr) + key_offset(p.k, p, b, s.k_begin, lo + j, hk);
-    const auto* vj = static_cast<const bf16_t*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j, hk);
-    for (int64_t d = 0; d < D; ++d) {
-      w.kt2[((d / 2) * w.ldk + j) * 2 + d % 2] = kj[d].bits;
-      w.v2[((j / 2) * w.dp + d) * 2 + j % 2] = vj[d].bits;
+  auto key_row = [&](const FlashAttnTensor& t, int64_t j) {
+    return static_cast<const uint16_t*>(t.ptr) + key_offset(t, p, b, s.k_begin, lo + j, hk);
+  };
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int64_t nj = std::min(kKeyBlock, n - j0);
+    const uint16_t* rows[kKeyBlock];
+    for (int64_t jj = 0; jj < nj; ++jj) rows[jj] = key_row(p.k, j0 + jj);
+    for (int64_t i = 0; i < full_pairs; ++i) {
+      uint16_t* dst = w.kt2.data() + 2 * (i * w.ldk + j0);
+      for (int64_t jj = 0; jj < nj; ++jj) std::memcpy(dst + 2 * jj, rows[jj] + 2 * i, 4);
+    }
+    if (pairs > full_pairs)  // odd head_dim: the last column alone (its pair's high half stays 0)
+      for (int64_t jj = 0; jj < nj; ++jj) w.kt2[2 * (full_pairs * w.ldk + j0 + jj)] = rows[jj][D - 1];
+  }
+  for (int64_t j = 0; j < n; j += 2) {
+    const uint16_t* v0 = key_row(p.v, j);
+    uint16_t* dst = w.v2.data() + 2 * (j / 2) * w.dp;
+    if (j + 1 < n) {
+      const uint16_t* v1 = key_row(p.v, j + 1);
+      for (int64_t d = 0; d < D; ++d) dst[2 * d] = v0[d], dst[2 * d + 1] = v1[d];
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[2 * d] = v0[d];
     }
   }
 }
@@ -71,11 +97,18 @@ void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t h
   w.dp = round_up(D, kTileW);
   w.kt.assign(static_cast<size_t>(D * w.ldk), 0.0f);
   w.v.assign(static_cast<size_t>(w.ldk * w.dp), 0.0f);
-  for (int64_t j = 0; j < n; ++j) {
-    const T* kj = static_cast<const T*>(p.k.ptr) + key_offset(p.k, p, b, s.k_begin, lo + j, hk);
-    const T* vj = static_cast<const T*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j, hk);
-    for (int64_t d = 0; d < D; ++d) w.kt[d * w.ldk + j] = to_float(kj[d]);
-    widen(vj, w.v.data() + j * w.dp, D);
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int64_t nj = std::min(kKeyBlock, n - j0);
+    const T* rows[kKeyBlock];
+    for (int64_t jj = 0; jj < nj; ++jj) {
+      rows[jj] = static_cast<const T*>(p.k.ptr) + key_offset(p.k, p, b, s.k_begin, lo + j0 + jj, hk);
+      const T* vj = static_cast<const T*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j0 + jj, hk);
+      widen(vj, w.v.data() + (j0 + jj) * w.dp, D);
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      float* dst = w.kt.data() + d * w.ldk + j0;
+      for (int64_t jj = 0; jj < nj; ++jj) dst[jj] = to_float(rows[jj][d]);
+    }
   }
 }
 
@@ -187,14 +220,15 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64
 }
 
 // Up to this many queries per sequence, the forward runs as that many
-// decode passes (fixed layout): each reads K/V once more, which costs less
-// than the general path's widened, transposed copy of every key per
-// (sequence, head) until about 16 rows (bf16 16 x 2048 keys, 32 / 8 heads:
-// decode pass 5-6 ms, general path 145-165 ms for 1-16 rows).
-constexpr int64_t kMaxDecodeRows = 8;
+// decode passes (fixed layout), each reading K/V once more; the general path
+// instead widens the keys once per (sequence, kv head) and then costs little
+// per row. Measured with bf16, 2048 keys, head_dim 128 and the same K/V
+// bytes: a decode pass 5.4-6 ms; the general path 18-28 ms for 1-8 rows with
+// 32/8 heads (crossing near 5 rows), 18-20 ms with 32/32 (near 3).
+int64_t max_decode_rows(const FlashAttnParams& p) { return p.heads > p.heads_k ? 4 : 2; }
 
 // Runs the forward through the paged decode kernel when every sequence has
-// at most kMaxDecodeRows queries (varlen: exactly one) and the operands fit
+// at most max_decode_rows queries (varlen: exactly one) and the operands fit
 // its layout (K and V strided alike, ALiBi slopes per head); returns false
 // otherwise. Query row i of a sequence is a decode at its own last visible
 // key: it sees keys [i + sk - sq - left, i + sk - sq + right] (causal is
@@ -208,7 +242,7 @@ bool decode_through_paged_kernel(const FlashAttnParams& p) {
   if (varlen) {
     for (int64_t b = 0; b < B; ++b)
       if (p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] != 1) return false;
-  } else if (sq < 1 || sq > kMaxDecodeRows) {
+  } else if (sq < 1 || sq > max_decode_rows(p)) {
     return false;
   }
   const int64_t rows = varlen ? 1 : sq;
