@@ -238,6 +238,25 @@ def _attention_fwd_bwd(batch, heads, seq, d, dtype, causal=True):
     return setup
 
 
+def _attention_decode(batch, sq, sk, heads, kv_heads, d, dtype):
+    """A few new queries (decode, speculative tokens) against a KV cache held
+    as one contiguous tensor, causal (bottom-right), GQA; baseline SDPA with
+    the same mask."""
+
+    def setup(device):
+        q = _randn(batch, sq, heads, d, dtype=dtype, device=device)
+        k, v = (_randn(batch, sk, kv_heads, d, dtype=dtype, device=device) for _ in range(2))
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return Prepared(
+            lambda: flash_attn_func(q, k, v, causal=True),
+            lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True),
+            2 * q.nbytes + k.nbytes + v.nbytes,
+        )
+
+    return setup
+
+
 def _attention_varlen(lengths, heads, d, dtype):
     """Packed varlen against SDPA on the same batch padded to the longest sequence."""
 
@@ -409,6 +428,15 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
             bf16, _attention_varlen(varlen_lengths, 8, 128, bf16),
         )
     )
+    # Decode through flash_attn_func: one new token, and a few (speculative
+    # decoding), against a contiguous cache.
+    dseqs, dctx = (2, 64) if quick else (16, 2048)
+    for sq in (1, 4):
+        all_cases.append(
+            BenchCase("attention", f"flash_attn fwd, {sq} new token{'s' if sq > 1 else ''}",
+                      f"{dseqs}x{dctx} ctx, 32/8 heads, d128", bf16,
+                      _attention_decode(dseqs, sq, dctx, 32, 8, 128, bf16), cuda=False)
+        )
     # GPU: the issue's H200 shape (bf16, head_dim 128) against SDPA's own choice
     # of backend (flash / cuDNN / efficient), causal and not.
     gb, gh, gs = (1, 2, 256) if quick else (8, 16, 4096)
