@@ -102,8 +102,11 @@ void weight_only_gemm_cuda(const WeightOnlyParams& p, int64_t splits, float* wor
 void weight_only_dequantize_cuda(const WeightOnlyParams& p, void* dense, CUstream_st* stream);
 // W8A8 on CUDA (weight_sums unused): quantises x into the caller's scratch
 // xq (m, w8a8_cuda_x_stride(k)) int8 and x_scale (m) fp32, then an int8
-// tensor-core GEMM.
+// tensor-core GEMM, k split into w8a8_cuda_splits(p) parts (more than one:
+// the caller passes a workspace of splits * m * n int32).
 int64_t w8a8_cuda_x_stride(int64_t k);
-void w8a8_matmul_cuda(const W8A8Params& p, int8_t* xq, float* x_scale, CUstream_st* stream);
+int64_t w8a8_cuda_splits(const W8A8Params& p);
+void w8a8_matmul_cuda(const W8A8Params& p, int8_t* xq, float* x_scale, int64_t splits, int32_t* workspace,
+                      CUstream_st* stream);
 
 }  // namespace torchkiln

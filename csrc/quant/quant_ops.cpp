@@ -276,7 +276,11 @@ at::Tensor quant_matmul_w8a8(const at::Tensor& x, const at::Tensor& qweight, con
     const c10::DeviceGuard guard(x.device());
     at::Tensor xq = at::empty({m, w8a8_cuda_x_stride(k)}, x.options().dtype(at::kChar));
     at::Tensor x_scale = at::empty({m}, x.options().dtype(at::kFloat));
-    w8a8_matmul_cuda(p, xq.data_ptr<int8_t>(), x_scale.data_ptr<float>(), current_cuda_stream(x));
+    const int64_t splits = w8a8_cuda_splits(p);
+    at::Tensor workspace;
+    if (splits > 1) workspace = at::empty({splits, m, n}, x.options().dtype(at::kInt));
+    w8a8_matmul_cuda(p, xq.data_ptr<int8_t>(), x_scale.data_ptr<float>(), splits,
+                     splits > 1 ? workspace.data_ptr<int32_t>() : nullptr, current_cuda_stream(x));
     return out;
   }
 #endif

@@ -491,8 +491,11 @@ void run_w8a8() {
   p.dtype = dtype_of<T>();
   std::vector<int8_t> xq(m * w8a8_cuda_x_stride(k), 99);  // poisoned: the kernel must write the padding too
   std::vector<float> x_scale(m, NAN);
-  w8a8_matmul_cuda(p, xq.data(), x_scale.data(), nullptr);
+  const int64_t splits = w8a8_cuda_splits(p);  // as planned for TK_EMU_SMS SMs
+  std::vector<int32_t> workspace(splits * m * n, -7);
+  w8a8_matmul_cuda(p, xq.data(), x_scale.data(), splits, splits > 1 ? workspace.data() : nullptr, nullptr);
   write_floats("out", to_f32(out));
+  write_floats("num_splits", {static_cast<float>(splits)});
 }
 
 // Calls f(T{}) for the dtype code of `key` (0 fp32, 1 bf16, 2 fp16).

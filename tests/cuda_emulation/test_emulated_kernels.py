@@ -487,15 +487,22 @@ def test_reshape_and_cache_and_copy_blocks(emulator, tmp_path, dtype, d):
         assert torch.equal(out[f"{name}_cache_copied"].view(want.shape), want.float()), f"{name} after copy_blocks"
 
 
-@pytest.mark.parametrize("m,n,k,dtype,bias", [(1, 37, 203, torch.bfloat16, True), (70, 130, 256, torch.float32, False),
-                                              (9, 16, 3, torch.float16, True)], ids=str)
-def test_w8a8(emulator, tmp_path, m, n, k, dtype, bias):
+@pytest.mark.parametrize("m,n,k,dtype,bias,sms", [
+    (1, 37, 203, torch.bfloat16, True, 132),   # 7 k steps: one block's k loop
+    (70, 130, 256, torch.float32, False, 132),  # 2 k splits
+    (9, 16, 3, torch.float16, True, 132),
+    (5, 40, 1030, torch.bfloat16, True, 132),   # 33 k steps in 7 splits (the last of 3) ...
+    (5, 40, 1030, torch.bfloat16, True, 1),     # ... or in 4 (planned for 1 SM)
+], ids=str)
+def test_w8a8(emulator, tmp_path, m, n, k, dtype, bias, sms):
     qw = torchkiln.quantize(torch.randn(n, k), "w8a8")
     x = (3 * torch.randn(m, k)).to(dtype)
     x[0, :] = 0  # an all-zero row: scale 0
     b = torch.randn(n).to(dtype)
     cfg = {"op_w8a8": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k, "bias": int(bias)}
-    out = run(emulator, tmp_path, cfg, dict(x=x, qweight=qw.qweight.view(torch.uint8), scales=qw.scales, bias=b))
-    # Same int8 codes, exact int32 sums and the same epilogue as the CPU kernel.
+    out = run(emulator, tmp_path, cfg, dict(x=x, qweight=qw.qweight.view(torch.uint8), scales=qw.scales, bias=b),
+              sms=sms)
+    assert (out["num_splits"].item() > 1) == (k > 256 or m == 70)
+    # Same int8 codes, exact int32 sums (in any split) and the same epilogue as the CPU kernel.
     cpu = torchkiln.quant_matmul(x, qw, b if bias else None)
     assert torch.equal(out["out"].view(m, n), cpu.float())

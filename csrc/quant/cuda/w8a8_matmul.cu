@@ -8,7 +8,10 @@
 // columns of each row, so the B fragment register a lane needs (4 values of
 // k for one output n) is one aligned 4-byte load. Each warp computes a 32 x 32
 // block of the output from fragments loaded directly (L1 / L2 serve the
-// reuse between the block's warps).
+// reuse between the block's warps). When the output tiles alone are too few
+// to keep every SM busy (few rows of x), k is also split over blocks: each
+// writes its exact int32 sums, and a second kernel adds them and applies
+// the scales, so the result is the same bits as one block's.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -60,10 +63,24 @@ __global__ void __launch_bounds__(kQuantThreads)
 
 __device__ __forceinline__ uint32_t load_u32(const int8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// out (+ bias) from the int32 sums of one output element.
+template <class T>
+__device__ __forceinline__ void store_scaled(const W8A8Params& p, const float* x_scale, int64_t row, int64_t col,
+                                             int acc) {
+  const T* bias = static_cast<const T*>(p.bias);
+  const float v = static_cast<float>(acc) * (x_scale[row] * p.scales[col]);
+  static_cast<T*>(p.out)[row * p.out_row_stride + col] = from_float<T>(v + (bias ? to_float(bias[col]) : 0.0f));
+}
+
+// Grid (n tiles, m tiles, k splits); split z covers columns
+// [z * cols_per_split, (z + 1) * cols_per_split) of the padded xq. With one
+// split the block writes out; otherwise its int32 sums, partial[z][m][n].
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    w8a8_gemm_kernel(const W8A8Params p, const int8_t* xq, int64_t xq_stride, const float* x_scale) {
+    w8a8_gemm_kernel(const W8A8Params p, const int8_t* xq, int64_t xq_stride, const float* x_scale,
+                     int64_t cols_per_split, int32_t* partial) {
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile, m0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t k_begin = blockIdx.z * cols_per_split, k_end = min(xq_stride, k_begin + cols_per_split);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
   const int64_t quads = (p.k + 3) / 4, n16 = (p.n + kPanelRows - 1) / kPanelRows * kPanelRows;
@@ -73,7 +90,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0;
 
-  for (int64_t k0 = 0; k0 < xq_stride; k0 += 32) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += 32) {
     uint32_t a[2][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -96,8 +113,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  const T* bias = static_cast<const T*>(p.bias);
-  T* out = static_cast<T*>(p.out);
+  int32_t* mine = partial ? partial + blockIdx.z * p.m * p.n : nullptr;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -106,27 +122,65 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = 0; e < 4; ++e) {
         const int64_t row = m0 + wm + 16 * i + g + 8 * (e >> 1), col = n0 + wn + 8 * j + 2 * t + (e & 1);
         if (row >= p.m || col >= p.n) continue;
-        const float v = static_cast<float>(acc[i][j][e]) * (x_scale[row] * p.scales[col]);
-        out[row * p.out_row_stride + col] = from_float<T>(v + (bias ? to_float(bias[col]) : 0.0f));
+        if (mine)
+          mine[row * p.n + col] = acc[i][j][e];
+        else
+          store_scaled<T>(p, x_scale, row, col, acc[i][j][e]);
       }
+}
+
+// out = (sum over splits of partial[z]) * scales (+ bias).
+template <class T>
+__global__ void w8a8_split_sum_kernel(const W8A8Params p, const float* x_scale, int splits, const int32_t* partial) {
+  const int64_t total = p.m * p.n;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int acc = 0;
+    for (int z = 0; z < splits; ++z) acc += partial[z * total + i];
+    store_scaled<T>(p, x_scale, i / p.n, i % p.n, acc);
+  }
 }
 
 }  // namespace
 
 int64_t w8a8_cuda_x_stride(int64_t k) { return (k + 31) / 32 * 32; }
 
-void w8a8_matmul_cuda(const W8A8Params& p, int8_t* xq, float* x_scale, CUstream_st* stream) {
+int64_t w8a8_cuda_splits(const W8A8Params& p) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  // About four blocks per SM, at least 4 k steps (of 32) per split.
+  const int64_t tiles = cuda::ceil_div(p.n, kTile) * cuda::ceil_div(p.m, kTile);
+  const int64_t steps = w8a8_cuda_x_stride(p.k) / 32;
+  const int64_t want = cuda::ceil_div(4 * static_cast<int64_t>(std::max(sms, 1)), tiles);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, steps / 4, 65535}));
+  return cuda::ceil_div(steps, cuda::ceil_div(steps, splits));  // no empty split
+}
+
+void w8a8_matmul_cuda(const W8A8Params& p, int8_t* xq, float* x_scale, int64_t splits, int32_t* workspace,
+                      CUstream_st* stream) {
   if (p.m <= 0) return;
-  const int64_t xq_stride = w8a8_cuda_x_stride(p.k);
-  const dim3 grid(static_cast<unsigned>(cuda::ceil_div(p.n, kTile)), static_cast<unsigned>(cuda::ceil_div(p.m, kTile)));
+  if (splits < 1 || (splits > 1 && workspace == nullptr))
+    throw std::invalid_argument("w8a8_matmul_cuda: splits > 1 need a workspace of splits x m x n int32");
+  const int64_t xq_stride = w8a8_cuda_x_stride(p.k), steps = xq_stride / 32;
+  const int64_t per_split = cuda::ceil_div(steps, splits);
+  const dim3 grid(static_cast<unsigned>(cuda::ceil_div(p.n, kTile)), static_cast<unsigned>(cuda::ceil_div(p.m, kTile)),
+                  static_cast<unsigned>(cuda::ceil_div(steps, per_split)));
   if (p.m > 2147483647 || grid.y > 65535) throw std::invalid_argument("w8a8_matmul_cuda: too many rows of x");
+  int32_t* partial = grid.z > 1 ? workspace : nullptr;
   cuda::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     TK_KERNEL_LAUNCH(static_cast<unsigned>(p.m), kQuantThreads, 32 * sizeof(float), stream,
                      quantize_rows_kernel<T>)(p, xq, xq_stride, x_scale);
     cuda::check_launch("w8a8 quantize_rows");
-    TK_KERNEL_LAUNCH(grid, kThreads, 0, stream, w8a8_gemm_kernel<T>)(p, xq, xq_stride, x_scale);
+    TK_KERNEL_LAUNCH(grid, kThreads, 0, stream, w8a8_gemm_kernel<T>)(p, xq, xq_stride, x_scale, per_split * 32, partial);
     cuda::check_launch("w8a8 gemm");
+    if (partial != nullptr) {
+      const int blocks = static_cast<int>(std::min<int64_t>(4096, cuda::ceil_div(p.m * p.n, 256)));
+      TK_KERNEL_LAUNCH(blocks, 256, 0, stream, w8a8_split_sum_kernel<T>)(p, x_scale, static_cast<int>(grid.z),
+                                                                         partial);
+      cuda::check_launch("w8a8 split_sum");
+    }
   });
 }
 
