@@ -205,9 +205,9 @@ def test_decode_one_query_varlen(cpu_isa, paged):
 
 def test_varlen_matches_padded_batch():
     # Bit for bit where both layouts take the same kernel: a mixed varlen
-    # batch runs the general kernel, and so does a sequence of more than 8
-    # queries alone (fewer go through decode passes; test_decode_* checks
-    # those against the reference).
+    # batch runs the general kernel, and so does each sequence alone here
+    # (more than 2 queries without GQA; fewer go through decode passes,
+    # which test_decode_* checks against the reference).
     lens = [17, 64, 9]
     d = 32
     q = torch.randn(sum(lens), 2, d)

@@ -248,9 +248,10 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     next_known = false;
     // While the scores work on kv head hk of positions [c0, c1), they
     // prefetch that head's K rows `ahead` positions on and, for hk = 0, the
-    // V rows of [c0, c1). (Written out in both loops below: called as a
-    // lambda, which GCC left out of line, the same prefetches measured no
-    // faster than the bursts.)
+    // V rows of [c0, c1). Written out in both loops below on purpose: the
+    // same prefetches behind a lambda (which GCC left out of line) measured
+    // no faster than the bursts, and behind an always_inline function
+    // 7.5-7.9 ms against 4.8-4.9 written out (bf16 16 x 2048).
     int64_t c0 = 0;
 #if defined(__AVX512F__)
     if constexpr (HT == 4) {
