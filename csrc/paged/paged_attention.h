@@ -46,16 +46,32 @@ struct CopyBlocksParams {
 // Decode: one new query token per sequence, at position seq_len - 1, attends
 // to the sequence's seq_len cached keys with the masks and options of
 // flash_attn_fwd (attention/flash_attn.h).
+//
+// CPU only, for flash_attn's few-query forward: a sequence may have several
+// query rows, aligned bottom-right as in flash_attn. Row r of R is the query
+// at position diag = seq_len - R + r and sees keys [diag - window_left, diag
+// + window_right] of [0, seq_len). Row r of sequence s is token t = r +
+// (q_start ? q_start[s] : 0): q at s * q_seq_stride + t * q_row_stride + h *
+// q_head_stride, out and lse at the same with their own strides (packed
+// rows have seq strides 0). The CUDA kernel takes one row per sequence and
+// writes out (num_seqs, heads, head_dim) and lse (num_seqs, heads)
+// contiguous.
 struct PagedAttnParams {
   const void* q = nullptr;  // (num_seqs, heads, head_dim)
   int64_t q_seq_stride = 0, q_head_stride = 0;
+  int64_t max_rows = 1;              // query rows per sequence (all of them, without q_start)
+  const int32_t* q_start = nullptr;  // (num_seqs + 1): rows of s are tokens [q_start[s], q_start[s + 1])
+  int64_t q_row_stride = 0;
+  int64_t out_seq_stride = 0, out_row_stride = 0, out_head_stride = 0;  // elements
+  int64_t lse_seq_stride = 0, lse_row_stride = 0, lse_head_stride = 0;
+  int64_t alibi_seq_stride = 0;  // slopes (num_seqs, heads) when not 0
   const void* key_cache = nullptr;
   const void* value_cache = nullptr;
   CacheLayout cache;  // shared by key and value caches
   const int32_t* block_table = nullptr;  // (num_seqs, max_blocks)
   int64_t block_table_stride = 0;
   const int32_t* seq_lens = nullptr;  // (num_seqs)
-  void* out = nullptr;                // (num_seqs, heads, head_dim), contiguous
+  void* out = nullptr;                // (num_seqs, heads, head_dim)
   float* lse = nullptr;               // (num_seqs, heads)
   int64_t num_seqs = 0, heads = 0, max_seq_len = 0;
   float scale = 1.0f, softcap = 0.0f;

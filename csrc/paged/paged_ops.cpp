@@ -232,6 +232,10 @@ std::tuple<at::Tensor, at::Tensor> paged_attention(const at::Tensor& q, const at
   p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  p.out_seq_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.lse_seq_stride = lse.stride(0);
+  p.lse_head_stride = lse.stride(1);
   p.num_seqs = seqs;
   p.heads = q.size(1);
   p.max_seq_len = longest;

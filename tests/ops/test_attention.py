@@ -125,7 +125,7 @@ DECODE = [  # (dtype, heads, heads_k, d, options)
     (torch.float16, 6, 6, 64, dict()),
     (torch.float32, 4, 1, 111, dict(window_size=(50, 0))),
     (torch.bfloat16, 4, 2, 40, dict(softcap=3.0, alibi_slopes="heads")),
-    (torch.float32, 4, 2, 64, dict(alibi_slopes="batch", causal=True)),  # per-batch slopes: the general kernel
+    (torch.float32, 4, 2, 64, dict(alibi_slopes="batch", causal=True)),
 ]
 
 
@@ -145,17 +145,28 @@ def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
     check(q, k, kv[:, :, 1], **opts)
 
 
-FEW_ROWS = [  # (sq, sk, heads_k, dtype, options); up to 4 queries (GQA) or 2 (MHA) run as decode passes
+# A few queries per sequence run in the decode kernel too, the rows as more
+# query heads of the group, up to 32 (bf16) or 64 (fp32, fp16) query vectors
+# (rows x heads of a group) per kv head; 8 heads here, so with 2 kv heads 8
+# or 16 rows, with 8 (MHA) 32 or 64. Register tiles of 4, 2 or 1 vectors
+# (rows x group divisible by 4, 2, neither).
+FEW_ROWS = [  # (sq, sk, heads_k, dtype, options)
     (2, 300, 2, torch.bfloat16, dict(causal=True)),
     (4, 257, 2, torch.float32, dict()),
-    (4, 140, 2, torch.float16, dict(window_size=(30, 2))),  # each row its own last key and left edge
+    (4, 140, 2, torch.float16, dict(window_size=(30, 2))),  # each row its own key range
     (3, 90, 2, torch.bfloat16, dict(window_size=(-1, 1), softcap=4.0)),
     (3, 64, 2, torch.float32, dict(causal=True, window_size=(10, -1), alibi_slopes="heads")),
     (4, 2, 2, torch.float32, dict(causal=True)),  # the first 2 rows see no key
-    (2, 150, 8, torch.float16, dict(causal=True, window_size=(20, 0))),  # MHA
-    (4, 77, 2, torch.float32, dict(alibi_slopes="heads")),  # ALiBi without right = 0: the general kernel
-    (5, 200, 2, torch.bfloat16, dict(causal=True)),  # past the limits: the general kernel
-    (3, 200, 8, torch.bfloat16, dict(causal=True)),
+    (2, 150, 8, torch.float16, dict(causal=True, window_size=(20, 0))),  # MHA, tiles of 2
+    (3, 150, 8, torch.bfloat16, dict(causal=True)),  # MHA, tiles of 1
+    (5, 77, 2, torch.float32, dict(alibi_slopes="heads", window_size=(-1, 2))),  # distances from each row's diagonal
+    (8, 300, 2, torch.bfloat16, dict(causal=True)),
+    (16, 130, 2, torch.float32, dict(window_size=(40, 3))),
+    (12, 150, 8, torch.float16, dict(causal=True, alibi_slopes="batch")),
+    (7, 3, 8, torch.bfloat16, dict(causal=True)),  # rows 0-3 see no key
+    (9, 200, 2, torch.bfloat16, dict(causal=True)),  # past the limits: the general kernel
+    (33, 100, 8, torch.bfloat16, dict(causal=True, window_size=(20, 0))),
+    (17, 100, 2, torch.float32, dict(causal=True)),
 ]
 
 
@@ -164,6 +175,8 @@ def test_decode_few_queries(cpu_isa, sq, sk, heads_k, dtype, opts):
     opts = dict(opts)
     if opts.get("alibi_slopes") == "heads":
         opts["alibi_slopes"] = torch.rand(8)
+    elif opts.get("alibi_slopes") == "batch":
+        opts["alibi_slopes"] = torch.rand(2, 8)
     q, k, v = qkv(2, sq, sk, 8, heads_k, 72, dtype)
     check(q * 2, k, v, **opts)
     # a strided layout: q, k, v views of one packed projection
@@ -172,47 +185,55 @@ def test_decode_few_queries(cpu_isa, sq, sk, heads_k, dtype, opts):
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["packed", "paged"])
-def test_decode_one_query_varlen(cpu_isa, paged):
-    lens_k = [1, 0, 37, 300, 16]  # a sequence with no key: zeros and lse +inf
+@pytest.mark.parametrize("lens_q", [[1, 1, 1, 1, 1], [1, 3, 2, 8, 0]], ids=["one", "few"])
+def test_decode_varlen(cpu_isa, paged, lens_q):
+    # Sequences with no key (zeros, lse +inf), no query, more queries than
+    # keys; one query each or a few (the decode kernel), packed or paged.
+    lens_k = [1, 0, 37, 300, 16] if lens_q[1] == 1 else [1, 2, 37, 300, 16]
     heads, heads_k, d, dtype = 8, 2, 64, torch.bfloat16
+    kw = dict(causal=True, window_size=(100, 0))
     batch = len(lens_k)
-    q = torch.randn(batch, heads, d).to(dtype)
-    cu_q = torch.arange(batch + 1, dtype=torch.int32)
+    q = torch.randn(sum(lens_q), heads, d).to(dtype)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
     if paged:
         k_cache, v_cache, table, _ = random_cache(lens_k, 16, heads_k, d, dtype)
         seqs = [(k_cache[table[b]].flatten(0, 1)[:n], v_cache[table[b]].flatten(0, 1)[:n]) for b, n in enumerate(lens_k)]
-        out, lse = torchkiln.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 1, max(lens_k), causal=True,
-                                                    window_size=(100, 0), return_lse=True, block_table=table)
+        out, lse = torchkiln.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max(lens_q), max(lens_k),
+                                                    return_lse=True, block_table=table, **kw)
     else:
         k = torch.randn(sum(lens_k), heads_k, d).to(dtype)
         v = torch.randn(sum(lens_k), heads_k, d).to(dtype)
         seqs = [(k[cu_k[b]:cu_k[b + 1]], v[cu_k[b]:cu_k[b + 1]]) for b in range(batch)]
-        out, lse = torchkiln.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, max(lens_k), causal=True,
-                                                    window_size=(100, 0), return_lse=True)
-    assert lse.shape == (heads, batch)
+        out, lse = torchkiln.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), return_lse=True,
+                                                    **kw)
+    assert lse.shape == (heads, sum(lens_q))
     for b, (kb, vb) in enumerate(seqs):
-        if lens_k[b] == 0:
-            assert (out[b] == 0).all() and (lse[:, b] == float("inf")).all()
+        rows = slice(cu_q[b], cu_q[b + 1])
+        if lens_q[b] == 0:
             continue
-        seq = (q[b : b + 1, None], kb[None], vb[None])
-        kw = dict(causal=True, window_size=(100, 0))
+        if lens_k[b] == 0:
+            assert (out[rows] == 0).all() and (lse[:, rows] == float("inf")).all()
+            continue
+        seq = (q[rows][None], kb[None], vb[None])
         ref_out, ref_lse = attention_ref(*(to64(t) for t in seq), **kw)
         low_out, _ = attention_ref(*seq, **kw)
-        assert_within_rule(out[b : b + 1, None], ref_out, low_out, what=f"sequence {b}")
-        torch.testing.assert_close(lse[:, b], ref_lse[0, :, 0].float(), rtol=1e-4, atol=1e-3)
+        assert_within_rule(out[rows][None], ref_out, low_out, what=f"sequence {b}")
+        finite = torch.isfinite(ref_lse[0])
+        assert torch.equal(torch.isfinite(lse[:, rows]), finite), f"sequence {b}: rows without keys have lse +inf"
+        torch.testing.assert_close(lse[:, rows][finite], ref_lse[0][finite].float(), rtol=1e-4, atol=1e-3)
 
 
 def test_varlen_matches_padded_batch():
     # Bit for bit where both layouts take the same kernel: a mixed varlen
     # batch runs the general kernel, and so does each sequence alone here
-    # (more than 2 queries without GQA; fewer go through decode passes,
-    # which test_decode_* checks against the reference).
-    lens = [17, 64, 9]
+    # (more than 64 fp32 queries per kv head; fewer go through the decode
+    # kernel, which test_decode_* checks against the reference).
+    lens = [70, 129, 65]
     d = 32
     q = torch.randn(sum(lens), 2, d)
-    cu = torch.tensor([0, 17, 81, 90], dtype=torch.int32)
-    out = torchkiln.flash_attn_varlen_func(q, q, q, cu, cu, 64, 64, causal=True)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = torchkiln.flash_attn_varlen_func(q, q, q, cu, cu, max(lens), max(lens), causal=True)
     for b, n in enumerate(lens):
         s = slice(cu[b], cu[b + 1])
         alone = torchkiln.flash_attn_func(q[s][None], q[s][None], q[s][None], causal=True)[0]

@@ -230,9 +230,10 @@ void narrow(const float* src, T* dst, int64_t n, float scale = 1.0f) {
   if (d < n) vstore_partial(dst + d, vload_partial(src + d, n - d) * vs, n - d);
 }
 
-// flash_attn_decode.cpp: runs the forward as decode passes when the shapes
-// and layouts allow (few queries per sequence); false: run the general kernel.
-bool forward_as_decode_passes(const FlashAttnParams& p);
+// flash_attn_decode.cpp: runs the forward in the paged decode kernel when
+// the shapes and layouts allow (few queries per sequence); false: run the
+// general kernel.
+bool forward_in_decode_kernel(const FlashAttnParams& p);
 
 }  // namespace attn
 }  // namespace TK_CPU_NS

@@ -1,11 +1,10 @@
 // flash_attn forward for a few queries per sequence, CPU (compiled once per
-// ISA): decode passes of the paged decode kernel over the keys in place.
-// With one query row, widening and transposing every key (the general
-// kernel's first step) costs far more than the attention; the decode kernel
-// reads each K/V row once, where it lies, for every query head of its group.
+// ISA): the paged decode kernel over the keys in place. With few query rows,
+// widening and transposing every key (the general kernel's first step)
+// costs far more than the attention; the decode kernel reads each K/V row
+// once, where it lies, for every query row and head of its group.
 #include <algorithm>
 #include <climits>
-#include <cstring>
 #include <vector>
 
 #include "attention/cpu/attn_common.h"
@@ -15,42 +14,56 @@ namespace torchkiln {
 namespace TK_CPU_NS {
 namespace attn {
 
-// Up to this many queries per sequence, the forward runs as that many
-// decode passes (fixed layout), each reading K/V once more; the general path
-// instead widens the keys once per (sequence, kv head) and then costs little
-// per row. Measured with bf16, 2048 keys, head_dim 128 and the same K/V
-// bytes: a decode pass 5.4-6 ms; the general path 18-28 ms for 1-8 rows with
-// 32/8 heads (crossing near 5 rows), 18-20 ms with 32/32 (near 3).
+// The paged decode kernel takes a sequence's query rows as more query heads
+// of each GQA group: it reads every K/V row once, where it lies, and then
+// costs about the rows' FLOPs, at a lower rate than the general path's
+// GEMM-like tiles. The general path first widens and transposes the keys of
+// each (sequence, kv head), a fixed cost that pays from some number of query
+// vectors (rows x query heads of a group) per kv head on. Measured, 2048
+// keys, head_dim 128, causal, ms of decode kernel / general path, with
+// 16 x 32/8 heads (GQA) and 4 x 32/32 (MHA):
+//   bf16, 16 vectors: GQA 13.9 / 20.4, MHA 13.9 / 22.1; 32 vectors: GQA
+//         26.4 / 28.4, MHA 27.2 / 27.7.
+//   fp32, 32 vectors: GQA 27.8 / 55.3, MHA 30.5 / 53.8; 64: GQA 53.5 /
+//         76.2, MHA 58.8 / 73.5; 80: GQA 65.9 / 101.
+//   fp16, 32 vectors: GQA 27.2 / 48.3, MHA 28.2 / 49.1; 48: MHA 41.0 / 61.3.
 namespace {
-int64_t max_decode_rows(const FlashAttnParams& p) { return p.heads > p.heads_k ? 4 : 2; }
+int64_t max_vectors_per_kv_head(DType dtype) { return dtype == DType::kBFloat16 ? 32 : 64; }
 }  // namespace
 
 // Runs the forward through the paged decode kernel when every sequence has
-// at most max_decode_rows queries (varlen: exactly one) and the operands fit
-// its layout (K and V strided alike, ALiBi slopes per head); returns false
-// otherwise. Query row i of a sequence is a decode at its own last visible
-// key: it sees keys [i + sk - sq - left, i + sk - sq + right] (causal is
-// right = 0), so the pass runs with seq_len = the upper end + 1 and the left
-// window measured from there. ALiBi's distances are measured from the
-// query's diagonal, which is that last key only when right = 0 (or for the
-// last row without a right window).
-bool forward_as_decode_passes(const FlashAttnParams& p) {
-  const int64_t B = p.batch, H = p.heads, D = p.head_dim, sq = p.seqlen_q, sk = p.seqlen_k;
+// few enough queries and K and V are strided alike (the kernel
+// reads both through one layout); returns false otherwise. The kernel takes
+// flash_attn's masks as they are: row i of a sequence with sq queries and
+// sk keys is its query at diagonal i + sk - sq.
+bool forward_in_decode_kernel(const FlashAttnParams& p) {
+  const int64_t B = p.batch, H = p.heads, D = p.head_dim, sk = p.seqlen_k;
   const bool varlen = p.cu_seqlens_q != nullptr;
+  int64_t rows = 0;
   if (varlen) {
-    for (int64_t b = 0; b < B; ++b)
-      if (p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] != 1) return false;
-  } else if (sq < 1 || sq > max_decode_rows(p)) {
-    return false;
+    for (int64_t b = 0; b < B; ++b) rows = std::max<int64_t>(rows, p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b]);
+  } else {
+    rows = p.seqlen_q;
   }
-  const int64_t rows = varlen ? 1 : sq;
-  if (p.alibi_slopes != nullptr && (p.alibi_batch_stride != 0 || (rows > 1 && p.window_right != 0))) return false;
+  if (B < 1 || rows < 1 || rows * (H / p.heads_k) > max_vectors_per_kv_head(p.dtype)) return false;
   if (p.k.batch_stride != p.v.batch_stride || p.k.row_stride != p.v.row_stride || p.k.head_stride != p.v.head_stride)
     return false;
 
   PagedAttnParams d;
-  d.q_seq_stride = varlen ? p.q.row_stride : p.q.batch_stride;
+  d.q = p.q.ptr;
+  d.q_seq_stride = varlen ? 0 : p.q.batch_stride;
+  d.q_row_stride = p.q.row_stride;
   d.q_head_stride = p.q.head_stride;
+  d.max_rows = rows;
+  d.q_start = p.cu_seqlens_q;
+  d.out = p.out.ptr;
+  d.out_seq_stride = varlen ? 0 : p.out.batch_stride;
+  d.out_row_stride = p.out.row_stride;
+  d.out_head_stride = p.out.head_stride;
+  d.lse = p.lse;
+  d.lse_seq_stride = varlen ? 0 : p.lse_batch_stride;
+  d.lse_row_stride = 1;
+  d.lse_head_stride = p.lse_head_stride;
   d.key_cache = p.k.ptr;
   d.value_cache = p.v.ptr;
   d.cache.heads_k = p.heads_k;
@@ -84,47 +97,15 @@ bool forward_as_decode_passes(const FlashAttnParams& p) {
   d.seq_lens = lens.data();
   d.num_seqs = B;
   d.heads = H;
+  d.max_seq_len = *std::max_element(lens.begin(), lens.end());
   d.scale = p.scale;
   d.softcap = p.softcap;
+  d.window_left = p.window_left;
+  d.window_right = p.window_right;
   d.alibi_slopes = p.alibi_slopes;
+  d.alibi_seq_stride = p.alibi_batch_stride;
   d.dtype = p.dtype;
-
-  // The decode kernel writes out as (sequence, head, D) and lse as
-  // (sequence, head): straight into one-row outputs laid out so, else into
-  // scratch copied to row i of out and lse.
-  const int64_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
-  const bool direct_out = rows == 1 && p.out.head_stride == D && (varlen ? p.out.row_stride : p.out.batch_stride) == H * D;
-  const bool direct_lse = rows == 1 && !varlen && p.lse_batch_stride == H && p.lse_head_stride == 1;
-  std::vector<unsigned char> out_rows(direct_out ? 0 : static_cast<size_t>(B * H * D * elem));
-  std::vector<float> lse_rows(direct_lse ? 0 : static_cast<size_t>(B * H));
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t diag = i + sk - sq;  // fixed layout; varlen rows are one query at each sequence's end
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t len_b = varlen ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : sk;
-      const int64_t last = varlen ? len_b - 1 : (p.window_right >= 0 ? std::min(sk - 1, diag + p.window_right) : sk - 1);
-      lens[b] = static_cast<int32_t>(std::max<int64_t>(0, last + 1));
-    }
-    // Left window from the pass's last key: rows of one call share it (varlen
-    // rows are at their own ends, so it is the caller's).
-    d.window_left = p.window_left < 0 || varlen ? p.window_left : (lens[0] - 1) - (diag - p.window_left);
-    d.max_seq_len = *std::max_element(lens.begin(), lens.end());
-    d.q = static_cast<const unsigned char*>(p.q.ptr) + i * p.q.row_stride * elem;
-    d.out = direct_out ? p.out.ptr : out_rows.data();
-    d.lse = direct_lse ? p.lse : lse_rows.data();
-    paged_attention(d);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t tok = varlen ? b : i;  // varlen: sequence b's one query is packed token b
-        if (!direct_out) {
-          const int64_t at = (varlen ? 0 : b * p.out.batch_stride) + tok * p.out.row_stride + h * p.out.head_stride;
-          std::memcpy(static_cast<unsigned char*>(p.out.ptr) + at * elem, out_rows.data() + (b * H + h) * D * elem,
-                      static_cast<size_t>(D * elem));
-        }
-        if (!direct_lse)
-          p.lse[varlen ? h * p.lse_head_stride + b : b * p.lse_batch_stride + h * p.lse_head_stride + i] =
-              lse_rows[b * H + h];
-      }
-  }
+  paged_attention(d);
   return true;
 }
 

@@ -218,7 +218,7 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64
 }  // namespace
 
 void flash_attn_fwd(const FlashAttnParams& p) {
-  if (attn::forward_as_decode_passes(p)) return;
+  if (attn::forward_in_decode_kernel(p)) return;
   // Tasks of (sequence, kv head, chunk of query rows); enough of them for
   // every thread even when batch * heads_k is small.
   const int64_t bh = p.batch * p.heads_k;

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "common/cpu/vec.h"
@@ -25,9 +26,18 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Query rows of sequence s: a task works on rows x heads query vectors.
+int64_t rows_of(const PagedAttnParams& p, int64_t s) {
+  return p.q_start ? p.q_start[s + 1] - p.q_start[s] : p.max_rows;
+}
+
+// Partial (m, l, o) of every split, per (sequence, query vector): a task's
+// query vectors are its rows x heads, ordered (kv head, row, head of the
+// group) so that each kv head's are consecutive; `vectors` is the most any
+// sequence has (heads x max_rows).
 struct Partials {
-  std::vector<float> o, m, l;  // (seqs, heads, splits, D) and (seqs, heads, splits)
-  int64_t splits = 1, dp = 0;
+  std::vector<float> o, m, l;  // (seqs, vectors, splits, D) and (seqs, vectors, splits)
+  int64_t splits = 1, dp = 0, vectors = 0;
 };
 
 // Scores of HT query heads (rows of q, dp apart) against two key rows:
@@ -157,7 +167,7 @@ void pv_registers(const float* sc, const T* const* vpos, int64_t n, int64_t v_of
     for (int i = 0; i < S; ++i) vstore(acc + (h0 + g) * dp + d0 + i * kW, a[g][i]);
 }
 
-// Online-softmax state of one query head within a task.
+// Online-softmax state of one query vector within a task.
 struct HeadState {
   float m, l;
 };
@@ -169,17 +179,26 @@ struct HeadState {
 // (K) and once for P V (V, a kv head at a time). Software prefetches into L2
 // run ahead of both (bf16 16 x 2048 decode 12.9 -> 5.0-5.2 ms on the Zen 4,
 // 26-27 GB/s of K/V from DRAM, against 29-34 with K/V in L3).
+//
+// Several query rows (flash_attn's few-query forward) are more query heads
+// of each GQA group: every K/V row is still read once, for all of them, and
+// the rows' different key ranges are masks on the scores.
 template <int HT, class T>
 void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_per_split, Partials& part) {
   const CacheLayout& c = p.cache;
-  const int64_t D = c.head_dim, dp = part.dp, group = p.heads / c.heads_k;
-  const int64_t len = p.seq_lens[s], diag = len - 1;
-  const int64_t lo_mask = p.window_left >= 0 ? std::max<int64_t>(0, diag - p.window_left) : 0;
+  const int64_t D = c.head_dim, dp = part.dp, group = p.heads / c.heads_k, rows = rows_of(p, s);
+  const int64_t vgroup = rows * group, vectors = c.heads_k * vgroup;  // query vectors per kv head, in all
+  if (rows == 0) return;
+  // Row r's diagonal is diag0 + r; the last row's is len - 1, so no row
+  // sees past the end, and the rows together see [first row's left end, len).
+  const int64_t len = p.seq_lens[s], diag0 = len - rows;
+  const int64_t lo_mask = p.window_left >= 0 ? std::max<int64_t>(0, diag0 - p.window_left) : 0;
   const int64_t k0 = std::max(lo_mask, split * keys_per_split), k1 = std::min(len, (split + 1) * keys_per_split);
   const int32_t* table = p.block_table + s * p.block_table_stride;
-  std::vector<float> q(static_cast<size_t>(p.heads * dp), 0.0f), acc(static_cast<size_t>(p.heads * dp), 0.0f);
-  std::vector<float> scores(static_cast<size_t>(p.heads * kChunk));  // (heads, kChunk)
-  std::vector<HeadState> st(static_cast<size_t>(p.heads), HeadState{-kInf, 0.0f});
+  const int64_t first_token = p.q_start ? p.q_start[s] : 0;
+  std::vector<float> q(static_cast<size_t>(vectors * dp), 0.0f), acc(static_cast<size_t>(vectors * dp), 0.0f);
+  std::vector<float> scores(static_cast<size_t>(vectors * kChunk));  // (vectors, kChunk)
+  std::vector<HeadState> st(static_cast<size_t>(vectors), HeadState{-kInf, 0.0f});
   float* sc = scores.data();
   float spill[HT * kChunk];  // scores of the repeated row when a chunk has an odd key count
   const T* kpos[kChunk];
@@ -188,11 +207,15 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
   const T* vpos_next[kChunk];
   bool next_known = false;
   const Vec vs = vset1(p.scale);
-  for (int64_t h = 0; h < p.heads; ++h) {
-    const T* qh = static_cast<const T*>(p.q) + s * p.q_seq_stride + h * p.q_head_stride;
+  // Query vector v = (kv head, row, head of the group) of head h, row r.
+  auto head_of = [&](int64_t v) { return v / vgroup * group + v % group; };
+  auto row_of = [&](int64_t v) { return v % vgroup / group; };
+  for (int64_t v = 0; v < vectors; ++v) {
+    const T* qh = static_cast<const T*>(p.q) + s * p.q_seq_stride + (first_token + row_of(v)) * p.q_row_stride +
+                  head_of(v) * p.q_head_stride;
     int64_t d = 0;
-    for (; d + kW <= D; d += kW) vstore(q.data() + h * dp + d, vload(qh + d) * vs);
-    if (d < D) vstore_partial(q.data() + h * dp + d, vload_partial(qh + d, D - d) * vs, D - d);
+    for (; d + kW <= D; d += kW) vstore(q.data() + v * dp + d, vload(qh + d) * vs);
+    if (d < D) vstore_partial(q.data() + v * dp + d, vload_partial(qh + d, D - d) * vs, D - d);
   }
 
   // Position addresses once per chunk: no division per key below.
@@ -214,7 +237,7 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
   constexpr int kPvHeads = kW < 16 ? 1 : (HT == 4 ? 4 : 2);
   constexpr int kSlices = kW < 16 ? 8 : 16 / kPvHeads;
   const int64_t d_reg = D / (kSlices * kW) * (kSlices * kW);
-  const bool pv_in_registers = d_reg > 0 && group % kPvHeads == 0;
+  const bool pv_in_registers = d_reg > 0 && vgroup % kPvHeads == 0;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   // Software prefetches into L2, issued a few at a time between the
   // products rather than in bursts (a burst of more misses than the core
@@ -265,7 +288,7 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
           if (hk == 0 && pv_in_registers)
             for (int64_t at = c0; at < c0 + 4; ++at) prefetch_row(vpos[at], row_bytes);
           const T* kr[4] = {kpos[c0] + off, kpos[c0 + 1] + off, kpos[c0 + 2] + off, kpos[c0 + 3] + off};
-          for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += 4)
+          for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += 4)
             four_by_four_scores(q.data() + h0 * dp, dp, D, kr, sc + h0 * kChunk + c0);
         }
       }
@@ -285,20 +308,42 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
           for (int64_t at = c0; at <= c1; ++at) prefetch_row(vpos[at], row_bytes);
         const T* kr0 = kpos[c0] + hk * c.head_stride;
         const T* kr1 = kpos[c1] + hk * c.head_stride;
-        for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += HT)
+        for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += HT)
           two_key_scores<HT>(q.data() + h0 * dp, dp, D, kr0, kr1, sc + h0 * kChunk + c0,
                              pair ? sc + h0 * kChunk + c1 : spill);
       }
     }
-    // softcap, ALiBi, then one online-softmax rescale per chunk and head.
-    for (int64_t h = 0; h < p.heads; ++h) {
+    // softcap, ALiBi, the rows' own key ranges, then one online-softmax
+    // rescale per chunk and query vector.
+    for (int64_t h = 0; h < vectors; ++h) {
       float* srow = sc + h * kChunk;
       HeadState& hs = st[h];
+      const int64_t diag = diag0 + row_of(h);
       if (p.softcap > 0.0f)
         for (int64_t c0 = 0; c0 < n; ++c0) srow[c0] = p.softcap * std::tanh(srow[c0] / p.softcap);
-      if (p.alibi_slopes)
-        for (int64_t c0 = 0; c0 < n; ++c0) srow[c0] -= p.alibi_slopes[h] * static_cast<float>(std::abs(diag - (j0 + c0)));
-      const float m_new = std::max(hs.m, *std::max_element(srow, srow + n));
+      if (p.alibi_slopes) {
+        const float slope = p.alibi_slopes[s * p.alibi_seq_stride + head_of(h)];
+        for (int64_t c0 = 0; c0 < n; ++c0) srow[c0] -= slope * static_cast<float>(std::abs(diag - (j0 + c0)));
+      }
+      if (rows > 1) {  // a single row's range is the task's: [lo_mask, len)
+        const int64_t lo = p.window_left >= 0 ? diag - p.window_left : j0;
+        const int64_t hi = p.window_right >= 0 ? diag + p.window_right : j0 + n;
+        if (j0 < lo || j0 + n - 1 > hi)
+          for (int64_t c0 = 0; c0 < n; ++c0)
+            if (j0 + c0 < lo || j0 + c0 > hi) srow[c0] = -kInf;
+      }
+      float m_new = hs.m;
+      {
+        Vec vmx = vset1(-kInf);
+        int64_t c0 = 0;
+        for (; c0 + kW <= n; c0 += kW) vmx = vmax(vmx, vload(srow + c0));
+        m_new = std::max(m_new, vhmax(vmx));
+        for (; c0 < n; ++c0) m_new = std::max(m_new, srow[c0]);
+      }
+      if (m_new == -kInf) {  // no key of this row so far: P V must add nothing
+        std::fill_n(srow, n, 0.0f);
+        continue;
+      }
       const float alpha = std::exp(hs.m - m_new);
       const Vec vm = vset1(m_new);
       Vec sum = vzero();
@@ -333,8 +378,8 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
         // last head, the row just read: a no-op).
         const int64_t hs = c.head_stride, next = hk + 1 < c.heads_k ? hk + 1 : hk;
         for (int64_t d0 = 0; d0 < d_reg; d0 += kSlices * kW)
-          for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += kPvHeads)
-            if (h0 == hk * group)
+          for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += kPvHeads)
+            if (h0 == hk * vgroup)
               pv_registers<kPvHeads, kSlices, true, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
             else
               pv_registers<kPvHeads, kSlices, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
@@ -347,7 +392,7 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
         const T* vr = vpos[c0] + hk * c.head_stride;
         for (int64_t d = d_rest; d < D; d += kW) {
           const Vec v = d + kW <= D ? vload(vr + d) : vload_partial(vr + d, D - d);
-          for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          for (int64_t h = hk * vgroup; h < (hk + 1) * vgroup; ++h) {
             float* a = acc.data() + h * dp + d;
             vstore(a, vfma(vset1(sc[h * kChunk + c0]), v, vload(a)));
           }
@@ -355,8 +400,8 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
       }
     }
   }
-  for (int64_t h = 0; h < p.heads; ++h) {
-    const int64_t at = (s * p.heads + h) * part.splits + split;
+  for (int64_t h = 0; h < vectors; ++h) {
+    const int64_t at = (s * part.vectors + h) * part.splits + split;
     part.m[at] = st[h].m;
     part.l[at] = st[h].l;
     std::copy_n(acc.data() + h * dp, dp, part.o.data() + at * dp);
@@ -368,6 +413,9 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
 void paged_attention(const PagedAttnParams& p) {
   const CacheLayout& c = p.cache;
   const int64_t D = c.head_dim, tasks_per_split = p.num_seqs, group = p.heads / c.heads_k;
+  // Query vectors per kv head that every sequence's count is a multiple of.
+  int64_t unit = 0;
+  for (int64_t s = 0; s < p.num_seqs; ++s) unit = std::gcd(unit, group * rows_of(p, s));
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
   // Split the context only as far as needed to feed every thread, in whole
   // blocks and at least kChunk keys per split.
@@ -379,7 +427,8 @@ void paged_attention(const PagedAttnParams& p) {
   Partials part;
   part.splits = splits;
   part.dp = round_up(D, kW);
-  const int64_t partial_rows = p.num_seqs * p.heads * splits;
+  part.vectors = p.heads * p.max_rows;
+  const int64_t partial_rows = p.num_seqs * part.vectors * splits;
   part.o.assign(static_cast<size_t>(partial_rows * part.dp), 0.0f);
   part.m.assign(static_cast<size_t>(partial_rows), -kInf);
   part.l.assign(static_cast<size_t>(partial_rows), 0.0f);
@@ -389,19 +438,22 @@ void paged_attention(const PagedAttnParams& p) {
     parallel_for(0, tasks_per_split * splits, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t s = t / splits, split = t % splits;
-        // Query heads per register tile: the largest of 4, 2, 1 dividing the group.
-        if (group % 4 == 0)
+        // Query vectors per register tile: the largest of 4, 2, 1 dividing
+        // every sequence's count per kv head.
+        if (unit % 4 == 0)
           run_task<4, T>(p, s, split, keys_per_split, part);
-        else if (group % 2 == 0)
+        else if (unit % 2 == 0)
           run_task<2, T>(p, s, split, keys_per_split, part);
         else
           run_task<1, T>(p, s, split, keys_per_split, part);
       }
     });
-    // Combine the splits of each (sequence, head).
-    parallel_for(0, p.num_seqs * p.heads, 16, [&](int64_t lo, int64_t hi) {
+    // Combine the splits of each (sequence, query vector).
+    parallel_for(0, p.num_seqs * part.vectors, 16, [&](int64_t lo, int64_t hi) {
       std::vector<float> o(static_cast<size_t>(part.dp));
       for (int64_t sh = lo; sh < hi; ++sh) {
+        const int64_t s = sh / part.vectors, v = sh % part.vectors, vgroup = group * rows_of(p, s);
+        if (v >= c.heads_k * vgroup) continue;
         const int64_t base = sh * splits;
         float mx = -kInf;
         for (int64_t k = 0; k < splits; ++k) mx = std::max(mx, part.m[base + k]);
@@ -417,12 +469,15 @@ void paged_attention(const PagedAttnParams& p) {
             for (int64_t d = 0; d < part.dp; d += kW) vstore(o.data() + d, vfma(vload(src + d), vw, vload(o.data() + d)));
           }
         }
-        T* out = static_cast<T*>(p.out) + sh * D;
+        const int64_t h = v / vgroup * group + v % group;
+        const int64_t token = (p.q_start ? p.q_start[s] : 0) + v % vgroup / group;
+        T* out = static_cast<T*>(p.out) + s * p.out_seq_stride + token * p.out_row_stride + h * p.out_head_stride;
         const Vec inv = vset1(l > 0.0f ? 1.0f / l : 0.0f);
         int64_t d = 0;
         for (; d + kW <= D; d += kW) vstore(out + d, vload(o.data() + d) * inv);
         if (d < D) vstore_partial(out + d, vload_partial(o.data() + d, D - d) * inv, D - d);
-        p.lse[sh] = l > 0.0f ? mx + std::log(l) : kInf;
+        p.lse[s * p.lse_seq_stride + token * p.lse_row_stride + h * p.lse_head_stride] =
+            l > 0.0f ? mx + std::log(l) : kInf;
       }
     });
   });
