@@ -207,10 +207,15 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
   const T* vpos_next[kChunk];
   bool next_known = false;
   const Vec vs = vset1(p.scale);
-  // Query vector v = (kv head, row, head of the group) of head h, row r.
+  // Query vector v = (kv head, row, head of the group): its diagonal and
+  // ALiBi slope, looked up per chunk below (no divisions there).
   auto head_of = [&](int64_t v) { return v / vgroup * group + v % group; };
   auto row_of = [&](int64_t v) { return v % vgroup / group; };
+  std::vector<int64_t> diag(static_cast<size_t>(vectors));
+  std::vector<float> slope(p.alibi_slopes ? static_cast<size_t>(vectors) : 0);
   for (int64_t v = 0; v < vectors; ++v) {
+    diag[v] = diag0 + row_of(v);
+    if (p.alibi_slopes) slope[v] = p.alibi_slopes[s * p.alibi_seq_stride + head_of(v)];
     const T* qh = static_cast<const T*>(p.q) + s * p.q_seq_stride + (first_token + row_of(v)) * p.q_row_stride +
                   head_of(v) * p.q_head_stride;
     int64_t d = 0;
@@ -318,16 +323,13 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     for (int64_t h = 0; h < vectors; ++h) {
       float* srow = sc + h * kChunk;
       HeadState& hs = st[h];
-      const int64_t diag = diag0 + row_of(h);
       if (p.softcap > 0.0f)
         for (int64_t c0 = 0; c0 < n; ++c0) srow[c0] = p.softcap * std::tanh(srow[c0] / p.softcap);
-      if (p.alibi_slopes) {
-        const float slope = p.alibi_slopes[s * p.alibi_seq_stride + head_of(h)];
-        for (int64_t c0 = 0; c0 < n; ++c0) srow[c0] -= slope * static_cast<float>(std::abs(diag - (j0 + c0)));
-      }
+      if (p.alibi_slopes)
+        for (int64_t c0 = 0; c0 < n; ++c0) srow[c0] -= slope[h] * static_cast<float>(std::abs(diag[h] - (j0 + c0)));
       if (rows > 1) {  // a single row's range is the task's: [lo_mask, len)
-        const int64_t lo = p.window_left >= 0 ? diag - p.window_left : j0;
-        const int64_t hi = p.window_right >= 0 ? diag + p.window_right : j0 + n;
+        const int64_t lo = p.window_left >= 0 ? diag[h] - p.window_left : j0;
+        const int64_t hi = p.window_right >= 0 ? diag[h] + p.window_right : j0 + n;
         if (j0 < lo || j0 + n - 1 > hi)
           for (int64_t c0 = 0; c0 < n; ++c0)
             if (j0 + c0 < lo || j0 + c0 > hi) srow[c0] = -kInf;
