@@ -182,6 +182,8 @@ def test_decode_few_queries(cpu_isa, sq, sk, heads_k, dtype, opts):
     # a strided layout: q, k, v views of one packed projection
     packed = torch.randn(2, max(sq, sk), 3, 8, 72).to(dtype)
     check(packed[:, :sq, 0], packed[:, :sk, 1, :heads_k], packed[:, :sk, 2, :heads_k], **opts)
+    # the backward runs from this forward's out and lse
+    check_grads(q, k, v, **opts)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["packed", "paged"])
