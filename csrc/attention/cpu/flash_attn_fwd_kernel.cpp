@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "attention/cpu/attn_common.h"
+#include "common/cpu/transpose16.h"
 #include "common/parallel.h"
 
 namespace torchkiln {
@@ -61,13 +62,25 @@ void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int6
   auto key_row = [&](const FlashAttnTensor& t, int64_t j) {
     return static_cast<const uint16_t*>(t.ptr) + key_offset(t, p, b, s.k_begin, lo + j, hk);
   };
+  const uint16_t zeros[2 * kKeyBlock] = {};  // the rows of a short block's missing keys
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     const int64_t nj = std::min(kKeyBlock, n - j0);
     const uint16_t* rows[kKeyBlock];
-    for (int64_t jj = 0; jj < nj; ++jj) rows[jj] = key_row(p.k, j0 + jj);
-    for (int64_t i = 0; i < full_pairs; ++i) {
-      uint16_t* dst = w.kt2.data() + 2 * (i * w.ldk + j0);
-      for (int64_t jj = 0; jj < nj; ++jj) std::memcpy(dst + 2 * jj, rows[jj] + 2 * i, 4);
+    for (int64_t jj = 0; jj < kKeyBlock; ++jj) rows[jj] = jj < nj ? key_row(p.k, j0 + jj) : nullptr;
+    // A pair of columns is one 32-bit word: 16 keys x 16 words transpose in
+    // registers to 16 runs of kt2.
+    for (int64_t i0 = 0; i0 < full_pairs; i0 += 16) {
+      const int64_t words = std::min<int64_t>(16, full_pairs - i0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << words) - 1);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; ++jj)
+        r[jj] = _mm512_castsi512_ps(
+            _mm512_maskz_loadu_epi32(rows[jj] ? mask : 0, rows[jj] ? rows[jj] + 2 * i0 : zeros));
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        if (i < words) _mm512_storeu_ps(w.kt2.data() + 2 * ((i0 + i) * w.ldk + j0), r[i]);
     }
     if (pairs > full_pairs)  // odd head_dim: the last column alone (its pair's high half stays 0)
       for (int64_t jj = 0; jj < nj; ++jj) w.kt2[2 * (full_pairs * w.ldk + j0 + jj)] = rows[jj][D - 1];
@@ -101,10 +114,26 @@ void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t h
       const T* vj = static_cast<const T*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j0 + jj, hk);
       widen(vj, w.v.data() + (j0 + jj) * w.dp, D);
     }
+#if defined(__AVX512F__)
+    // 16 keys x 16 columns, widened, transpose in registers to 16 runs of
+    // kt; a short block's missing keys are zeros.
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int64_t cols = std::min<int64_t>(16, D - d0);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; ++jj)
+        r[jj] = jj >= nj ? _mm512_setzero_ps() : (cols == 16 ? vload(rows[jj] + d0) : vload_partial(rows[jj] + d0, cols)).v;
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        if (i < cols) _mm512_storeu_ps(w.kt.data() + (d0 + i) * w.ldk + j0, r[i]);
+    }
+#else
     for (int64_t d = 0; d < D; ++d) {
       float* dst = w.kt.data() + d * w.ldk + j0;
       for (int64_t jj = 0; jj < nj; ++jj) dst[jj] = to_float(rows[jj][d]);
     }
+#endif
   }
 }
 
