@@ -8,10 +8,12 @@
 // gets one fp32 partial per key chunk, summed in chunk order at the end:
 // results are bitwise the same on every run.
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "attention/cpu/attn_common.h"
+#include "attention/cpu/attn_layouts.h"
 #include "common/parallel.h"
 
 namespace torchkiln {
@@ -52,15 +54,14 @@ void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int6
   w.k2.assign(static_cast<size_t>(w.ldk / 2 * w.dpad * 2), 0);
   w.dk.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
   w.dv.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
+  std::vector<const uint16_t*> krows(static_cast<size_t>(n)), vrows(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) {
-    const auto* kj = static_cast<const bf16_t*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, k0 + j, hk);
-    const auto* vj = static_cast<const bf16_t*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, k0 + j, hk);
-    for (int64_t d = 0; d < D; ++d) {
-      w.kt2[((d / 2) * w.ldk + j) * 2 + d % 2] = kj[d].bits;
-      w.vt2[((d / 2) * w.ldk + j) * 2 + d % 2] = vj[d].bits;
-      w.k2[((j / 2) * w.dpad + d) * 2 + j % 2] = kj[d].bits;
-    }
+    krows[j] = static_cast<const uint16_t*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, k0 + j, hk);
+    vrows[j] = static_cast<const uint16_t*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, k0 + j, hk);
   }
+  transpose_column_pairs(krows.data(), n, D, w.kt2.data(), w.ldk);
+  transpose_column_pairs(vrows.data(), n, D, w.vt2.data(), w.ldk);
+  interleave_row_pairs(krows.data(), n, D, w.k2.data(), w.dpad);
 }
 
 void to_bf16(const float* src, uint16_t* dst, int64_t n) {  // n a multiple of kW
@@ -79,21 +80,18 @@ void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t h
   w.k.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
   w.dk.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
   w.dv.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
+  std::vector<const T*> krows(static_cast<size_t>(n)), vrows(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) {
-    const T* kj = static_cast<const T*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, k0 + j, hk);
-    const T* vj = static_cast<const T*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, k0 + j, hk);
-    float* krow = w.k.data() + j * w.dpad;
-    widen(kj, krow, D);
-    for (int64_t d = 0; d < D; ++d) {
-      w.kt[d * w.ldk + j] = krow[d];
-      w.vt[d * w.ldk + j] = to_float(vj[d]);
-    }
+    krows[j] = static_cast<const T*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, k0 + j, hk);
+    vrows[j] = static_cast<const T*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, k0 + j, hk);
+    widen(krows[j], w.k.data() + j * w.dpad, D);
   }
+  transpose_rows(krows.data(), n, D, w.kt.data(), w.ldk);
+  transpose_rows(vrows.data(), n, D, w.vt.data(), w.ldk);
 }
 
 void transpose_block(const float* src, float* dst) {  // (kBq x kBk) -> (kBk x kBq)
-  for (int64_t r = 0; r < kBq; ++r)
-    for (int64_t c = 0; c < kBk; ++c) dst[c * kBq + r] = src[r * kBk + c];
+  transpose_tile(src, kBk, dst, kBq, kBq, kBk);
 }
 
 // One block of query rows (and their output gradients) of head h, zero-padded to kBq.
@@ -112,22 +110,24 @@ void load_query_block(const FlashAttnBwdParams& bp, int64_t b, const Sequence& s
   }
 }
 
+#if defined(__AVX512BF16__)
 void load_query_block_bf16(const FlashAttnBwdParams& bp, int64_t b, const Sequence& s, int64_t h, int64_t i0,
                            int64_t nr, Scratch& w) {
   const FlashAttnParams& p = bp.fwd;
   const int64_t D = p.head_dim, dp = w.dpad, ld = 2 * ((D + 1) / 2);
   for (auto* v : {&w.qb, &w.dob, &w.q2, &w.do2}) std::fill(v->begin(), v->end(), 0);
+  const uint16_t* qrows[kBq];
+  const uint16_t* grows[kBq];
   for (int64_t r = 0; r < nr; ++r) {
-    const auto* q = static_cast<const bf16_t*>(p.q.ptr) + token_offset(p.q, p, b, s.q_begin, i0 + r, h);
-    const auto* g = static_cast<const bf16_t*>(bp.dout.ptr) + token_offset(bp.dout, p, b, s.q_begin, i0 + r, h);
-    for (int64_t d = 0; d < D; ++d) {
-      w.qb[r * ld + d] = q[d].bits;
-      w.dob[r * ld + d] = g[d].bits;
-      w.q2[((r / 2) * dp + d) * 2 + r % 2] = q[d].bits;
-      w.do2[((r / 2) * dp + d) * 2 + r % 2] = g[d].bits;
-    }
+    qrows[r] = static_cast<const uint16_t*>(p.q.ptr) + token_offset(p.q, p, b, s.q_begin, i0 + r, h);
+    grows[r] = static_cast<const uint16_t*>(bp.dout.ptr) + token_offset(bp.dout, p, b, s.q_begin, i0 + r, h);
+    std::memcpy(w.qb.data() + r * ld, qrows[r], static_cast<size_t>(D) * 2);
+    std::memcpy(w.dob.data() + r * ld, grows[r], static_cast<size_t>(D) * 2);
   }
+  interleave_row_pairs(qrows, nr, D, w.q2.data(), dp);
+  interleave_row_pairs(grows, nr, D, w.do2.data(), dp);
 }
+#endif
 
 template <class T>
 void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partial, int64_t b, int64_t hk,
@@ -175,9 +175,11 @@ void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partia
       const int64_t nr = std::min(s.sq - i0, kBq), rows = round_up(nr, kRows);
       // Skip query blocks that see none of this task's keys.
       if (key_range(p, s, i0 + nr - 1).hi <= k0 || key_range(p, s, i0).lo >= k1) continue;
-      if (bf16_dot)
+#if defined(__AVX512BF16__)
+      if constexpr (bf16_dot)
         load_query_block_bf16(bp, b, s, h, i0, nr, w);
       else
+#endif
         load_query_block<T>(bp, b, s, h, i0, nr, w);
       std::fill(w.dq.begin(), w.dq.end(), 0.0f);
       const int64_t blo = std::max(key_range(p, s, i0).lo, k0), bhi = std::min(key_range(p, s, i0 + nr - 1).hi, k1);

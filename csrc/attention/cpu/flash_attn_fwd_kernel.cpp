@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "attention/cpu/attn_common.h"
-#include "common/cpu/transpose16.h"
+#include "attention/cpu/attn_layouts.h"
 #include "common/parallel.h"
 
 namespace torchkiln {
@@ -41,12 +41,6 @@ constexpr bool use_bf16_dot() {
   return kBf16Dot && std::is_same_v<T, bf16_t>;
 }
 
-// The keys are transposed kKeyBlock at a time: for each column of K, the
-// block's values go to one contiguous run of kt (one cache line) instead of
-// one line per key, which made this copy cost more than the attention for a
-// few query rows.
-constexpr int64_t kKeyBlock = 16;
-
 #if defined(__AVX512BF16__)
 // K transposed into column pairs (kt2: pairs x ldk 32-bit words, each the
 // bf16 values of columns 2i and 2i + 1 of one key), V into key pairs (v2:
@@ -54,50 +48,22 @@ constexpr int64_t kKeyBlock = 16;
 // operand layouts of vdpbf16ps.
 void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t hk, int64_t lo, int64_t hi,
                     Scratch& w) {
-  const int64_t D = p.head_dim, pairs = (D + 1) / 2, full_pairs = D / 2, n = hi - lo;
+  const int64_t D = p.head_dim, pairs = (D + 1) / 2, n = hi - lo;
   w.ldk = round_up(n, kBk);
   w.dp = round_up(D, kTileW);
   w.kt2.assign(static_cast<size_t>(pairs * w.ldk * 2), 0);
   w.v2.assign(static_cast<size_t>(w.ldk / 2 * w.dp * 2), 0);
-  auto key_row = [&](const FlashAttnTensor& t, int64_t j) {
-    return static_cast<const uint16_t*>(t.ptr) + key_offset(t, p, b, s.k_begin, lo + j, hk);
-  };
-  const uint16_t zeros[2 * kKeyBlock] = {};  // the rows of a short block's missing keys
-  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
-    const int64_t nj = std::min(kKeyBlock, n - j0);
-    const uint16_t* rows[kKeyBlock];
-    for (int64_t jj = 0; jj < kKeyBlock; ++jj) rows[jj] = jj < nj ? key_row(p.k, j0 + jj) : nullptr;
-    // A pair of columns is one 32-bit word: 16 keys x 16 words transpose in
-    // registers to 16 runs of kt2.
-    for (int64_t i0 = 0; i0 < full_pairs; i0 += 16) {
-      const int64_t words = std::min<int64_t>(16, full_pairs - i0);
-      const __mmask16 mask = static_cast<__mmask16>((1u << words) - 1);
-      __m512 r[16];
-#pragma GCC unroll 16
-      for (int jj = 0; jj < 16; ++jj)
-        r[jj] = _mm512_castsi512_ps(
-            _mm512_maskz_loadu_epi32(rows[jj] ? mask : 0, rows[jj] ? rows[jj] + 2 * i0 : zeros));
-      transpose16(r);
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)
-        if (i < words) _mm512_storeu_ps(w.kt2.data() + 2 * ((i0 + i) * w.ldk + j0), r[i]);
-    }
-    if (pairs > full_pairs)  // odd head_dim: the last column alone (its pair's high half stays 0)
-      for (int64_t jj = 0; jj < nj; ++jj) w.kt2[2 * (full_pairs * w.ldk + j0 + jj)] = rows[jj][D - 1];
+  std::vector<const uint16_t*> krows(static_cast<size_t>(n)), vrows(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) {
+    krows[j] = static_cast<const uint16_t*>(p.k.ptr) + key_offset(p.k, p, b, s.k_begin, lo + j, hk);
+    vrows[j] = static_cast<const uint16_t*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j, hk);
   }
-  for (int64_t j = 0; j < n; j += 2) {
-    const uint16_t* v0 = key_row(p.v, j);
-    uint16_t* dst = w.v2.data() + 2 * (j / 2) * w.dp;
-    if (j + 1 < n) {
-      const uint16_t* v1 = key_row(p.v, j + 1);
-      for (int64_t d = 0; d < D; ++d) dst[2 * d] = v0[d], dst[2 * d + 1] = v1[d];
-    } else {
-      for (int64_t d = 0; d < D; ++d) dst[2 * d] = v0[d];
-    }
-  }
+  transpose_column_pairs(krows.data(), n, D, w.kt2.data(), w.ldk);
+  interleave_row_pairs(vrows.data(), n, D, w.v2.data(), w.dp);
 }
 #endif
 
+// K transposed and widened (kt: D x ldk), V widened (v: ldk x dp).
 template <class T>
 void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t hk, int64_t lo, int64_t hi,
                Scratch& w) {
@@ -106,35 +72,12 @@ void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t h
   w.dp = round_up(D, kTileW);
   w.kt.assign(static_cast<size_t>(D * w.ldk), 0.0f);
   w.v.assign(static_cast<size_t>(w.ldk * w.dp), 0.0f);
-  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
-    const int64_t nj = std::min(kKeyBlock, n - j0);
-    const T* rows[kKeyBlock];
-    for (int64_t jj = 0; jj < nj; ++jj) {
-      rows[jj] = static_cast<const T*>(p.k.ptr) + key_offset(p.k, p, b, s.k_begin, lo + j0 + jj, hk);
-      const T* vj = static_cast<const T*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j0 + jj, hk);
-      widen(vj, w.v.data() + (j0 + jj) * w.dp, D);
-    }
-#if defined(__AVX512F__)
-    // 16 keys x 16 columns, widened, transpose in registers to 16 runs of
-    // kt; a short block's missing keys are zeros.
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {
-      const int64_t cols = std::min<int64_t>(16, D - d0);
-      __m512 r[16];
-#pragma GCC unroll 16
-      for (int jj = 0; jj < 16; ++jj)
-        r[jj] = jj >= nj ? _mm512_setzero_ps() : (cols == 16 ? vload(rows[jj] + d0) : vload_partial(rows[jj] + d0, cols)).v;
-      transpose16(r);
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)
-        if (i < cols) _mm512_storeu_ps(w.kt.data() + (d0 + i) * w.ldk + j0, r[i]);
-    }
-#else
-    for (int64_t d = 0; d < D; ++d) {
-      float* dst = w.kt.data() + d * w.ldk + j0;
-      for (int64_t jj = 0; jj < nj; ++jj) dst[jj] = to_float(rows[jj][d]);
-    }
-#endif
+  std::vector<const T*> krows(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) {
+    krows[j] = static_cast<const T*>(p.k.ptr) + key_offset(p.k, p, b, s.k_begin, lo + j, hk);
+    widen(static_cast<const T*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j, hk), w.v.data() + j * w.dp, D);
   }
+  transpose_rows(krows.data(), n, D, w.kt.data(), w.ldk);
 }
 
 // Online-softmax update of one row of scores (turned into probabilities in
