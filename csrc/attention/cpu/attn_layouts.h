@@ -8,6 +8,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "attention/cpu/attn_common.h"
 #include "common/cpu/transpose16.h"
@@ -15,6 +16,16 @@
 namespace torchkiln {
 namespace TK_CPU_NS {
 namespace attn {
+
+// Rows of keys [first, first + n) of sequence b, kv head hk, in k or v (as
+// stored: U is the element type or uint16_t for raw bf16 bits).
+template <class U>
+std::vector<const U*> key_rows(const FlashAttnTensor& t, const FlashAttnParams& p, int64_t b, const Sequence& s,
+                               int64_t hk, int64_t first, int64_t n) {
+  std::vector<const U*> rows(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) rows[j] = static_cast<const U*>(t.ptr) + key_offset(t, p, b, s.k_begin, first + j, hk);
+  return rows;
+}
 
 // dst[c * ld + j] = rows[j][c] widened to fp32, for j < n and c < cols;
 // columns [n, round_up(n, 16)) of dst get zeros (ld must cover them).

@@ -54,11 +54,8 @@ void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int6
   w.k2.assign(static_cast<size_t>(w.ldk / 2 * w.dpad * 2), 0);
   w.dk.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
   w.dv.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
-  std::vector<const uint16_t*> krows(static_cast<size_t>(n)), vrows(static_cast<size_t>(n));
-  for (int64_t j = 0; j < n; ++j) {
-    krows[j] = static_cast<const uint16_t*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, k0 + j, hk);
-    vrows[j] = static_cast<const uint16_t*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, k0 + j, hk);
-  }
+  const std::vector<const uint16_t*> krows = key_rows<uint16_t>(p.k, p, b, s, hk, k0, n);
+  const std::vector<const uint16_t*> vrows = key_rows<uint16_t>(p.v, p, b, s, hk, k0, n);
   transpose_column_pairs(krows.data(), n, D, w.kt2.data(), w.ldk);
   transpose_column_pairs(vrows.data(), n, D, w.vt2.data(), w.ldk);
   interleave_row_pairs(krows.data(), n, D, w.k2.data(), w.dpad);
@@ -80,12 +77,8 @@ void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t h
   w.k.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
   w.dk.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
   w.dv.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
-  std::vector<const T*> krows(static_cast<size_t>(n)), vrows(static_cast<size_t>(n));
-  for (int64_t j = 0; j < n; ++j) {
-    krows[j] = static_cast<const T*>(p.k.ptr) + token_offset(p.k, p, b, s.k_begin, k0 + j, hk);
-    vrows[j] = static_cast<const T*>(p.v.ptr) + token_offset(p.v, p, b, s.k_begin, k0 + j, hk);
-    widen(krows[j], w.k.data() + j * w.dpad, D);
-  }
+  const std::vector<const T*> krows = key_rows<T>(p.k, p, b, s, hk, k0, n), vrows = key_rows<T>(p.v, p, b, s, hk, k0, n);
+  for (int64_t j = 0; j < n; ++j) widen(krows[j], w.k.data() + j * w.dpad, D);
   transpose_rows(krows.data(), n, D, w.kt.data(), w.ldk);
   transpose_rows(vrows.data(), n, D, w.vt.data(), w.ldk);
 }

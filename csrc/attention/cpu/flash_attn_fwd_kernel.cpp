@@ -53,13 +53,8 @@ void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int6
   w.dp = round_up(D, kTileW);
   w.kt2.assign(static_cast<size_t>(pairs * w.ldk * 2), 0);
   w.v2.assign(static_cast<size_t>(w.ldk / 2 * w.dp * 2), 0);
-  std::vector<const uint16_t*> krows(static_cast<size_t>(n)), vrows(static_cast<size_t>(n));
-  for (int64_t j = 0; j < n; ++j) {
-    krows[j] = static_cast<const uint16_t*>(p.k.ptr) + key_offset(p.k, p, b, s.k_begin, lo + j, hk);
-    vrows[j] = static_cast<const uint16_t*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j, hk);
-  }
-  transpose_column_pairs(krows.data(), n, D, w.kt2.data(), w.ldk);
-  interleave_row_pairs(vrows.data(), n, D, w.v2.data(), w.dp);
+  transpose_column_pairs(key_rows<uint16_t>(p.k, p, b, s, hk, lo, n).data(), n, D, w.kt2.data(), w.ldk);
+  interleave_row_pairs(key_rows<uint16_t>(p.v, p, b, s, hk, lo, n).data(), n, D, w.v2.data(), w.dp);
 }
 #endif
 
@@ -72,12 +67,9 @@ void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t h
   w.dp = round_up(D, kTileW);
   w.kt.assign(static_cast<size_t>(D * w.ldk), 0.0f);
   w.v.assign(static_cast<size_t>(w.ldk * w.dp), 0.0f);
-  std::vector<const T*> krows(static_cast<size_t>(n));
-  for (int64_t j = 0; j < n; ++j) {
-    krows[j] = static_cast<const T*>(p.k.ptr) + key_offset(p.k, p, b, s.k_begin, lo + j, hk);
-    widen(static_cast<const T*>(p.v.ptr) + key_offset(p.v, p, b, s.k_begin, lo + j, hk), w.v.data() + j * w.dp, D);
-  }
-  transpose_rows(krows.data(), n, D, w.kt.data(), w.ldk);
+  const std::vector<const T*> vrows = key_rows<T>(p.v, p, b, s, hk, lo, n);
+  for (int64_t j = 0; j < n; ++j) widen(vrows[j], w.v.data() + j * w.dp, D);
+  transpose_rows(key_rows<T>(p.k, p, b, s, hk, lo, n).data(), n, D, w.kt.data(), w.ldk);
 }
 
 // Online-softmax update of one row of scores (turned into probabilities in
