@@ -250,6 +250,8 @@ def test_opcheck(cpu_isa):
     out, lse = ops.flash_attn_fwd(q, k, v, 0.2, -1, 0, 0.0, None)
     torch.library.opcheck(ops.flash_attn_bwd, (torch.randn_like(out), q, k, v, out, lse, 0.2, -1, 0, 0.0, None))
     torch.library.opcheck(ops.flash_attn_fwd, (q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.2, 8, 8, 3.0, torch.rand(4)))
+    # a few queries: the decode kernel's route
+    torch.library.opcheck(ops.flash_attn_fwd, (q[:, :3], k, v, 0.2, 16, 0, 0.0, torch.rand(2, 4)))
     cu = torch.tensor([0, 10, 33], dtype=torch.int32)
     cu_k = torch.tensor([0, 20, 47], dtype=torch.int32)
     varlen_args = (cu, cu_k, 23, 27, 0.2, -1, -1, 0.0, None)
