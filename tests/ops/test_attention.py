@@ -146,10 +146,11 @@ def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
 
 
 # A few queries per sequence run in the decode kernel too, the rows as more
-# query heads of the group, up to 24 (bf16) or 64 (fp32, fp16) query vectors
-# (rows x heads of a group) per kv head; 8 heads here, so with 2 kv heads 6
-# or 16 rows, with 8 (MHA) 24 or 64. Register tiles of 4, 2 or 1 vectors
-# (rows x group divisible by 4, 2, neither).
+# query heads of the group, up to 48 (bf16) or 64 (fp32, fp16) query vectors
+# (rows x heads of a group) per kv head; 8 heads here, so with 2 kv heads 12
+# or 16 rows, with 8 (MHA) 48 or 64. Register tiles of 4, 2 or 1 vectors
+# (rows x group divisible by 4, 2, neither); bf16 with 8 or more vectors per
+# kv head in tiles of 4 takes the bf16 dot-product loops.
 FEW_ROWS = [  # (sq, sk, heads_k, dtype, options)
     (2, 300, 2, torch.bfloat16, dict(causal=True)),
     (4, 257, 2, torch.float32, dict()),
@@ -161,11 +162,12 @@ FEW_ROWS = [  # (sq, sk, heads_k, dtype, options)
     (3, 150, 8, torch.bfloat16, dict(causal=True)),  # MHA, tiles of 1
     (5, 77, 2, torch.float32, dict(alibi_slopes="heads", window_size=(-1, 2))),  # distances from each row's diagonal
     (6, 300, 2, torch.bfloat16, dict(causal=True)),
+    (12, 131, 2, torch.bfloat16, dict(causal=True, alibi_slopes="heads")),  # bf16 at the limit, odd key count
     (16, 130, 2, torch.float32, dict(window_size=(40, 3))),
     (12, 150, 8, torch.float16, dict(causal=True, alibi_slopes="batch")),
     (7, 3, 8, torch.bfloat16, dict(causal=True)),  # rows 0-3 see no key
-    (7, 200, 2, torch.bfloat16, dict(causal=True)),  # past the limits: the general kernel
-    (25, 100, 8, torch.bfloat16, dict(causal=True, window_size=(20, 0))),
+    (13, 200, 2, torch.bfloat16, dict(causal=True)),  # past the limits: the general kernel
+    (49, 100, 8, torch.bfloat16, dict(causal=True, window_size=(20, 0))),
     (17, 100, 2, torch.float32, dict(causal=True)),
 ]
 

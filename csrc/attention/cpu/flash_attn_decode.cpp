@@ -22,15 +22,16 @@ namespace attn {
 // vectors (rows x query heads of a group) per kv head on. Measured, 2048
 // keys, head_dim 128, causal, ms of decode kernel / general path, with
 // 16 x 32/8 heads (GQA) and 4 x 32/32 (MHA):
-//   bf16, 16 vectors: GQA 14.2 / 18.6, MHA 14.0 / 18.5; 24: GQA 21.5 /
-//         25.6-26.2, MHA 21.7-23.5 / 23.0-23.3; 28: MHA 25.2-28.7 /
-//         24.6-24.8; 32: GQA 27.2 / 25.1, MHA 27.5 / 24.9.
+//   bf16 (scores and P V in bf16 dot products from 8 vectors on): 32
+//         vectors: GQA 19.5-19.7 / 23.1-23.4, MHA 19.8-21.1 / 22.8-23.5; 48:
+//         GQA 27.3-27.5 / 29.1-29.7, MHA 28.0-28.9 / 29.3; 64: GQA 34.6-34.7
+//         / 35.2-35.5, MHA 36.0-36.8 / 35.7-36.0.
 //   fp32, 32 vectors: GQA 29.2 / 44.7, MHA 28.8 / 47.4; 64: GQA 53.3 /
 //         66.6, MHA 61.2 / 67.8.
 //   fp16, 32 vectors: GQA 26.9 / 43.5, MHA 27.5 / 43.7; 64: GQA 52.3 /
 //         63.7, MHA 56.2 / 61.4.
 namespace {
-int64_t max_vectors_per_kv_head(DType dtype) { return dtype == DType::kBFloat16 ? 24 : 64; }
+int64_t max_vectors_per_kv_head(DType dtype) { return dtype == DType::kBFloat16 ? 48 : 64; }
 }  // namespace
 
 // Runs the forward through the paged decode kernel when every sequence has
