@@ -24,6 +24,7 @@ CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
     ([9, 40], 16, 6, 1, 40),  # MQA, head_dim not a multiple of the vector width
     ([70, 5], 16, 4, 2, 192),  # P V: register blocks of head_dim plus a remainder in L1
     ([23, 70], 16, 8, 2, 72),  # groups of 4 heads: 4 x 4 scores with a partial last vector, then pairs
+    ([37, 130], 16, 16, 2, 96),  # groups of 8: bf16 takes the vdpbf16ps loops (odd key counts, d % 64 != 0)
 ]
 
 
