@@ -480,32 +480,32 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
       }
 #if defined(__AVX512BF16__)
       if (dot_scores) {
-        {
-          // P as bf16 key pairs, zero past n (an odd last key pairs with 0).
-          for (int64_t h = 0; h < vectors; ++h) {
-            const float* srow = sc + h * kChunk;
-            uint16_t* prow = pb.data() + h * kChunk;
-            for (int64_t c0 = 0; c0 < kChunk; c0 += 32) {
-              const __mmask16 m0 = n - c0 >= 16 ? 0xFFFF : n <= c0 ? 0 : static_cast<__mmask16>((1u << (n - c0)) - 1);
-              const __mmask16 m1 = n - c0 >= 32 ? 0xFFFF : n <= c0 + 16 ? 0 : static_cast<__mmask16>((1u << (n - c0 - 16)) - 1);
-              const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, srow + c0 + 16), _mm512_maskz_loadu_ps(m0, srow + c0));
-              _mm512_storeu_si512(prow + c0, reinterpret_cast<__m512i>(b));
-            }
+        // P as bf16 key pairs, zero past n (an odd last key pairs with 0).
+        for (int64_t h = 0; h < vectors; ++h) {
+          const float* srow = sc + h * kChunk;
+          uint16_t* prow = pb.data() + h * kChunk;
+          for (int64_t c0 = 0; c0 < kChunk; c0 += 32) {
+            const __mmask16 m0 = n - c0 >= 16 ? 0xFFFF : n <= c0 ? 0 : static_cast<__mmask16>((1u << (n - c0)) - 1);
+            const __mmask16 m1 = n - c0 >= 32 ? 0xFFFF : n <= c0 + 16 ? 0 : static_cast<__mmask16>((1u << (n - c0 - 16)) - 1);
+            const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, srow + c0 + 16), _mm512_maskz_loadu_ps(m0, srow + c0));
+            _mm512_storeu_si512(prow + c0, reinterpret_cast<__m512i>(b));
           }
-          const int64_t pairs = (n + 1) / 2;
-          const uint16_t* vrows[kChunk];
-          for (int64_t hk = 0; hk < c.heads_k; ++hk) {
-            if (next_known) prefetch_head(kpos_next, vpos_next, 0, std::min(ahead, n_next), hk);
-            const int64_t off = hk * c.head_stride;
-            for (int64_t c0 = 0; c0 < n; ++c0) {
-              vrows[c0] = reinterpret_cast<const uint16_t*>(vpos[c0] + off);
-              if (hk + 1 < c.heads_k) prefetch_row(vpos[c0] + off + c.head_stride, row_bytes);
-            }
-            attn::interleave_row_pairs(vrows, n, d_reg, v2.data(), dpb);
-            for (int64_t d0 = 0; d0 < d_reg; d0 += 64)
-              for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += 4)
-                pv_pairs_registers(pb.data(), kChunk, v2.data(), dpb, pairs, acc.data(), dp, h0, d0);
+        }
+        const int64_t pairs = (n + 1) / 2;
+        const uint16_t* vrows[kChunk];
+        for (int64_t hk = 0; hk < c.heads_k; ++hk) {
+          if (next_known) prefetch_head(kpos_next, vpos_next, 0, std::min(ahead, n_next), hk);
+          // This kv head's V rows, interleaved by key pairs; meanwhile the
+          // next head's rows go to L2.
+          const int64_t off = hk * c.head_stride;
+          for (int64_t c0 = 0; c0 < n; ++c0) {
+            vrows[c0] = reinterpret_cast<const uint16_t*>(vpos[c0] + off);
+            if (hk + 1 < c.heads_k) prefetch_row(vpos[c0] + off + c.head_stride, row_bytes);
           }
+          attn::interleave_row_pairs(vrows, n, d_reg, v2.data(), dpb);
+          for (int64_t d0 = 0; d0 < d_reg; d0 += 64)
+            for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += 4)
+              pv_pairs_registers(pb.data(), kChunk, v2.data(), dpb, pairs, acc.data(), dp, h0, d0);
         }
       } else
 #endif
