@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "attention/flash_attn.h"
 #include "common/cpu/vec.h"
@@ -48,6 +49,16 @@ inline int64_t key_offset(const FlashAttnTensor& t, const FlashAttnParams& p, in
   if (p.block_table == nullptr) return token_offset(t, p, b, first, j, hk);
   const int64_t block = p.block_table[b * p.block_table_stride + j / p.block_size];
   return block * t.batch_stride + (j % p.block_size) * t.row_stride + hk * t.head_stride;
+}
+
+// Rows of keys [first, first + n) of sequence b, kv head hk, in k or v (as
+// stored: U is the element type or uint16_t for raw bf16 bits).
+template <class U>
+std::vector<const U*> key_rows(const FlashAttnTensor& t, const FlashAttnParams& p, int64_t b, const Sequence& s,
+                               int64_t hk, int64_t first, int64_t n) {
+  std::vector<const U*> rows(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) rows[j] = static_cast<const U*>(t.ptr) + key_offset(t, p, b, s.k_begin, first + j, hk);
+  return rows;
 }
 
 // Index of (b, h, query i) in lse-shaped fp32 arrays.

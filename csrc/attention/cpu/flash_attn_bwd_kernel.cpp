@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "attention/cpu/attn_common.h"
-#include "attention/cpu/attn_layouts.h"
+#include "common/cpu/layouts.h"
 #include "common/parallel.h"
 
 namespace torchkiln {

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "attention/cpu/attn_common.h"
-#include "attention/cpu/attn_layouts.h"
+#include "common/cpu/layouts.h"
 #include "common/parallel.h"
 
 namespace torchkiln {
@@ -124,58 +124,58 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64
   w.l.resize(kBq);
 
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-  const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
-  for (int64_t i0 = r0; i0 < r1; i0 += kBq) {
-    const int64_t nr = std::min(r1 - i0, kBq), rows = round_up(nr, kRows);
-    std::fill(w.o.begin(), w.o.end(), 0.0f);
-    if (bf16_dot)
-      std::fill(w.qb.begin(), w.qb.end(), 0);
-    else
-      std::fill(w.q.begin(), w.q.end(), 0.0f);
-    for (int64_t r = 0; r < nr; ++r) {
-      const T* qr = static_cast<const T*>(p.q.ptr) + token_offset(p.q, p, b, s.q_begin, i0 + r, h);
+    const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+    for (int64_t i0 = r0; i0 < r1; i0 += kBq) {
+      const int64_t nr = std::min(r1 - i0, kBq), rows = round_up(nr, kRows);
+      std::fill(w.o.begin(), w.o.end(), 0.0f);
       if (bf16_dot)
-        std::memcpy(w.qb.data() + r * 2 * pairs, qr, static_cast<size_t>(D) * sizeof(T));
+        std::fill(w.qb.begin(), w.qb.end(), 0);
       else
-        widen(qr, w.q.data() + r * D, D, p.scale);
-      w.m[r] = -kInf;
-      w.l[r] = 0.0f;
-    }
-    // Keys this block can see, in kBk steps from the task's first key.
-    const int64_t blo = key_range(p, s, i0).lo, bhi = key_range(p, s, i0 + nr - 1).hi;
-    for (int64_t j0 = lo + (blo - lo) / kBk * kBk; j0 < bhi; j0 += kBk) {
-      const int64_t n = std::min(bhi - j0, kBk);
-#if defined(__AVX512BF16__)
-      if constexpr (bf16_dot)
-        gemm_nt_bf16(w.qb.data(), 2 * pairs, w.kt2.data() + (j0 - lo) * 2, w.ldk, w.s.data(), kBk, rows, pairs, kBk,
-                     p.scale);
-      else
-#endif
-        gemm_nt(w.q.data(), D, w.kt.data() + (j0 - lo), w.ldk, w.s.data(), kBk, rows, D, kBk);
+        std::fill(w.q.begin(), w.q.end(), 0.0f);
       for (int64_t r = 0; r < nr; ++r) {
-        float* row = w.s.data() + r * kBk;
-        shape_scores(p, s, i0 + r, j0, n, slope, row);
-        softmax_step(row, visible(p, s, i0 + r, j0, n), w.m[r], w.l[r], w.o.data() + r * w.dp, w.dp);
+        const T* qr = static_cast<const T*>(p.q.ptr) + token_offset(p.q, p, b, s.q_begin, i0 + r, h);
+        if (bf16_dot)
+          std::memcpy(w.qb.data() + r * 2 * pairs, qr, static_cast<size_t>(D) * sizeof(T));
+        else
+          widen(qr, w.q.data() + r * D, D, p.scale);
+        w.m[r] = -kInf;
+        w.l[r] = 0.0f;
       }
-      for (int64_t r = nr; r < rows; ++r) std::fill_n(w.s.data() + r * kBk, kBk, 0.0f);
+      // Keys this block can see, in kBk steps from the task's first key.
+      const int64_t blo = key_range(p, s, i0).lo, bhi = key_range(p, s, i0 + nr - 1).hi;
+      for (int64_t j0 = lo + (blo - lo) / kBk * kBk; j0 < bhi; j0 += kBk) {
+        const int64_t n = std::min(bhi - j0, kBk);
 #if defined(__AVX512BF16__)
-      if constexpr (bf16_dot) {
-        auto* pb = reinterpret_cast<bf16_t*>(w.pb.data());
-        for (int64_t c = 0; c < rows * kBk; c += kW) vstore(pb + c, vload(w.s.data() + c));
-        gemm_acc_bf16(w.pb.data(), kBk, w.v2.data() + (j0 - lo) / 2 * w.dp * 2, w.dp, w.o.data(), w.dp, rows,
-                      (n + 1) / 2, w.dp);
-      } else
+        if constexpr (bf16_dot)
+          gemm_nt_bf16(w.qb.data(), 2 * pairs, w.kt2.data() + (j0 - lo) * 2, w.ldk, w.s.data(), kBk, rows, pairs, kBk,
+                       p.scale);
+        else
 #endif
-        gemm_acc(w.s.data(), kBk, w.v.data() + (j0 - lo) * w.dp, w.dp, w.o.data(), w.dp, rows, n, w.dp);
+          gemm_nt(w.q.data(), D, w.kt.data() + (j0 - lo), w.ldk, w.s.data(), kBk, rows, D, kBk);
+        for (int64_t r = 0; r < nr; ++r) {
+          float* row = w.s.data() + r * kBk;
+          shape_scores(p, s, i0 + r, j0, n, slope, row);
+          softmax_step(row, visible(p, s, i0 + r, j0, n), w.m[r], w.l[r], w.o.data() + r * w.dp, w.dp);
+        }
+        for (int64_t r = nr; r < rows; ++r) std::fill_n(w.s.data() + r * kBk, kBk, 0.0f);
+#if defined(__AVX512BF16__)
+        if constexpr (bf16_dot) {
+          auto* pb = reinterpret_cast<bf16_t*>(w.pb.data());
+          for (int64_t c = 0; c < rows * kBk; c += kW) vstore(pb + c, vload(w.s.data() + c));
+          gemm_acc_bf16(w.pb.data(), kBk, w.v2.data() + (j0 - lo) / 2 * w.dp * 2, w.dp, w.o.data(), w.dp, rows,
+                        (n + 1) / 2, w.dp);
+        } else
+#endif
+          gemm_acc(w.s.data(), kBk, w.v.data() + (j0 - lo) * w.dp, w.dp, w.o.data(), w.dp, rows, n, w.dp);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = i0 + r;
+        T* out = static_cast<T*>(p.out.ptr) + token_offset(p.out, p, b, s.q_begin, i, h);
+        const float l = w.l[r];
+        narrow(w.o.data() + r * w.dp, out, D, l > 0.0f ? 1.0f / l : 0.0f);
+        p.lse[lse_index(p, s, b, h, i)] = l > 0.0f ? w.m[r] + std::log(l) : kInf;
+      }
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t i = i0 + r;
-      T* out = static_cast<T*>(p.out.ptr) + token_offset(p.out, p, b, s.q_begin, i, h);
-      const float l = w.l[r];
-      narrow(w.o.data() + r * w.dp, out, D, l > 0.0f ? 1.0f / l : 0.0f);
-      p.lse[lse_index(p, s, b, h, i)] = l > 0.0f ? w.m[r] + std::log(l) : kInf;
-    }
-  }
   }
 }
 

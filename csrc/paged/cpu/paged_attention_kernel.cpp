@@ -19,7 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "attention/cpu/attn_layouts.h"
+#include "common/cpu/layouts.h"
 #include "common/cpu/vec.h"
 #include "common/parallel.h"
 #include "paged/paged_attention.h"
@@ -502,7 +502,7 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
             vrows[c0] = reinterpret_cast<const uint16_t*>(vpos[c0] + off);
             if (hk + 1 < c.heads_k) prefetch_row(vpos[c0] + off + c.head_stride, row_bytes);
           }
-          attn::interleave_row_pairs(vrows, n, d_reg, v2.data(), dpb);
+          interleave_row_pairs(vrows, n, d_reg, v2.data(), dpb);
           for (int64_t d0 = 0; d0 < d_reg; d0 += 64)
             for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += 4)
               pv_pairs_registers(pb.data(), kChunk, v2.data(), dpb, pairs, acc.data(), dp, h0, d0);

@@ -1,31 +1,58 @@
-// Operand layouts of the CPU attention kernels: keys (or values, queries)
-// turned into the column-major or pair-interleaved forms the matrix products
-// read. Include only from per-ISA kernel files, after attn_common.h.
+// Operand layouts for the CPU kernels' matrix products (compiled once per
+// ISA, like vec.h): rows turned into columns, or pairs of rows / columns
+// interleaved as vdpbf16ps reads them.
 //
-// The transposes go 16 rows x 16 columns at a time through registers
-// (AVX-512; common/cpu/transpose16.h) instead of one scalar copy per
-// element, which cost more than the attention itself for a few query rows.
+// The transposes go 16 rows x 16 columns at a time through registers on
+// AVX-512 instead of one scalar copy per element; for a few query rows the
+// scalar copies of the keys cost more than the attention itself, and in the
+// attention backward they were 10-15% of a training step.
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
-#include "attention/cpu/attn_common.h"
-#include "common/cpu/transpose16.h"
+#include "common/cpu/vec.h"
 
 namespace torchkiln {
 namespace TK_CPU_NS {
-namespace attn {
 
-// Rows of keys [first, first + n) of sequence b, kv head hk, in k or v (as
-// stored: U is the element type or uint16_t for raw bf16 bits).
-template <class U>
-std::vector<const U*> key_rows(const FlashAttnTensor& t, const FlashAttnParams& p, int64_t b, const Sequence& s,
-                               int64_t hk, int64_t first, int64_t n) {
-  std::vector<const U*> rows(static_cast<size_t>(n));
-  for (int64_t j = 0; j < n; ++j) rows[j] = static_cast<const U*>(t.ptr) + key_offset(t, p, b, s.k_begin, first + j, hk);
-  return rows;
+#if defined(__AVX512F__)
+// In-register transpose of a 16 x 16 tile of 32-bit values:
+// r[i] lane j <-> r[j] lane i. Four stages, each swapping one bit of the
+// row index with the same bit of the lane index between rows i and i + s
+// (s = 8, 4, 2, 1). The loops are plain counted loops, fully unrolled, so r
+// stays in registers.
+inline void transpose16(__m512* r) {
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = r[i], b = r[i + 8];
+    r[i] = _mm512_shuffle_f32x4(a, b, 0x44);
+    r[i + 8] = _mm512_shuffle_f32x4(a, b, 0xEE);
+  }
+  const __m512i lo4 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  const __m512i hi4 = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k) {
+    const int i = k / 4 * 8 + k % 4;  // 0..3, 8..11
+    const __m512 a = r[i], b = r[i + 4];
+    r[i] = _mm512_permutex2var_ps(a, lo4, b);
+    r[i + 4] = _mm512_permutex2var_ps(a, hi4, b);
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k) {
+    const int i = k / 2 * 4 + k % 2;  // 0, 1, 4, 5, ...
+    const __m512 a = r[i], b = r[i + 2];
+    r[i] = _mm512_shuffle_ps(a, b, 0x44);
+    r[i + 2] = _mm512_shuffle_ps(a, b, 0xEE);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    const __m512 a = r[i], b = r[i + 1];
+    r[i] = _mm512_mask_moveldup_ps(a, 0xAAAA, b);      // a0 b0 a2 b2 ...
+    r[i + 1] = _mm512_mask_movehdup_ps(b, 0x5555, a);  // a1 b1 a3 b3 ...
+  }
 }
+#endif
+
 
 // dst[c * ld + j] = rows[j][c] widened to fp32, for j < n and c < cols;
 // columns [n, round_up(n, 16)) of dst get zeros (ld must cover them).
@@ -71,7 +98,8 @@ inline void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ld
 }
 
 #if defined(__AVX512BF16__)
-// Column pairs transposed, the B operand of gemm_nt_bf16: 32-bit word
+// Column pairs transposed (the operand layout of vdpbf16ps products that
+// sum over columns, e.g. attention's scores): 32-bit word
 // (i, j) of dst (pairs x ld words) holds columns 2i and 2i + 1 of rows[j],
 // for j < n; a pair is one 32-bit word, so 16 rows x 16 pairs transpose in
 // registers. An odd last column is paired with 0; columns [n, round_up(n,
@@ -98,7 +126,8 @@ inline void transpose_column_pairs(const uint16_t* const* rows, int64_t n, int64
   }
 }
 
-// Row pairs interleaved, the B operand of gemm_acc_bf16: word (j / 2, c) of
+// Row pairs interleaved (the operand layout of vdpbf16ps products that sum
+// over rows, e.g. P V): word (j / 2, c) of
 // dst (ceil(n / 2) x ld words) holds rows[j][c] and rows[j + 1][c] (0 for a
 // missing last row), c < cols. (A plain loop: GCC turns it into vpermt2w.)
 inline void interleave_row_pairs(const uint16_t* const* rows, int64_t n, int64_t cols, uint16_t* dst, int64_t ld) {
@@ -115,6 +144,5 @@ inline void interleave_row_pairs(const uint16_t* const* rows, int64_t n, int64_t
 }
 #endif
 
-}  // namespace attn
 }  // namespace TK_CPU_NS
 }  // namespace torchkiln
