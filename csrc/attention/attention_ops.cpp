@@ -157,6 +157,23 @@ FlashAttnOutput output_of(const at::Tensor& t, bool varlen) {
   return o;
 }
 
+// The scratch a CUDA forward asks for (split-KV partials of a one-query
+// batch), pointed to by p.workspace; undefined when none.
+at::Tensor forward_workspace(const at::Tensor& q, FlashAttnParams& p) {
+#ifdef TORCHKILN_WITH_CUDA
+  if (q.is_cuda()) {
+    const c10::DeviceGuard guard(q.device());  // the plan reads this GPU's SM count
+    const int64_t floats = flash_attn_fwd_cuda_workspace(p);
+    if (floats > 0) {
+      at::Tensor w = at::empty({floats}, q.options().dtype(at::kFloat));
+      p.workspace = w.data_ptr<float>();
+      return w;
+    }
+  }
+#endif
+  return {};
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   double softmax_scale, int64_t window_left,
                                                   int64_t window_right, double softcap,
@@ -174,6 +191,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
   p.lse = lse.data_ptr<float>();
   p.lse_batch_stride = p.heads * p.seqlen_q;
   p.lse_head_stride = p.seqlen_q;
+  const at::Tensor workspace = forward_workspace(q, p);
   TK_LAUNCH(q, flash_attn_fwd, p);
   return {ops.restore(out, q.size(-1)), lse};
 }
@@ -268,6 +286,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(
   p.out = output_of(out, true);
   p.lse = lse.data_ptr<float>();
   p.lse_head_stride = q.size(0);
+  const at::Tensor workspace = forward_workspace(q, p);
   TK_LAUNCH(q, flash_attn_fwd, p);
   return {ops.restore(out, q.size(-1)), lse};
 }

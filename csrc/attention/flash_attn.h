@@ -59,6 +59,9 @@ struct FlashAttnParams {
   const int32_t* block_table = nullptr;
   int64_t block_table_stride = 0, block_size = 0;
   DType dtype = DType::kFloat32;
+  // CUDA forward scratch, flash_attn_fwd_cuda_workspace(*this) floats (the
+  // split-KV partials of a one-query batch); null when that is 0.
+  float* workspace = nullptr;
 };
 
 // Backward: given dout, recomputes the probabilities from lse (the forward's
@@ -83,6 +86,12 @@ inline int64_t flash_attn_cuda_head_dim(int64_t head_dim) {
     if (head_dim <= d) return d;
   return 0;
 }
+// A batch with at most one query per sequence runs through the paged decode
+// kernel (paged/paged_attention.h), split over the keys (Flash-Decoding): the
+// flash kernels would give each (sequence, head) one block, too few to fill
+// the GPU with a few long sequences. It needs a workspace of this many
+// floats (0 for every other batch) in p.workspace.
+int64_t flash_attn_fwd_cuda_workspace(const FlashAttnParams& p);
 void flash_attn_fwd_cuda(const FlashAttnParams& p, CUstream_st* stream);
 void flash_attn_bwd_cuda(const FlashAttnBwdParams& p, CUstream_st* stream);  // needs p.dsum
 

@@ -45,17 +45,22 @@ struct CopyBlocksParams {
 
 // Decode: one new query token per sequence, at position seq_len - 1, attends
 // to the sequence's seq_len cached keys with the masks and options of
-// flash_attn_fwd (attention/flash_attn.h).
+// flash_attn_fwd (attention/flash_attn.h). flash_attn's forward also runs
+// here for few queries (CPU) or one query (CUDA) per sequence.
 //
-// CPU only, for flash_attn's few-query forward: a sequence may have several
-// query rows, aligned bottom-right as in flash_attn. Row r of R is the query
-// at position diag = seq_len - R + r and sees keys [diag - window_left, diag
-// + window_right] of [0, seq_len). Row r of sequence s is token t = r +
-// (q_start ? q_start[s] : 0): q at s * q_seq_stride + t * q_row_stride + h *
-// q_head_stride, out and lse at the same with their own strides (packed
-// rows have seq strides 0). The CUDA kernel takes one row per sequence and
-// writes out (num_seqs, heads, head_dim) and lse (num_seqs, heads)
-// contiguous.
+// Query rows: a sequence may have several (CPU only), aligned bottom-right
+// as in flash_attn. Row r of R is the query at position diag = seq_len - R +
+// r and sees keys [diag - window_left, diag + window_right] of [0,
+// seq_len). Row r of sequence s is token t = r + (q_start ? q_start[s] : 0):
+// q at s * q_seq_stride + t * q_row_stride + h * q_head_stride, out and lse
+// at the same with their own strides (packed rows have seq strides 0). On
+// CUDA a sequence has one row, or none when q_start says so.
+//
+// Keys: through block_table, or (CUDA only, block_table null) in place: key
+// j of sequence s at s * kv_seq_stride + (k_start[s] + j) * pos_stride, with
+// k_start[s] = 0 when k_start is null. The key count is seq_lens[s]; on CUDA, with seq_lens
+// null, k_start[s + 1] - k_start[s], or max_seq_len without k_start. The CPU
+// kernel always reads block_table and seq_lens.
 struct PagedAttnParams {
   const void* q = nullptr;  // (num_seqs, heads, head_dim)
   int64_t q_seq_stride = 0, q_head_stride = 0;
@@ -71,12 +76,14 @@ struct PagedAttnParams {
   const int32_t* block_table = nullptr;  // (num_seqs, max_blocks)
   int64_t block_table_stride = 0;
   const int32_t* seq_lens = nullptr;  // (num_seqs)
-  void* out = nullptr;                // (num_seqs, heads, head_dim)
-  float* lse = nullptr;               // (num_seqs, heads)
+  const int32_t* k_start = nullptr;   // CUDA: (num_seqs + 1), cu_seqlens of the keys
+  int64_t kv_seq_stride = 0;          // CUDA, keys in place: elements between sequences
+  void* out = nullptr;                // like q, through the out strides
+  float* lse = nullptr;               // through the lse strides
   int64_t num_seqs = 0, heads = 0, max_seq_len = 0;
   float scale = 1.0f, softcap = 0.0f;
   int64_t window_left = -1, window_right = -1;
-  const float* alibi_slopes = nullptr;  // (heads)
+  const float* alibi_slopes = nullptr;  // (heads), or (num_seqs, heads) with alibi_seq_stride
   DType dtype = DType::kFloat32;
   // CUDA split-KV: num_splits chunks of split_chunk keys per sequence, their
   // normalised fp32 partial outputs (num_seqs, heads, num_splits, head_dim)

@@ -137,8 +137,11 @@ void run_flash() {
   p.lse = lse.data();
   p.lse_batch_stride = varlen ? 0 : heads * sq;
   p.lse_head_stride = varlen ? q_tokens : sq;
+  std::vector<float> workspace(static_cast<size_t>(flash_attn_fwd_cuda_workspace(p)), NAN);
+  if (!workspace.empty()) p.workspace = workspace.data();
 
   flash_attn_fwd_cuda(p, nullptr);
+  write_floats("workspace", {static_cast<float>(workspace.size())});  // > 0: split decode
   write_floats("out", to_f32(out));
   write_floats("lse", lse);
   if (!backward) return;
@@ -200,6 +203,10 @@ void run_paged_decode() {
   std::vector<float> lse(seqs * heads, NAN);
   p.out = out.data();
   p.lse = lse.data();
+  p.out_seq_stride = heads * D;
+  p.out_head_stride = D;
+  p.lse_seq_stride = heads;
+  p.lse_head_stride = 1;
   p.dtype = std::is_same_v<T, float> ? DType::kFloat32
             : std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16 : DType::kFloat16;
   paged_attention_cuda_plan(p);  // chunks from the SM count (TK_EMU_SMS)

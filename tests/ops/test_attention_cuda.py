@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torchkiln
-from attention_helpers import check_grads, grads, qkv
+from attention_helpers import check_grads, grads, qkv, random_cache
 from conftest import REQUIRES_CUDA
 from reference import assert_within_rule, poison_allocator, to64
 from torchkiln.ops.attention import attention_ref
@@ -112,6 +112,57 @@ def test_varlen(dtype, causal):
         low_out, _ = attention_ref(*seq, causal=causal)
         assert_within_rule(out[qs][None], ref_out, low_out, what=f"sequence {b}")
         torch.testing.assert_close(lse[:, qs], ref_lse[0].float(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "batch,sk,heads,kw",
+    [(1, 20000, (32, 8), dict(causal=True)),  # one long sequence: split over the keys
+     (5, 777, (16, 2), dict(alibi_slopes="batch", window_size=(300, 0), softcap=8.0)),
+     (3, 64, (4, 4), dict(window_size=(-1, 5)))],
+    ids=["long", "options", "short"],
+)
+def test_one_query_per_sequence(batch, sk, heads, kw):
+    """seqlen_q = 1 runs through the paged decode kernel with the keys in
+    place; the backward then works from its out and lse."""
+    q, k, v = qkv(batch, 1, sk, *heads, 128, torch.bfloat16, device=DEV)
+    if kw.get("alibi_slopes") == "batch":
+        kw = dict(kw, alibi_slopes=torch.rand(batch, heads[0], device=DEV))
+    check(q, k, v, **kw)
+    check_grads(q, k, v, **kw)
+    # K and V strided differently (the kernel reads both through one layout): the flash kernels
+    kv = torch.randn(batch, sk, 2 * heads[1], 128, device=DEV).bfloat16()
+    check(q, kv[:, :, : heads[1]], v, **kw)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["packed", "block_table"])
+def test_varlen_one_query_per_sequence(paged):
+    lens_q, lens_k = [1, 0, 1, 1, 1], [3000, 7, 1, 0, 129]
+    heads, heads_k, d, block = 8, 2, 128, 16
+    q = torch.randn(sum(lens_q), heads, d, device=DEV).bfloat16()
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    if paged:
+        k, v, table, _ = random_cache(lens_k, block, heads_k, d, torch.bfloat16, device=DEV)
+        seq_kv = [(gather_cache(k, table[s], n), gather_cache(v, table[s], n)) for s, n in enumerate(lens_k)]
+        extra = dict(block_table=table)
+    else:
+        k, v = (torch.randn(sum(lens_k), heads_k, d, device=DEV).bfloat16() for _ in range(2))
+        seq_kv = [(k[int(cu_k[s]):int(cu_k[s + 1])], v[int(cu_k[s]):int(cu_k[s + 1])]) for s in range(len(lens_k))]
+        extra = {}
+    poison_allocator(q)
+    out, lse = torchkiln.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, max(lens_k), causal=True, return_lse=True,
+                                                **extra)
+    for s in range(len(lens_q)):
+        if lens_q[s] == 0:
+            continue
+        row = int(cu_q[s])
+        if lens_k[s] == 0:
+            assert (out[row] == 0).all() and (lse[:, row] == float("inf")).all()
+            continue
+        seq = (q[row:row + 1][None], seq_kv[s][0][None], seq_kv[s][1][None])
+        ref, ref_lse = attention_ref(*(to64(t) for t in seq), causal=True)
+        low, _ = attention_ref(*seq, causal=True)
+        assert_within_rule(out[row:row + 1][None], ref, low, what=f"sequence {s}")
+        torch.testing.assert_close(lse[:, row], ref_lse.view(heads).float(), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])

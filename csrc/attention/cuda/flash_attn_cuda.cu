@@ -1,10 +1,12 @@
 // Entry points of the CUDA attention kernels: validate what the kernels
-// assume (the glue guarantees it; these are our own invariants) and pick the
-// head_dim instantiation.
+// assume (the glue guarantees it; these are our own invariants), send
+// one-query batches to the paged decode kernel, and pick the head_dim
+// instantiation.
 #include <stdexcept>
 #include <string>
 
 #include "attention/cuda/flash_launch.h"
+#include "paged/paged_attention.h"
 
 namespace torchkiln {
 namespace {
@@ -18,10 +20,84 @@ void check_kernel_params(const FlashAttnParams& p) {
     throw std::invalid_argument("torchkiln: CUDA attention supports at most 65535 sequences and 65535 heads");
 }
 
+// At most one query per sequence, at its last position: flash_attn's masks
+// become the decode kernel's (no key lies right of the query, so only the
+// left window hides any). The kernel reads K and V through one layout.
+bool runs_as_decode(const FlashAttnParams& p) {
+  return p.seqlen_q == 1 && p.seqlen_k >= 1 && p.k.batch_stride == p.v.batch_stride &&
+         p.k.row_stride == p.v.row_stride && p.k.head_stride == p.v.head_stride;
+}
+
+// The decode kernel's view of the batch, planned for this GPU. Packed
+// (varlen) tensors have batch strides 0, so the sequence offsets come from
+// cu_seqlens alone; paged keys keep their block table.
+PagedAttnParams decode_params(const FlashAttnParams& p) {
+  PagedAttnParams d;
+  d.q = p.q.ptr;
+  d.q_seq_stride = p.q.batch_stride;
+  d.q_row_stride = p.q.row_stride;
+  d.q_head_stride = p.q.head_stride;
+  d.q_start = p.cu_seqlens_q;
+  d.out = p.out.ptr;
+  d.out_seq_stride = p.out.batch_stride;
+  d.out_row_stride = p.out.row_stride;
+  d.out_head_stride = p.out.head_stride;
+  d.lse = p.lse;
+  d.lse_seq_stride = p.lse_batch_stride;
+  d.lse_row_stride = 1;
+  d.lse_head_stride = p.lse_head_stride;
+  d.key_cache = p.k.ptr;
+  d.value_cache = p.v.ptr;
+  d.cache.heads_k = p.heads_k;
+  d.cache.head_dim = p.head_dim;
+  d.cache.pos_stride = p.k.row_stride;
+  d.cache.head_stride = p.k.head_stride;
+  if (p.block_table != nullptr) {
+    d.block_table = p.block_table;
+    d.block_table_stride = p.block_table_stride;
+    d.cache.block_size = p.block_size;
+    d.cache.block_stride = p.k.batch_stride;
+  } else {
+    d.kv_seq_stride = p.k.batch_stride;
+  }
+  d.k_start = p.cu_seqlens_k;  // key counts (and, in place, offsets) of packed batches
+  d.num_seqs = p.batch;
+  d.heads = p.heads;
+  d.max_seq_len = p.seqlen_k;
+  d.scale = p.scale;
+  d.softcap = p.softcap;
+  d.window_left = p.window_left;
+  d.window_right = p.window_right;
+  d.alibi_slopes = p.alibi_slopes;
+  d.alibi_seq_stride = p.alibi_batch_stride;
+  d.dtype = p.dtype;
+  paged_attention_cuda_plan(d);
+  return d;
+}
+
+int64_t partial_out_floats(const PagedAttnParams& d) { return d.num_seqs * d.heads * d.num_splits * d.cache.head_dim; }
+
 }  // namespace
+
+int64_t flash_attn_fwd_cuda_workspace(const FlashAttnParams& p) {
+  if (!runs_as_decode(p)) return 0;
+  const PagedAttnParams d = decode_params(p);
+  return d.num_splits > 1 ? partial_out_floats(d) + d.num_seqs * d.heads * d.num_splits : 0;
+}
 
 void flash_attn_fwd_cuda(const FlashAttnParams& p, CUstream_st* stream) {
   check_kernel_params(p);
+  if (runs_as_decode(p)) {
+    PagedAttnParams d = decode_params(p);
+    if (d.num_splits > 1) {
+      if (p.workspace == nullptr)
+        throw std::invalid_argument("torchkiln: a one-query CUDA attention forward needs its workspace");
+      d.partial_out = p.workspace;
+      d.partial_lse = p.workspace + partial_out_floats(d);
+    }
+    paged_attention_cuda(d, stream);
+    return;
+  }
   switch (p.head_dim) {
     case 64: flash::run_fwd_hdim64(p, stream); break;
     case 96: flash::run_fwd_hdim96(p, stream); break;

@@ -9,6 +9,8 @@
 //      128 / (D/8) rows in flight, partial sums reduced in shared memory.
 // With one chunk the block writes the output; otherwise it writes a
 // normalised fp32 partial and its lse, and a combine kernel merges them.
+// flash_attn's CUDA forward runs one-query batches here too: keys in place
+// (a fixed batch, or packed by cu_seqlens) or through its block table.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -46,16 +48,46 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
   for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
 }
 
-__device__ __forceinline__ int64_t cache_row(const PagedAttnParams& p, int s, int j, int hk) {
+// Sequence s's query row (a token of q, out and lse), whether it has one,
+// and its keys: how many, and where key 0 of head 0 is when they lie in
+// place. (Read again where needed rather than kept: registers bound the
+// blocks per SM.)
+__device__ __forceinline__ bool has_query(const PagedAttnParams& p, int s) {
+  return p.q_start == nullptr || p.q_start[s + 1] > p.q_start[s];
+}
+__device__ __forceinline__ int64_t query_row(const PagedAttnParams& p, int s) {
+  return p.q_start != nullptr ? p.q_start[s] : 0;
+}
+__device__ __forceinline__ int key_count(const PagedAttnParams& p, int s) {
+  return p.seq_lens != nullptr   ? p.seq_lens[s]
+         : p.k_start != nullptr ? p.k_start[s + 1] - p.k_start[s]
+                                : static_cast<int>(p.max_seq_len);
+}
+__device__ __forceinline__ int64_t key_base(const PagedAttnParams& p, int s) {
+  return s * p.kv_seq_stride + (p.k_start != nullptr ? p.k_start[s] : 0) * p.cache.pos_stride;
+}
+
+// Element offset of key j, kv head hk; base = key_base(p, s).
+__device__ __forceinline__ int64_t cache_row(const PagedAttnParams& p, int64_t base, int s, int j, int hk) {
+  if (p.block_table == nullptr) return base + j * p.cache.pos_stride + hk * p.cache.head_stride;
   const int64_t block = p.block_table[s * p.block_table_stride + j / p.cache.block_size];
   return block * p.cache.block_stride + (j % p.cache.block_size) * p.cache.pos_stride + hk * p.cache.head_stride;
+}
+
+__device__ __forceinline__ int64_t out_index(const PagedAttnParams& p, int s, int64_t row, int h) {
+  return s * p.out_seq_stride + row * p.out_row_stride + h * p.out_head_stride;
+}
+__device__ __forceinline__ int64_t lse_index(const PagedAttnParams& p, int s, int64_t row, int h) {
+  return s * p.lse_seq_stride + row * p.lse_row_stride + h * p.lse_head_stride;
 }
 
 // Shared memory: q (8 x 256), the work buffer, per-head max and sum.
 constexpr size_t kDecodeSmemBytes = (kHeadsPerBlock * kMaxHeadDim + kWork + 2 * kHeadsPerBlock) * sizeof(float);
 
+// Five blocks per SM, as many as shared memory allows (5 x 40 KiB): capped at
+// 96 registers, ptxas keeps one 8-byte value on the stack (sm_90, nvcc 13.0).
 template <class T>
-__global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnParams p, int group_blocks) {
+__global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAttnParams p, int group_blocks) {
   TK_DYNAMIC_SMEM(smem);
   float(*sQ)[kMaxHeadDim] = reinterpret_cast<float(*)[kMaxHeadDim]>(smem);
   float* sWork = reinterpret_cast<float*>(smem) + kHeadsPerBlock * kMaxHeadDim;
@@ -68,7 +100,9 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnP
   const int h0 = hk * group + gb * kHeadsPerBlock;
   const int nh = min(kHeadsPerBlock, group - gb * kHeadsPerBlock);
   const int D = static_cast<int>(p.cache.head_dim);
-  const int len = p.seq_lens[s];
+  if (!has_query(p, s)) return;  // the whole block: s is uniform
+  const int len = key_count(p, s);
+  const int64_t base = key_base(p, s);
   const int chunk = static_cast<int>(p.split_chunk);
   // The query is position len - 1: only the left window can hide keys.
   int begin = split * chunk;
@@ -79,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnP
   const T* q = static_cast<const T*>(p.q);
   for (int idx = threadIdx.x; idx < nh * D; idx += kThreads) {
     const int hh = idx / D, d = idx % D;
-    sQ[hh][d] = to_float(q[s * p.q_seq_stride + (h0 + hh) * p.q_head_stride + d]);
+    sQ[hh][d] = to_float(q[s * p.q_seq_stride + query_row(p, s) * p.q_row_stride + (h0 + hh) * p.q_head_stride + d]);
   }
   __syncthreads();
 
@@ -87,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnP
   const T* kc = static_cast<const T*>(p.key_cache);
   for (int jj = threadIdx.x; jj < n; jj += kThreads) {
     const int j = begin + jj;
-    const T* krow = kc + cache_row(p, s, j, hk);
+    const T* krow = kc + cache_row(p, base, s, j, hk);
     float acc[kHeadsPerBlock] = {};
     for (int d0 = 0; d0 < D; d0 += 8) {
       float kv[8];
@@ -103,7 +137,8 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnP
       if (hh >= nh) break;
       float sc = acc[hh] * p.scale;
       if (p.softcap > 0.0f) sc = p.softcap * tanhf(sc / p.softcap);
-      if (p.alibi_slopes != nullptr) sc -= p.alibi_slopes[h0 + hh] * static_cast<float>(len - 1 - j);
+      if (p.alibi_slopes != nullptr)
+        sc -= p.alibi_slopes[s * p.alibi_seq_stride + h0 + hh] * static_cast<float>(len - 1 - j);
       sWork[hh * kMaxChunk + jj] = sc * kLog2e;
     }
   }
@@ -139,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnP
   if (kg < groups) {
     for (int jj = kg; jj < n; jj += groups) {
       float v8[8];
-      load8(vc + cache_row(p, s, begin + jj, hk) + c * 8, v8);
+      load8(vc + cache_row(p, base, s, begin + jj, hk) + c * 8, v8);
 #pragma unroll
       for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
         if (hh >= nh) break;
@@ -159,6 +194,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnP
     }
   __syncthreads();
 
+  const int64_t row = query_row(p, s);
   for (int idx = threadIdx.x; idx < nh * D; idx += kThreads) {
     const int hh = idx / D, d = idx % D, h = h0 + hh;
     float o = 0.0f;
@@ -166,8 +202,8 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnP
     const float l = sSum[hh], m = sMax[hh];
     o = l > 0.0f ? o / l : 0.0f;
     if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[(s * p.heads + h) * D + d] = from_float<T>(o);
-      if (d == 0) p.lse[s * p.heads + h] = l > 0.0f ? (m + log2f(l)) * kLn2 : INFINITY;
+      static_cast<T*>(p.out)[out_index(p, s, row, h) + d] = from_float<T>(o);
+      if (d == 0) p.lse[lse_index(p, s, row, h)] = l > 0.0f ? (m + log2f(l)) * kLn2 : INFINITY;
     } else {
       const int64_t part = (s * p.heads + h) * p.num_splits + split;
       p.partial_out[part * D + d] = o;
@@ -180,7 +216,8 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedAttnP
 template <class T>
 __global__ void paged_combine_kernel(const PagedAttnParams p) {
   const int s = blockIdx.x, h = blockIdx.y;
-  const int64_t base = (s * p.heads + h) * p.num_splits;
+  if (!has_query(p, s)) return;
+  const int64_t row = query_row(p, s), base = (s * p.heads + h) * p.num_splits;
   const int D = static_cast<int>(p.cache.head_dim);
   float m = -INFINITY;
   for (int c = 0; c < p.num_splits; ++c) m = fmaxf(m, p.partial_lse[base + c]);
@@ -195,9 +232,9 @@ __global__ void paged_combine_kernel(const PagedAttnParams p) {
     if (m != -INFINITY)
       for (int c = 0; c < p.num_splits; ++c)
         o += __expf(p.partial_lse[base + c] - lse) * p.partial_out[(base + c) * D + d];
-    static_cast<T*>(p.out)[(s * p.heads + h) * D + d] = from_float<T>(o);
+    static_cast<T*>(p.out)[out_index(p, s, row, h) + d] = from_float<T>(o);
   }
-  if (threadIdx.x == 0) p.lse[s * p.heads + h] = lse;
+  if (threadIdx.x == 0) p.lse[lse_index(p, s, row, h)] = lse;
 }
 
 int group_blocks(const PagedAttnParams& p) {
@@ -224,6 +261,9 @@ void paged_attention_cuda(const PagedAttnParams& p, CUstream_st* stream) {
   if (p.cache.head_dim % 8 != 0 || p.cache.head_dim > kMaxHeadDim || p.split_chunk <= 0 ||
       p.split_chunk > kMaxChunk || (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)))
     throw std::invalid_argument("torchkiln: paged_attention_cuda called without a valid plan");
+  if (p.max_rows != 1 || (p.block_table != nullptr && p.cache.block_size <= 0))
+    throw std::invalid_argument("torchkiln: paged_attention_cuda takes one query row per sequence (and a block "
+                                "size with a block table)");
   if (p.num_splits > 65535 || p.num_seqs > 2147483647)
     throw std::invalid_argument("torchkiln: paged_attention context too long for the CUDA grid");
   const dim3 grid(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.cache.heads_k * group_blocks(p)),
