@@ -1,6 +1,7 @@
 // Torch glue for quantised matmul (weight-only int8 / int4 / nf4, and W8A8).
 // Weight-only and W8A8, CPU and CUDA. Layouts: quant/quant_matmul.h.
 #include <ATen/ATen.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -179,8 +180,12 @@ at::Tensor dense_tiles_matmul(WeightOnlyParams p, const at::Tensor& x, const std
   tiles = (tiles + threads - 1) / threads * threads;
   const int64_t tile = ((n + tiles - 1) / tiles + 31) / 32 * 32;
   // (torchkiln::parallel_for: at::parallel_for in a file built without
-  // -fopenmp would run serially; see parallel.h.)
+  // -fopenmp would run serially; see parallel.h.) Pool threads start without
+  // the caller's dispatch state: under torch.inference_mode, writing into
+  // out (an inference tensor) from outside it would raise.
+  const at::ThreadLocalState caller_state;
   parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     at::Tensor buf = at::empty({tile, k}, x.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * tile;

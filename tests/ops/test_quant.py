@@ -165,8 +165,12 @@ def test_w8a8_per_row_quantisation_is_exact():
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gradients(scheme, dtype):
-    k, n = 192, 45
+@pytest.mark.parametrize("n", [45, 64 * torch.get_num_threads() + 3], ids=["n45", "n_per_thread_tiles"])
+def test_gradients(scheme, dtype, n):
+    # The second n gives the dense path a tile per pool thread: the GEMMs there
+    # run on threads that must carry the caller's autograd state (else addmm
+    # with out= raises on a bias that requires grad).
+    k = 192
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=64 if scheme in ("int4", "nf4") else None)
     w = torchkiln.dequantize(qw)
     for m in (2, 40):  # register-tile path and dense path
