@@ -26,11 +26,17 @@ WeightFormat parse_format(const char* op, const std::string& f) {
 // Above this many rows of x the weight is dequantised (in tiles) to x's
 // dtype and multiplied by ATen's GEMM (cuBLAS on CUDA); up to it the kernel
 // decodes the weight in registers. CPU crossovers measured on the 2-core
-// Zen 4 (bf16 x, 4096 x 4096): int8 / int4 near 16 rows, nf4 (whose table
-// lookups cost more per row) near 8. CUDA: the warp-per-row kernel's limit.
-int64_t dense_rows_threshold(WeightFormat f, bool cuda) {
-  if (cuda) return 8;
-  return f == WeightFormat::kNf4 ? 8 : 16;
+// Zen 4 with bf16 x (4096 x 4096, 4096 -> 11008, 11008 -> 4096): int4 in
+// bf16 dot products (AVX512_BF16, groups of 64 or more) near 28 rows; int8
+// and int4 on fp32 FMAs near 16 (int8 at 4096 -> 11008 nearer 14); nf4,
+// whose table lookups cost more per row, near 8. CUDA: the warp-per-row
+// kernel's limit.
+int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
+  if (x.is_cuda()) return 8;
+  if (p.format == WeightFormat::kNf4) return 8;
+  const bool bf16_dot = p.format == WeightFormat::kInt4 && p.group_size % kNibbleChunk == 0 &&
+                        x.scalar_type() == at::kBFloat16 && active_cpu_isa() == CpuIsa::kAvx512Bf16;
+  return bf16_dot ? 24 : 16;
 }
 
 void launch_dequantize(const WeightOnlyParams& p, const at::Tensor& dense) {
@@ -209,7 +215,7 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
   // packed weight; fp32 x (and CPU) go through dense tiles and ATen's GEMM.
   // (The GEMM's grid has at most 65535 tiles of 64 rows; more rows take the tile path.)
   const bool cuda_gemm = x.is_cuda() && x.scalar_type() != at::kFloat && m <= int64_t{65535} * 64;
-  if (m > dense_rows_threshold(p.format, x.is_cuda()) && !cuda_gemm) return dense_tiles_matmul(p, x, bias);
+  if (m > dense_rows_threshold(p, x) && !cuda_gemm) return dense_tiles_matmul(p, x, bias);
   at::Tensor out = at::empty(output_shape(x, p.n), x.options());
   if (m == 0) return out;
   p.x = x.data_ptr();
@@ -220,7 +226,7 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
   p.m = m;
   p.dtype = kernel_dtype(x, op, "x");
 #ifdef TORCHKILN_WITH_CUDA
-  if (cuda_gemm && m > dense_rows_threshold(p.format, true)) {
+  if (cuda_gemm && m > dense_rows_threshold(p, x)) {
     const c10::DeviceGuard guard(x.device());
     const int64_t splits = weight_only_gemm_cuda_splits(p);
     at::Tensor workspace;

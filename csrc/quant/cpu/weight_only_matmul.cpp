@@ -394,17 +394,30 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
       for (int i = 0; i < MB; ++i) total[r][i] = _mm512_fmadd_ps(acc[r][i], s, total[r][i]);
     }
   }
+  // Subtract sum_g s_g * (z_g + 128) * sum_{k in g} x_k, 16 groups per
+  // vector. (As a scalar loop per output, one dependent FMA per group, this
+  // cost as much as the dot products: int4 M=8, 4096 -> 11008, 3.8 ms
+  // against 2.7 without it.)
+  const float* xs[MB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) xs[i] = sx.group_sums.data() + (m0 + i) * sx.groups;
+  for (int64_t g = 0; g < sx.groups; g += 16) {
+    const __mmask16 lanes = sx.groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (sx.groups - g)) - 1);
+    __m512 x_sum[MB];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) x_sum[i] = _mm512_maskz_loadu_ps(lanes, xs[i] + g);
+#pragma GCC unroll 16
+    for (int r = 0; r < kTileN; ++r) {
+      const __m512 z = _mm512_maskz_loadu_ps(lanes, p.zeros + rows[r] * sx.groups + g);
+      const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, sc[r] + g), _mm512_add_ps(z, _mm512_set1_ps(128.0f)));
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) total[r][i] = _mm512_fnmadd_ps(sz, x_sum[i], total[r][i]);
+    }
+  }
 #pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r)
 #pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) {
-      // sum_g s_g * (z_g + 128) * sum_{k in g} x_k
-      const float* z = p.zeros + rows[r] * sx.groups;
-      const float* xs = sx.group_sums.data() + (m0 + i) * sx.groups;
-      float corr = 0.0f;
-      for (int64_t g = 0; g < sx.groups; ++g) corr += sc[r][g] * (z[g] + 128.0f) * xs[g];
-      y[r * MB + i] = _mm512_reduce_add_ps(total[r][i]) - corr;
-    }
+    for (int i = 0; i < MB; ++i) y[r * MB + i] = _mm512_reduce_add_ps(total[r][i]);
 }
 #endif
 
