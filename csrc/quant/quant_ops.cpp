@@ -26,17 +26,17 @@ WeightFormat parse_format(const char* op, const std::string& f) {
 // Above this many rows of x the weight is dequantised (in tiles) to x's
 // dtype and multiplied by ATen's GEMM (cuBLAS on CUDA); up to it the kernel
 // decodes the weight in registers. CPU crossovers measured on the 2-core
-// Zen 4 with bf16 x (4096 x 4096, 4096 -> 11008, 11008 -> 4096): int4 in
-// bf16 dot products (AVX512_BF16, groups of 64 or more) near 28 rows; int8
-// and int4 on fp32 FMAs near 16 (int8 at 4096 -> 11008 nearer 14); nf4,
-// whose table lookups cost more per row, near 8. CUDA: the warp-per-row
-// kernel's limit.
+// Zen 4 with bf16 x (4096 x 4096, 4096 -> 11008, 11008 -> 4096): in bf16
+// dot products (AVX512_BF16, groups of 64 or more) int4 near 28 rows and
+// nf4 near 12; on fp32 FMAs int8 and int4 near 16 (int8 at 4096 -> 11008
+// nearer 14) and nf4, whose table lookups cost more per row, near 8. CUDA:
+// the warp-per-row kernel's limit.
 int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   if (x.is_cuda()) return 8;
-  if (p.format == WeightFormat::kNf4) return 8;
-  const bool bf16_dot = p.format == WeightFormat::kInt4 && p.group_size % kNibbleChunk == 0 &&
+  const bool bf16_dot = p.format != WeightFormat::kInt8 && p.group_size % kNibbleChunk == 0 &&
                         x.scalar_type() == at::kBFloat16 && active_cpu_isa() == CpuIsa::kAvx512Bf16;
-  return bf16_dot ? 24 : 16;
+  if (p.format == WeightFormat::kNf4) return bf16_dot ? 12 : 8;
+  return p.format == WeightFormat::kInt4 && bf16_dot ? 24 : 16;
 }
 
 void launch_dequantize(const WeightOnlyParams& p, const at::Tensor& dense) {

@@ -10,7 +10,7 @@
 //   sum_k x_k * s_g * (q_k - z_g) = s_g * (sum_k x_k q_k - z_g * sum_k x_k)
 // and the per-group sums of x are computed once per call.
 //
-// Two inner loops:
+// Three inner loops:
 //  * fp32 (every ISA, every format): codes become fp32 through a 16-entry
 //    table (int4: 0..15, nf4: the codebook) with one permute per 16 codes,
 //    then FMA with x in fp32.
@@ -19,6 +19,8 @@
 //    `vdpbf16ps` multiplies them with x (the offset 128 joins the zero
 //    point). x that is not already bf16 is split into hi + lo bf16 parts
 //    (16 significant bits, enough for fp16 exactly and fp32 to 2^-17).
+//  * bf16 dot products (AVX512_BF16, nf4 with bf16 x): one `vpermw` looks
+//    up 32 codes in the codebook rounded to bf16.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -46,9 +48,11 @@ int64_t padded_k(const WeightOnlyParams& p) {
   return p.format == WeightFormat::kInt8 ? round_up(p.k, 16) : round_up(p.k, kNibbleChunk);
 }
 
+// nf4 only with bf16 x: its loop takes x as it is (no hi + lo split).
 bool uses_bf16_dot(const WeightOnlyParams& p) {
 #if defined(__AVX512BF16__)
-  return p.format == WeightFormat::kInt4 && p.group_size % kNibbleChunk == 0;
+  if (p.group_size % kNibbleChunk != 0) return false;
+  return p.format == WeightFormat::kInt4 || (p.format == WeightFormat::kNf4 && p.dtype == DType::kBFloat16);
 #else
   (void)p;
   return false;
@@ -419,6 +423,64 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) y[r * MB + i] = _mm512_reduce_add_ps(total[r][i]);
 }
+
+// nf4 codes through a 16-entry table of the codebook in bf16 (vpermw, 32
+// codes per lookup), dot products with bf16 x, one absmax per 64-column
+// chunk (blocks of 64 or more). The codes' rounding to bf16 (2^-9 relative,
+// as in the dense path's bf16 weights) stays below the bf16 output's own.
+__m512i nf4_bf16_table() {
+  alignas(64) uint16_t t[32] = {};
+  for (int c = 0; c < 16; ++c) t[c] = from_float<bf16_t>(kNf4Codebook[c]).bits;
+  return _mm512_load_si512(t);
+}
+
+template <int MB>
+void tile_nf4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
+  static const __m512i table = nf4_bf16_table();
+  const __m512i low4 = _mm512_set1_epi16(0x000F);
+  const uint8_t* w[kTileN];
+  const float* sc[kTileN];
+#pragma GCC unroll 16
+  for (int r = 0; r < kTileN; ++r) {
+    const int64_t row = tile_row(p, row0, r);
+    w[r] = p.qweight + row * p.qweight_row_stride;
+    sc[r] = p.scales + row * sx.groups;
+  }
+  const uint16_t* xr[MB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) xr[i] = sx.hi.data() + (m0 + i) * sx.kp;
+  __m512 total[kTileN][MB];
+#pragma GCC unroll 16
+  for (int r = 0; r < kTileN; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) total[r][i] = _mm512_setzero_ps();
+  const int64_t chunks = sx.kp / kNibbleChunk, chunks_per_group = p.group_size / kNibbleChunk;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t o = c * kNibbleChunk, g = c / chunks_per_group;
+    __m512bh x_lo[MB], x_hi[MB];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) {
+      x_lo[i] = load_bh(xr[i] + o);
+      x_hi[i] = load_bh(xr[i] + o + 32);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kTileN; ++r) {
+      if (c & 1) prefetch_next_tile(p, w[r] + o / 2);
+      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
+      const __m512i q_lo = _mm512_and_si512(b, low4), q_hi = _mm512_srli_epi16(b, 4);
+      const __m512bh w_lo = as_bh(_mm512_permutexvar_epi16(q_lo, table));
+      const __m512bh w_hi = as_bh(_mm512_permutexvar_epi16(q_hi, table));
+      const __m512 s = _mm512_set1_ps(sc[r][g]);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i)
+        total[r][i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w_lo, x_lo[i]), w_hi, x_hi[i]), s, total[r][i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kTileN; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) y[r * MB + i] = _mm512_reduce_add_ps(total[r][i]);
+}
 #endif
 
 // One register tile: kTileN weight rows from row0, MB rows of x from m0.
@@ -437,6 +499,7 @@ void tile(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0
         for (int i = 0; i < MB; ++i) y[r * MB + i] = i < 2 ? ya[r * 2 + i] : yb[r * (MB - 2) + i - 2];
       return;
     } else {
+      if (p.format == WeightFormat::kNf4) return tile_nf4_bf16<MB>(p, sx, row0, m0, y);
       if (sx.split) return tile_int4_bf16<MB, true>(p, sx, row0, m0, y);
       return tile_int4_bf16<MB, false>(p, sx, row0, m0, y);
     }
