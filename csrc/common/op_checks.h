@@ -69,6 +69,26 @@ inline int64_t row_stride(const at::Tensor& t, const char* op, const char* name)
   return rs;
 }
 
+// t itself when row_stride(t) accepts it, else a contiguous copy: for
+// read-only inputs that may come in any layout (F.linear's x does).
+inline at::Tensor with_flat_rows(const at::Tensor& t) {
+  const int64_t last = t.size(-1);
+  if (last != 1 && t.stride(-1) != 1) return t.contiguous();
+  int64_t rs = -1, expected = -1;
+  for (int64_t i = t.dim() - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (rs < 0) {
+      rs = t.stride(i);
+      expected = rs * t.size(i);
+    } else if (t.stride(i) != expected) {
+      return t.contiguous();
+    } else {
+      expected *= t.size(i);
+    }
+  }
+  return rs < 0 || rs >= last ? t : t.contiguous();
+}
+
 // Mutated tensors must not write the same memory twice, nor alias each other.
 inline void check_writable(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,

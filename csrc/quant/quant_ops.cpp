@@ -201,11 +201,12 @@ at::Tensor dense_tiles_matmul(WeightOnlyParams p, const at::Tensor& x, const std
   return out;
 }
 
-at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& qweight, const at::Tensor& scales,
                                     const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
                                     const std::string& format, int64_t group_size) {
   const char* op = "quant_matmul_weight_only";
-  check_x(op, x);
+  check_x(op, x_arg);
+  const at::Tensor x = with_flat_rows(x_arg);  // any layout, as F.linear
   const int64_t k = x.size(-1);
   WeightOnlyParams p = check_weight(op, qweight, scales, zeros, format, group_size, k);
   check_bias(op, bias, x, p.n);
@@ -239,10 +240,11 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x, const at::Tensor& qweig
   return out;
 }
 
-at::Tensor quant_matmul_w8a8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+at::Tensor quant_matmul_w8a8(const at::Tensor& x_arg, const at::Tensor& qweight, const at::Tensor& scales,
                              const at::Tensor& weight_sums, const std::optional<at::Tensor>& bias) {
   const char* op = "quant_matmul_w8a8";
-  check_x(op, x);
+  check_x(op, x_arg);
+  const at::Tensor x = with_flat_rows(x_arg);  // any layout, as F.linear
   const int64_t k = x.size(-1);
   // |q| <= 127 on both sides and x shifted to 0..255: int32 sums stay exact
   // up to 65536 columns.

@@ -146,8 +146,10 @@ def test_quant_matmul_shapes(scheme):
     out = torchkiln.quant_matmul(x, qw)
     assert out.shape == (2, 5, 3)
     torch.testing.assert_close(out.double(), _ref_matmul(x.reshape(-1, k), qw).view(2, 5, 3), rtol=1e-4, atol=1e-4)
-    xt = torch.randn(k, 6).t()
-    torch.testing.assert_close(torchkiln.quant_matmul(xt, qw), torchkiln.quant_matmul(xt.contiguous(), qw))
+    # any layout of x, as F.linear takes: transposed, rows that do not
+    # flatten into one stride, one row broadcast over several
+    for xt in (torch.randn(k, 6).t(), torch.randn(3, 4, k).transpose(0, 1), torch.randn(1, k).expand(5, k)):
+        torch.testing.assert_close(torchkiln.quant_matmul(xt, qw), torchkiln.quant_matmul(xt.contiguous(), qw))
     assert torchkiln.quant_matmul(torch.randn(0, k), qw).shape == (0, 3)
 
 

@@ -38,8 +38,6 @@ def quant_matmul(x: Tensor, qw: "QuantizedWeight", bias: Tensor | None = None) -
         )
     if qw.k_perm is not None:
         x = x.index_select(-1, qw.k_perm)
-    elif x.stride(-1) != 1:
-        x = x.contiguous()
     if qw.scheme == "w8a8":
         return _ops.quant_matmul_w8a8(x, qw.qweight, qw.scales, qw.weight_sums, bias)
     return _ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros, bias, qw.scheme, qw.group_size)
