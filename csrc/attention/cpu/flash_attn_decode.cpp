@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "attention/cpu/attn_common.h"
-#include "paged/paged_attention.h"
+#include "attention/decode_params.h"
 
 namespace torchkiln {
 namespace TK_CPU_NS {
@@ -40,7 +40,7 @@ int64_t max_vectors_per_kv_head(DType dtype) { return dtype == DType::kBFloat16 
 // flash_attn's masks as they are: row i of a sequence with sq queries and
 // sk keys is its query at diagonal i + sk - sq.
 bool forward_in_decode_kernel(const FlashAttnParams& p) {
-  const int64_t B = p.batch, H = p.heads, D = p.head_dim, sk = p.seqlen_k;
+  const int64_t B = p.batch, H = p.heads, sk = p.seqlen_k;
   const bool varlen = p.cu_seqlens_q != nullptr;
   int64_t rows = 0;
   if (varlen) {
@@ -52,35 +52,11 @@ bool forward_in_decode_kernel(const FlashAttnParams& p) {
   if (p.k.batch_stride != p.v.batch_stride || p.k.row_stride != p.v.row_stride || p.k.head_stride != p.v.head_stride)
     return false;
 
-  PagedAttnParams d;
-  d.q = p.q.ptr;
-  d.q_seq_stride = varlen ? 0 : p.q.batch_stride;
-  d.q_row_stride = p.q.row_stride;
-  d.q_head_stride = p.q.head_stride;
+  PagedAttnParams d = decode_params_of(p);
   d.max_rows = rows;
-  d.q_start = p.cu_seqlens_q;
-  d.out = p.out.ptr;
-  d.out_seq_stride = varlen ? 0 : p.out.batch_stride;
-  d.out_row_stride = p.out.row_stride;
-  d.out_head_stride = p.out.head_stride;
-  d.lse = p.lse;
-  d.lse_seq_stride = varlen ? 0 : p.lse_batch_stride;
-  d.lse_row_stride = 1;
-  d.lse_head_stride = p.lse_head_stride;
-  d.key_cache = p.k.ptr;
-  d.value_cache = p.v.ptr;
-  d.cache.heads_k = p.heads_k;
-  d.cache.head_dim = D;
-  d.cache.pos_stride = p.k.row_stride;
-  d.cache.head_stride = p.k.head_stride;
   std::vector<int32_t> lens(static_cast<size_t>(B)), table;
   for (int64_t b = 0; b < B; ++b) lens[b] = static_cast<int32_t>(varlen ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : sk);
-  if (p.block_table != nullptr) {  // already paged
-    d.block_table = p.block_table;
-    d.block_table_stride = p.block_table_stride;
-    d.cache.block_size = p.block_size;
-    d.cache.block_stride = p.k.batch_stride;
-  } else {
+  if (p.block_table == nullptr) {
     // Blocks of one token (so the kernel can still split a long context
     // over threads): sequence b's key j is token first(b) + j of k and v.
     if (!varlen && (p.k.row_stride == 0 || p.k.batch_stride % p.k.row_stride != 0 ||
@@ -98,16 +74,7 @@ bool forward_in_decode_kernel(const FlashAttnParams& p) {
     d.cache.block_stride = p.k.row_stride;
   }
   d.seq_lens = lens.data();
-  d.num_seqs = B;
-  d.heads = H;
   d.max_seq_len = *std::max_element(lens.begin(), lens.end());
-  d.scale = p.scale;
-  d.softcap = p.softcap;
-  d.window_left = p.window_left;
-  d.window_right = p.window_right;
-  d.alibi_slopes = p.alibi_slopes;
-  d.alibi_seq_stride = p.alibi_batch_stride;
-  d.dtype = p.dtype;
   paged_attention(d);
   return true;
 }

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "attention/cuda/flash_launch.h"
-#include "paged/paged_attention.h"
+#include "attention/decode_params.h"
 
 namespace torchkiln {
 namespace {
@@ -28,49 +28,12 @@ bool runs_as_decode(const FlashAttnParams& p) {
          p.k.row_stride == p.v.row_stride && p.k.head_stride == p.v.head_stride;
 }
 
-// The decode kernel's view of the batch, planned for this GPU. Packed
-// (varlen) tensors have batch strides 0, so the sequence offsets come from
-// cu_seqlens alone; paged keys keep their block table.
+// The decode kernel's view of the batch, planned for this GPU: packed keys
+// (varlen) lie at cu_seqlens_k offsets, fixed batches at the batch stride.
 PagedAttnParams decode_params(const FlashAttnParams& p) {
-  PagedAttnParams d;
-  d.q = p.q.ptr;
-  d.q_seq_stride = p.q.batch_stride;
-  d.q_row_stride = p.q.row_stride;
-  d.q_head_stride = p.q.head_stride;
-  d.q_start = p.cu_seqlens_q;
-  d.out = p.out.ptr;
-  d.out_seq_stride = p.out.batch_stride;
-  d.out_row_stride = p.out.row_stride;
-  d.out_head_stride = p.out.head_stride;
-  d.lse = p.lse;
-  d.lse_seq_stride = p.lse_batch_stride;
-  d.lse_row_stride = 1;
-  d.lse_head_stride = p.lse_head_stride;
-  d.key_cache = p.k.ptr;
-  d.value_cache = p.v.ptr;
-  d.cache.heads_k = p.heads_k;
-  d.cache.head_dim = p.head_dim;
-  d.cache.pos_stride = p.k.row_stride;
-  d.cache.head_stride = p.k.head_stride;
-  if (p.block_table != nullptr) {
-    d.block_table = p.block_table;
-    d.block_table_stride = p.block_table_stride;
-    d.cache.block_size = p.block_size;
-    d.cache.block_stride = p.k.batch_stride;
-  } else {
-    d.kv_seq_stride = p.k.batch_stride;
-  }
+  PagedAttnParams d = decode_params_of(p);
+  if (p.block_table == nullptr) d.kv_seq_stride = p.cu_seqlens_k != nullptr ? 0 : p.k.batch_stride;
   d.k_start = p.cu_seqlens_k;  // key counts (and, in place, offsets) of packed batches
-  d.num_seqs = p.batch;
-  d.heads = p.heads;
-  d.max_seq_len = p.seqlen_k;
-  d.scale = p.scale;
-  d.softcap = p.softcap;
-  d.window_left = p.window_left;
-  d.window_right = p.window_right;
-  d.alibi_slopes = p.alibi_slopes;
-  d.alibi_seq_stride = p.alibi_batch_stride;
-  d.dtype = p.dtype;
   paged_attention_cuda_plan(d);
   return d;
 }
