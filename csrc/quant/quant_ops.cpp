@@ -187,8 +187,10 @@ at::Tensor dense_tiles_matmul(WeightOnlyParams p, const at::Tensor& x, const std
   const int64_t tile = ((n + tiles - 1) / tiles + 31) / 32 * 32;
   // (torchkiln::parallel_for: at::parallel_for in a file built without
   // -fopenmp would run serially; see parallel.h.) Pool threads start without
-  // the caller's dispatch state: under torch.inference_mode, writing into
-  // out (an inference tensor) from outside it would raise.
+  // the caller's thread-local state, which the GEMMs need: under
+  // torch.inference_mode, out is an inference tensor that only code inside
+  // the mode may write; with grad mode on, addmm_out refuses a bias that
+  // requires grad (the caller runs below autograd).
   const at::ThreadLocalState caller_state;
   parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard state_guard(caller_state);

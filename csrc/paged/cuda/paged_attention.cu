@@ -50,8 +50,7 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
 
 // Sequence s's query row (a token of q, out and lse), whether it has one,
 // and its keys: how many, and where key 0 of head 0 is when they lie in
-// place. (Read again where needed rather than kept: registers bound the
-// blocks per SM.)
+// place.
 __device__ __forceinline__ bool has_query(const PagedAttnParams& p, int s) {
   return p.q_start == nullptr || p.q_start[s + 1] > p.q_start[s];
 }
