@@ -42,38 +42,14 @@ inline void check_not_empty(const at::Tensor& t, const char* op, const char* nam
   TORCH_CHECK_VALUE(t.numel() > 0, op, ": ", name, " must not be empty, got shape ", t.sizes());
 }
 
-// Views t as (rows, t.size(-1)) without copying and returns the row stride.
-// Needs a contiguous last dimension, non-overlapping rows, and leading
-// dimensions that collapse into one stride (true for contiguous tensors and
-// for slices along the last dimension such as x[..., :d]).
-inline int64_t row_stride(const at::Tensor& t, const char* op, const char* name) {
-  const int64_t n = t.dim(), last = t.size(-1);
-  TORCH_CHECK_VALUE(last == 1 || t.stride(-1) == 1, op, ": ", name,
-                    " must be contiguous in its last dimension, got strides ", t.strides());
-  int64_t rs = -1, expected = -1;
-  for (int64_t i = n - 2; i >= 0; --i) {
-    if (t.size(i) == 1) continue;
-    if (rs < 0) {
-      rs = t.stride(i);
-      expected = rs * t.size(i);
-      continue;
-    }
-    TORCH_CHECK_VALUE(t.stride(i) == expected, op, ": ", name,
-                      " must have evenly strided rows (leading dimensions that flatten into one); got sizes ",
-                      t.sizes(), " and strides ", t.strides(), ". Call .contiguous() first");
-    expected *= t.size(i);
-  }
-  if (rs < 0) return last;
-  TORCH_CHECK_VALUE(rs >= last, op, ": ", name, " has overlapping rows (row stride ", rs, " < ", last,
-                    "); call .contiguous() first");
-  return rs;
-}
-
-// t itself when row_stride(t) accepts it, else a contiguous copy: for
-// read-only inputs that may come in any layout (F.linear's x does).
-inline at::Tensor with_flat_rows(const at::Tensor& t) {
+// Whether t views as (rows, t.size(-1)) without copying: a contiguous last
+// dimension, leading dimensions that collapse into one stride (true for
+// contiguous tensors and for slices along the last dimension such as
+// x[..., :d]) and rows that do not overlap. *stride gets the row stride.
+enum class RowLayout { kFlat, kStridedLastDim, kUnevenRows, kOverlappingRows };
+inline RowLayout row_layout(const at::Tensor& t, int64_t* stride) {
   const int64_t last = t.size(-1);
-  if (last != 1 && t.stride(-1) != 1) return t.contiguous();
+  if (last != 1 && t.stride(-1) != 1) return RowLayout::kStridedLastDim;
   int64_t rs = -1, expected = -1;
   for (int64_t i = t.dim() - 2; i >= 0; --i) {
     if (t.size(i) == 1) continue;
@@ -81,12 +57,39 @@ inline at::Tensor with_flat_rows(const at::Tensor& t) {
       rs = t.stride(i);
       expected = rs * t.size(i);
     } else if (t.stride(i) != expected) {
-      return t.contiguous();
+      return RowLayout::kUnevenRows;
     } else {
       expected *= t.size(i);
     }
   }
-  return rs < 0 || rs >= last ? t : t.contiguous();
+  *stride = rs < 0 ? last : rs;
+  return *stride >= last ? RowLayout::kFlat : RowLayout::kOverlappingRows;
+}
+
+// The row stride of t viewed as (rows, t.size(-1)); a clear error otherwise.
+inline int64_t row_stride(const at::Tensor& t, const char* op, const char* name) {
+  int64_t rs = 0;
+  switch (row_layout(t, &rs)) {
+    case RowLayout::kFlat:
+      return rs;
+    case RowLayout::kStridedLastDim:
+      TORCH_CHECK_VALUE(false, op, ": ", name, " must be contiguous in its last dimension, got strides ", t.strides());
+    case RowLayout::kUnevenRows:
+      TORCH_CHECK_VALUE(false, op, ": ", name,
+                        " must have evenly strided rows (leading dimensions that flatten into one); got sizes ",
+                        t.sizes(), " and strides ", t.strides(), ". Call .contiguous() first");
+    case RowLayout::kOverlappingRows:
+      TORCH_CHECK_VALUE(false, op, ": ", name, " has overlapping rows (row stride ", rs, " < ", t.size(-1),
+                        "); call .contiguous() first");
+  }
+  return rs;  // unreachable
+}
+
+// t itself when row_stride(t) accepts it, else a contiguous copy: for
+// read-only inputs that may come in any layout (F.linear's x does).
+inline at::Tensor with_flat_rows(const at::Tensor& t) {
+  int64_t rs = 0;
+  return row_layout(t, &rs) == RowLayout::kFlat ? t : t.contiguous();
 }
 
 // Mutated tensors must not write the same memory twice, nor alias each other.

@@ -193,6 +193,23 @@ const float* code_values(WeightFormat f) { return f == WeightFormat::kNf4 ? kNf4
 // row (its results are computed but not stored).
 inline int64_t tile_row(const WeightOnlyParams& p, int64_t row0, int r) { return std::min(row0 + r, p.n - 1); }
 
+// The kTileN weight rows of a tile from row0: codes, then per group scales
+// and (int4) zero points; int8 has one group.
+struct TileRows {
+  const uint8_t* codes[kTileN];
+  const float* scales[kTileN];
+  const float* zeros[kTileN];  // null without zero points
+  TileRows(const WeightOnlyParams& p, int64_t groups, int64_t row0) {
+#pragma GCC unroll 16
+    for (int r = 0; r < kTileN; ++r) {
+      const int64_t row = tile_row(p, row0, r);
+      codes[r] = p.qweight + row * p.qweight_row_stride;
+      scales[r] = p.scales + row * groups;
+      zeros[r] = p.zeros ? p.zeros + row * groups : nullptr;
+    }
+  }
+};
+
 // A tile reads kTileN weight rows side by side, more streams than the
 // hardware prefetcher runs far enough ahead on; each row also prefetches the
 // line it will read one tile later (the same column of row + kTileN).
@@ -224,16 +241,10 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
   constexpr int C = MB <= 2 ? 2 : 1;  // accumulator chains per (row, x row): low / high half
   const Table16 tab(code_values(p.format));
   const bool has_zero = p.format == WeightFormat::kInt4;
-  const uint8_t* w[kTileN];
-  const float* sc[kTileN];
-  const float* zr[kTileN];
-#pragma GCC unroll 16
-  for (int r = 0; r < kTileN; ++r) {
-    const int64_t row = tile_row(p, row0, r);
-    w[r] = p.qweight + row * p.qweight_row_stride;
-    sc[r] = p.scales + row * sx.groups;
-    zr[r] = has_zero ? p.zeros + row * sx.groups : nullptr;
-  }
+  const TileRows t(p, sx.groups, row0);
+  const auto& w = t.codes;
+  const auto& sc = t.scales;
+  const auto& zr = t.zeros;
   const float* xr[MB];
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) xr[i] = sx.x.data() + (m0 + i) * sx.kp;
@@ -287,10 +298,10 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
 template <int MB>
 void tile_int8_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   constexpr int W = Vec::kWidth;
+  const TileRows t(p, 1, row0);
   const int8_t* w[kTileN];
 #pragma GCC unroll 16
-  for (int r = 0; r < kTileN; ++r)
-    w[r] = reinterpret_cast<const int8_t*>(p.qweight + tile_row(p, row0, r) * p.qweight_row_stride);
+  for (int r = 0; r < kTileN; ++r) w[r] = reinterpret_cast<const int8_t*>(t.codes[r]);
   const float* xr[MB];
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) xr[i] = sx.x.data() + (m0 + i) * sx.kp;
@@ -319,7 +330,7 @@ void tile_int8_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
     for (int i = 0; i < MB; ++i) {
       float tail = 0.0f;
       for (int64_t t = j; t < p.k; ++t) tail += static_cast<float>(w[r][t]) * xr[i][t];
-      y[r * MB + i] = (vsum(acc[r][i]) + tail) * p.scales[tile_row(p, row0, r)];
+      y[r * MB + i] = (vsum(acc[r][i]) + tail) * t.scales[r][0];
     }
 }
 
@@ -334,15 +345,9 @@ inline __m512bh load_bh(const uint16_t* p) { return as_bh(_mm512_loadu_si512(p))
 template <int MB, bool kSplit>
 void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   const __m512i low4 = _mm512_set1_epi16(0x000F), base = _mm512_set1_epi16(0x4300);  // bf16(128.0)
-  const uint8_t* w[kTileN];
-  const float* sc[kTileN];
-  int64_t rows[kTileN];
-#pragma GCC unroll 16
-  for (int r = 0; r < kTileN; ++r) {
-    rows[r] = tile_row(p, row0, r);
-    w[r] = p.qweight + rows[r] * p.qweight_row_stride;
-    sc[r] = p.scales + rows[r] * sx.groups;
-  }
+  const TileRows t(p, sx.groups, row0);
+  const auto& w = t.codes;
+  const auto& sc = t.scales;
   const uint16_t* hr[MB];
   const uint16_t* lr[MB];
 #pragma GCC unroll 16
@@ -412,7 +417,7 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
     for (int i = 0; i < MB; ++i) x_sum[i] = _mm512_maskz_loadu_ps(lanes, xs[i] + g);
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
-      const __m512 z = _mm512_maskz_loadu_ps(lanes, p.zeros + rows[r] * sx.groups + g);
+      const __m512 z = _mm512_maskz_loadu_ps(lanes, t.zeros[r] + g);
       const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, sc[r] + g), _mm512_add_ps(z, _mm512_set1_ps(128.0f)));
 #pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) total[r][i] = _mm512_fnmadd_ps(sz, x_sum[i], total[r][i]);
@@ -438,14 +443,9 @@ template <int MB>
 void tile_nf4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   static const __m512i table = nf4_bf16_table();
   const __m512i low4 = _mm512_set1_epi16(0x000F);
-  const uint8_t* w[kTileN];
-  const float* sc[kTileN];
-#pragma GCC unroll 16
-  for (int r = 0; r < kTileN; ++r) {
-    const int64_t row = tile_row(p, row0, r);
-    w[r] = p.qweight + row * p.qweight_row_stride;
-    sc[r] = p.scales + row * sx.groups;
-  }
+  const TileRows t(p, sx.groups, row0);
+  const auto& w = t.codes;
+  const auto& sc = t.scales;
   const uint16_t* xr[MB];
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) xr[i] = sx.hi.data() + (m0 + i) * sx.kp;
