@@ -161,6 +161,35 @@ def test_quant_linear(scheme):
     assert q(xb).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("scheme,kw", [("int8", {}), ("int4", {"group_size": 32}),
+                                       ("nf4", {"group_size": 32, "double_quant": True}), ("w8a8", {})])
+@pytest.mark.parametrize("fill", ["to_empty", "assign"])
+def test_quantize_model_on_meta_then_load(scheme, kw, fill):
+    """A big model is built on the meta device, quantised there (no dense
+    weight ever exists) and filled from a saved quantised state_dict."""
+    def make():
+        return nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64, bias=False))
+
+    saved = quantize_model(make(), scheme, skip=(), **kw)
+    x = torch.randn(5, 128)
+    ref = saved(x)
+    with torch.device("meta"):
+        model = make()
+    quantize_model(model, scheme, skip=(), **kw)
+    for name, t in saved.state_dict().items():
+        got = model.state_dict()[name]
+        assert got.is_meta and got.shape == t.shape and got.dtype == t.dtype, name
+    assert model(torch.randn(5, 128, device="meta")).shape == (5, 64)
+    with pytest.raises(NotImplementedError, match="meta"):
+        model.to("cpu")  # no data to copy, as for any meta module
+    if fill == "to_empty":
+        model.to_empty(device="cpu")
+        model.load_state_dict(saved.state_dict())
+    else:
+        model.load_state_dict(saved.state_dict(), assign=True)
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+
+
 def test_quantize_model_skips_patterns():
     model = nn.Sequential()
     model.add_module("layers", nn.ModuleList([nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 64))

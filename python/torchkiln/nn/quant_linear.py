@@ -35,16 +35,16 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight_spec(self) -> QuantizedWeight:
-        """The weight as a QuantizedWeight over this module's buffers (built
-        once, rebuilt after .to() / .cuda() replace the buffers)."""
-        if self._spec is None:
-            self._spec = QuantizedWeight(**self._meta, **{name: getattr(self, name) for name in _TENSOR_FIELDS})
-        return self._spec
+        """The weight as a QuantizedWeight over this module's buffers (rebuilt
+        whenever a buffer was replaced: .to(), load_state_dict(assign=True))."""
+        spec = self._spec
+        if spec is None or any(getattr(spec, name) is not self._buffers[name] for name in _TENSOR_FIELDS):
+            spec = self._spec = QuantizedWeight(**self._meta, **{name: self._buffers[name] for name in _TENSOR_FIELDS})
+        return spec
 
     def _apply(self, fn, *args, **kwargs):
         # The quantised buffers follow device moves only: a dtype change such
         # as model.to(torch.bfloat16) must not touch codes or fp32 scales.
-        self._spec = None
         quant = {name: self._buffers.pop(name) for name in _TENSOR_FIELDS}
         try:
             super()._apply(fn, *args, **kwargs)
@@ -52,7 +52,13 @@ class QuantLinear(nn.Module):
         finally:
             self._buffers.update(quant)
         for name, t in quant.items():
-            if t is not None:
+            if t is None:
+                continue
+            # fn moved a meta probe off the meta device, so this is to_empty()
+            # (.to() raises on meta data): fresh storage, filled by load_state_dict.
+            if t.is_meta and device.type != "meta":
+                self._buffers[name] = torch.empty_like(t, device=device)
+            else:
                 self._buffers[name] = t.to(device)
         return self
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -15,3 +18,53 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     """fp32 for low-precision inputs; the input dtype itself when it is wider
     (so the references can run in fp64)."""
     return torch.promote_types(t.dtype, torch.float32)
+
+
+def register_fake(op: str, own_device: tuple[str, ...] = ()):
+    """``torch.library.register_fake(op)`` that also applies the kernels'
+    device rule: every tensor argument on one device, except those named in
+    ``own_device`` (e.g. a CPU block_mapping).
+
+    The fake is also the op's Meta kernel, and the dispatcher runs it whenever
+    any argument is on the meta device: a model whose weights were left on
+    meta would otherwise return the fake's uninitialised CPU / CUDA output.
+    So a meta tensor next to a real one is an error even among own_device."""
+
+    def decorate(fake):
+        signature = inspect.signature(fake)
+        name = op.split("::")[-1]
+
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            _check_devices(name, signature.bind(*args, **kwargs).arguments, own_device)
+            return fake(*args, **kwargs)
+
+        torch.library.register_fake(op)(checked)
+        return fake
+
+    return decorate
+
+
+def _check_devices(op: str, arguments: dict, own_device: tuple[str, ...]) -> None:
+    ref_name, ref = None, None
+    tensors = []
+    for name, value in arguments.items():
+        for i, t in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            if not isinstance(t, Tensor):
+                continue
+            label = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+            tensors.append((label, t))
+            if name in own_device:
+                continue
+            if ref is None:
+                ref_name, ref = label, t
+            elif t.device != ref.device:
+                raise RuntimeError(
+                    f"{op}: {label} must be on the same device as {ref_name} ({ref.device}), got {t.device}"
+                )
+    on_meta = [label for label, t in tensors if t.is_meta]
+    if on_meta and len(on_meta) != len(tensors):
+        real_label, real = next((label, t) for label, t in tensors if not t.is_meta)
+        raise RuntimeError(
+            f"{op}: {on_meta[0]} is on the meta device (it holds no data) but {real_label} is on {real.device}"
+        )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
-from ._util import needs_grad
+from ._util import needs_grad, register_fake
 
 _ops = torch.ops.torchkiln
 
@@ -28,17 +28,17 @@ def silu_and_mul(x: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
-@torch.library.register_fake("torchkiln::silu_and_mul")
+@register_fake("torchkiln::silu_and_mul")
 def _silu_and_mul_fake(x: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
-@torch.library.register_fake("torchkiln::silu_and_mul_out")
+@register_fake("torchkiln::silu_and_mul_out")
 def _silu_and_mul_out_fake(out: Tensor, x: Tensor) -> None:
     return None
 
 
-@torch.library.register_fake("torchkiln::silu_and_mul_backward")
+@register_fake("torchkiln::silu_and_mul_backward")
 def _silu_and_mul_backward_fake(grad_out: Tensor, x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
+from ._util import register_fake
 
 _ops = torch.ops.torchkiln
 
@@ -107,12 +108,12 @@ def flash_attn_varlen_func(
 
 
 # ----------------------------------------------------------------------------- fake kernels
-@torch.library.register_fake("torchkiln::flash_attn_fwd")
+@register_fake("torchkiln::flash_attn_fwd")
 def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
-@torch.library.register_fake("torchkiln::flash_attn_varlen_fwd")
+@register_fake("torchkiln::flash_attn_varlen_fwd")
 def _varlen_fwd_fake(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
     softcap, alibi_slopes, block_table=None,
@@ -120,12 +121,12 @@ def _varlen_fwd_fake(
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.register_fake("torchkiln::flash_attn_bwd")
+@register_fake("torchkiln::flash_attn_bwd")
 def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, alibi_slopes):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.register_fake("torchkiln::flash_attn_varlen_bwd")
+@register_fake("torchkiln::flash_attn_varlen_bwd")
 def _varlen_bwd_fake(
     dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
     window_right, softcap, alibi_slopes,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
-from ._util import compute_dtype, needs_grad
+from ._util import compute_dtype, needs_grad, register_fake
 
 _ops = torch.ops.torchkiln
 
@@ -54,27 +54,27 @@ def fused_add_rms_norm(
 
 
 # ----------------------------------------------------------------------------- fake kernels
-@torch.library.register_fake("torchkiln::rms_norm")
+@register_fake("torchkiln::rms_norm")
 def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("torchkiln::rms_norm_out")
+@register_fake("torchkiln::rms_norm_out")
 def _rms_norm_out_fake(out: Tensor, x: Tensor, weight: Tensor, eps: float) -> None:
     return None
 
 
-@torch.library.register_fake("torchkiln::fused_add_rms_norm")
+@register_fake("torchkiln::fused_add_rms_norm")
 def _fused_add_rms_norm_fake(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
-@torch.library.register_fake("torchkiln::fused_add_rms_norm_out")
+@register_fake("torchkiln::fused_add_rms_norm_out")
 def _fused_add_rms_norm_out_fake(out: Tensor, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> None:
     return None
 
 
-@torch.library.register_fake("torchkiln::rms_norm_backward")
+@register_fake("torchkiln::rms_norm_backward")
 def _rms_norm_backward_fake(
     grad_out: Tensor, x: Tensor, weight: Tensor, eps: float, grad_residual: Tensor | None
 ) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
+from ._util import register_fake
 from .attention import attention_ref, softmax_scale_or_default
 
 _ops = torch.ops.torchkiln
@@ -63,22 +64,22 @@ def paged_attention(
     return (out, lse) if return_lse else out
 
 
-@torch.library.register_fake("torchkiln::reshape_and_cache")
+@register_fake("torchkiln::reshape_and_cache")
 def _reshape_and_cache_fake(key, value, key_cache, value_cache, slot_mapping) -> None:
     return None
 
 
-@torch.library.register_fake("torchkiln::copy_blocks")
+@register_fake("torchkiln::copy_blocks", own_device=("block_mapping",))
 def _copy_blocks_fake(key_caches, value_caches, block_mapping) -> None:
     return None
 
 
-@torch.library.register_fake("torchkiln::swap_blocks")
+@register_fake("torchkiln::swap_blocks", own_device=("src", "dst", "block_mapping"))
 def _swap_blocks_fake(src, dst, block_mapping) -> None:
     return None
 
 
-@torch.library.register_fake("torchkiln::paged_attention")
+@register_fake("torchkiln::paged_attention")
 def _paged_attention_fake(q, key_cache, value_cache, block_table, seq_lens, scale, left, right, softcap, alibi):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 

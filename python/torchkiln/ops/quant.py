@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
+from ._util import register_fake
 
 if TYPE_CHECKING:
     from ..quant.weight import QuantizedWeight
@@ -44,17 +45,17 @@ def quant_matmul(x: Tensor, qw: "QuantizedWeight", bias: Tensor | None = None) -
 
 
 # ---------------------------------------------------------------- fakes
-@torch.library.register_fake("torchkiln::quant_matmul_weight_only")
+@register_fake("torchkiln::quant_matmul_weight_only")
 def _weight_only_fake(x, qweight, scales, zeros, bias, format, group_size):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-@torch.library.register_fake("torchkiln::quant_dequantize")
+@register_fake("torchkiln::quant_dequantize")
 def _dequantize_fake(qweight, scales, zeros, format, group_size, in_features, dtype):
     return qweight.new_empty((qweight.shape[0], in_features), dtype=dtype)
 
 
-@torch.library.register_fake("torchkiln::quant_matmul_w8a8")
+@register_fake("torchkiln::quant_matmul_w8a8")
 def _w8a8_fake(x, qweight, scales, weight_sums, bias):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 

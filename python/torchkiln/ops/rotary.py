@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
-from ._util import needs_grad
+from ._util import needs_grad, register_fake
 
 _ops = torch.ops.torchkiln
 
@@ -47,12 +47,12 @@ def apply_rotary(
     return q_out, k_out
 
 
-@torch.library.register_fake("torchkiln::rotary_embedding")
+@register_fake("torchkiln::rotary_embedding")
 def _rotary_fake(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, inverse: bool) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("torchkiln::rotary_embedding_")
+@register_fake("torchkiln::rotary_embedding_")
 def _rotary_inplace_fake(
     q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool
 ) -> None:

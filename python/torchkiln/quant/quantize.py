@@ -52,7 +52,9 @@ def _check_weight(weight: Tensor) -> None:
         raise ValueError(f"quantize: weight must not be empty, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"quantize: weight must be floating point, got {weight.dtype}")
-    if not torch.isfinite(weight).all():
+    # A meta weight (a model built on the meta device, to be filled by
+    # load_state_dict) has no values to check; its result has the right shapes.
+    if not weight.is_meta and not torch.isfinite(weight).all():
         raise ValueError("quantize: weight contains inf or nan")
 
 
