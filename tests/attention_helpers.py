@@ -40,7 +40,9 @@ def check_grads(q, k, v, **kw):
 
 def random_cache(seq_lens, block_size, kv_heads, d, dtype, spare=3, device="cpu"):
     """A paged cache whose blocks are handed to the sequences in shuffled
-    order: (k_cache, v_cache, block_table int32, seq_lens int32)."""
+    order: (k_cache, v_cache, block_table int32, seq_lens int32). The table is
+    a column slice of a wider one (rows padded with invalid ids, as a server
+    keeps one table for its longest request), so its rows are strided."""
     need = [(n + block_size - 1) // block_size for n in seq_lens]
     num_blocks = sum(need) + spare
     k = torch.randn(num_blocks, block_size, kv_heads, d, device=device).to(dtype)
@@ -50,4 +52,6 @@ def random_cache(seq_lens, block_size, kv_heads, d, dtype, spare=3, device="cpu"
     for s, n in enumerate(need):
         for b in range(n):
             table[s, b] = perm.pop()
-    return k, v, table.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    wide = torch.full((len(seq_lens), max(need) + 2), -7, dtype=torch.int32)
+    wide[:, : max(need)] = table
+    return k, v, wide.to(device)[:, : max(need)], torch.tensor(seq_lens, dtype=torch.int32, device=device)

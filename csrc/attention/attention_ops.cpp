@@ -204,6 +204,10 @@ int64_t check_cu_seqlens(const char* op, const at::Tensor& cu, const char* name,
   check_same_device(cu, q, op, name, "q");
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) == batch + 1 && cu.is_contiguous(), op, ": ", name,
                     " must be a contiguous (batch + 1,) = (", batch + 1, ",) tensor, got ", cu.sizes());
+  // The kernels trust these offsets, so they are read here, which a CUDA
+  // graph capture forbids (paged_attention, checked in the kernel, captures).
+  TORCH_CHECK(!capturing_cuda_graph(q), op, ": varlen batches can't be captured in a CUDA graph (", name,
+              " is checked on the host); capture decode steps with paged_attention");
   const at::Tensor host = cu.cpu();
   const int32_t* c = host.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(c[0] == 0, op, ": ", name, "[0] must be 0, got ", c[0]);
@@ -227,21 +231,24 @@ void check_block_table(const char* op, const at::Tensor& table, const at::Tensor
                     ": block_table must be (batch, max_blocks) = (", p.batch, ", ...) with contiguous rows, got ",
                     table.sizes());
   const int64_t block_size = k.size(1), num_blocks = k.size(0);
-  const at::Tensor cu = cu_seqlens_k.cpu();
+  // Read on the host (a copy for CUDA tensors, none for CPU ones).
+  const at::Tensor cu = cu_seqlens_k.cpu(), table_host = table.cpu();
   const int32_t* c = cu.data_ptr<int32_t>();
-  const int32_t* t = table.data_ptr<int32_t>();
+  const int32_t* t = table_host.data_ptr<int32_t>();
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t need = (c[b + 1] - c[b] + block_size - 1) / block_size;
     TORCH_CHECK_VALUE(need <= table.size(1), op, ": sequence ", b, " has ", c[b + 1] - c[b], " keys, more than ",
                       table.size(1), " blocks of ", block_size, " hold");
     for (int64_t i = 0; i < need; ++i) {
-      const int32_t id = t[b * table.stride(0) + i];
+      const int32_t id = t[b * table_host.stride(0) + i];  // the copy may be packed tighter
       TORCH_CHECK_INDEX(id >= 0 && id < num_blocks, op, ": block_table[", b, ", ", i, "] = ", id,
                         " is not a block of the cache [0, ", num_blocks, ")");
     }
   }
-  p.block_table = t;
+  p.block_table = table.data_ptr<int32_t>();
   p.block_table_stride = table.stride(0);
+  p.block_table_cols = table.size(1);
+  p.num_blocks = num_blocks;
   p.block_size = block_size;
   p.k.batch_stride = k.stride(0);
   p.v.batch_stride = v.stride(0);

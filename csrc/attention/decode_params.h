@@ -35,6 +35,8 @@ inline PagedAttnParams decode_params_of(const FlashAttnParams& p) {
   if (p.block_table != nullptr) {
     d.block_table = p.block_table;
     d.block_table_stride = p.block_table_stride;
+    d.max_blocks = p.block_table_cols;
+    d.cache.num_blocks = p.num_blocks;
     d.cache.block_size = p.block_size;
     d.cache.block_stride = p.k.batch_stride;
   }

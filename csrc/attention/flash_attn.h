@@ -58,6 +58,7 @@ struct FlashAttnParams {
   // stride and k.batch_stride its block stride.
   const int32_t* block_table = nullptr;
   int64_t block_table_stride = 0, block_size = 0;
+  int64_t block_table_cols = 0, num_blocks = 0;  // the table's width, the cache's blocks
   DType dtype = DType::kFloat32;
   // CUDA forward scratch, flash_attn_fwd_cuda_workspace(*this) floats (the
   // split-KV partials of a one-query batch); null when that is 0.

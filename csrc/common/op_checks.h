@@ -111,6 +111,11 @@ inline void check_no_overlap(const at::Tensor& written, const at::Tensor& other,
 #ifdef TORCHKILN_WITH_CUDA
 // The current torch CUDA stream of t's device (common/cuda_runtime.cpp).
 CUstream_st* current_cuda_stream(const at::Tensor& t);
+// Whether that stream is capturing a CUDA graph: reading device memory on
+// the host (a check, a plan) is not allowed then.
+bool capturing_cuda_graph(const at::Tensor& t);
+#else
+inline bool capturing_cuda_graph(const at::Tensor&) { return false; }
 #endif
 
 // Runs the CPU kernel for the active ISA or the CUDA launcher, by t's device.

@@ -61,6 +61,12 @@ struct CopyBlocksParams {
 // k_start[s] = 0 when k_start is null. The key count is seq_lens[s]; on CUDA, with seq_lens
 // null, k_start[s + 1] - k_start[s], or max_seq_len without k_start. The CPU
 // kernel always reads block_table and seq_lens.
+//
+// The glue checks seq_lens and the table's ids on the host, except while a
+// CUDA graph is being captured (reading device memory would break the
+// capture): so the CUDA kernel itself keeps a sequence within its table's
+// max_blocks and reads an id outside [0, cache.num_blocks) as block 0. Bad
+// values then give wrong numbers, never a read outside the cache.
 struct PagedAttnParams {
   const void* q = nullptr;  // (num_seqs, heads, head_dim)
   int64_t q_seq_stride = 0, q_head_stride = 0;
@@ -74,7 +80,7 @@ struct PagedAttnParams {
   const void* value_cache = nullptr;
   CacheLayout cache;  // shared by key and value caches
   const int32_t* block_table = nullptr;  // (num_seqs, max_blocks)
-  int64_t block_table_stride = 0;
+  int64_t block_table_stride = 0, max_blocks = 0;
   const int32_t* seq_lens = nullptr;  // (num_seqs)
   const int32_t* k_start = nullptr;   // CUDA: (num_seqs + 1), cu_seqlens of the keys
   int64_t kv_seq_stride = 0;          // CUDA, keys in place: elements between sequences

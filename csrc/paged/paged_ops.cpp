@@ -64,7 +64,8 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at:
                     op, ": slot_mapping must be a contiguous (num_tokens,) = (", key.size(0), ",) tensor, got ",
                     slot_mapping.sizes());
   const int64_t num_slots = c.num_blocks * c.block_size;
-  if (slot_mapping.numel() > 0) {
+  // Not readable under CUDA graph capture: the kernel then skips such slots.
+  if (slot_mapping.numel() > 0 && !capturing_cuda_graph(key_cache)) {
     const int64_t hi = slot_mapping.max().item<int64_t>();
     TORCH_CHECK_INDEX(hi < num_slots, op, ": slot ", hi, " is out of range for a cache of ", num_slots,
                       " slots (negative slots mean padding)");
@@ -161,6 +162,28 @@ void swap_blocks(const at::Tensor& src, const at::Tensor& dst, const at::Tensor&
   dst.index_copy_(0, dst_ids, src.index_select(0, src_ids).to(dst.device(), /*non_blocking=*/true));
 }
 
+// Every sequence's length within its table row, and every block it uses a
+// block of the cache; returns the longest length. Reads both on the host.
+int64_t check_seq_lens_and_table(const char* op, const at::Tensor& seq_lens, const at::Tensor& block_table,
+                                 const CacheLayout& c) {
+  const at::Tensor lens_host = seq_lens.cpu(), table_host = block_table.cpu();  // no copy on CPU
+  const int32_t* lens = lens_host.data_ptr<int32_t>();
+  const int32_t* table = table_host.data_ptr<int32_t>();
+  const int64_t capacity = block_table.size(1) * c.block_size;
+  int64_t longest = 0;
+  for (int64_t s = 0; s < seq_lens.size(0); ++s) {
+    TORCH_CHECK_VALUE(lens[s] >= 1 && lens[s] <= capacity, op, ": seq_lens[", s, "] = ", lens[s],
+                      " must be in [1, ", capacity, "] (max_blocks x block_size)");
+    for (int64_t b = 0; b < (lens[s] + c.block_size - 1) / c.block_size; ++b) {
+      const int32_t id = table[s * table_host.stride(0) + b];  // the copy may be packed tighter
+      TORCH_CHECK_INDEX(id >= 0 && id < c.num_blocks, op, ": block_table[", s, ", ", b, "] = ", id,
+                        " is not a block of the cache [0, ", c.num_blocks, ")");
+    }
+    longest = std::max<int64_t>(longest, lens[s]);
+  }
+  return longest;
+}
+
 std::tuple<at::Tensor, at::Tensor> paged_attention(const at::Tensor& q, const at::Tensor& key_cache,
                                                    const at::Tensor& value_cache, const at::Tensor& block_table,
                                                    const at::Tensor& seq_lens, double softmax_scale,
@@ -194,22 +217,13 @@ std::tuple<at::Tensor, at::Tensor> paged_attention(const at::Tensor& q, const at
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && std::isfinite(softcap) && softcap >= 0.0, op,
                     ": softmax_scale must be finite and softcap >= 0");
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= 0 or -1");
+  TORCH_CHECK_VALUE(block_table.size(1) >= 1, op, ": block_table must have at least one column");
   // Every block a sequence uses must exist: never read outside the cache.
-  const at::Tensor lens_host = seq_lens.cpu(), table_host = block_table.cpu();  // no copy on CPU
-  const int32_t* lens = lens_host.data_ptr<int32_t>();
-  const int32_t* table = table_host.data_ptr<int32_t>();
-  int64_t longest = 0;
-  for (int64_t s = 0; s < seqs; ++s) {
-    TORCH_CHECK_VALUE(lens[s] >= 1 && lens[s] <= block_table.size(1) * c.block_size, op, ": seq_lens[", s,
-                      "] = ", lens[s], " must be in [1, ", block_table.size(1) * c.block_size,
-                      "] (max_blocks x block_size)");
-    for (int64_t b = 0; b < (lens[s] + c.block_size - 1) / c.block_size; ++b) {
-      const int32_t id = table[s * block_table.stride(0) + b];
-      TORCH_CHECK_INDEX(id >= 0 && id < c.num_blocks, op, ": block_table[", s, ", ", b, "] = ", id,
-                        " is not a block of the cache [0, ", c.num_blocks, ")");
-    }
-    longest = std::max<int64_t>(longest, lens[s]);
-  }
+  // Under CUDA graph capture the values can't be read here: the kernel keeps
+  // its reads in bounds instead (paged_attention.h) and the split plan is
+  // sized for full table rows.
+  int64_t longest = block_table.size(1) * c.block_size;
+  if (!capturing_cuda_graph(q)) longest = check_seq_lens_and_table(op, seq_lens, block_table, c);
   PagedAttnParams p;
   if (alibi_slopes.has_value()) {
     const at::Tensor& a = *alibi_slopes;
@@ -229,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor> paged_attention(const at::Tensor& q, const at
   p.cache = c;
   p.block_table = block_table.data_ptr<int32_t>();
   p.block_table_stride = block_table.stride(0);
+  p.max_blocks = block_table.size(1);
   p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();

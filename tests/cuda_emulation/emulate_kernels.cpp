@@ -126,8 +126,9 @@ void run_flash() {
     table = read_array<int32_t>("block_table");
     p.block_table = table.data();
     p.block_size = cfg("block_size");
-    p.block_table_stride = static_cast<int64_t>(table.size()) / batch;
+    p.block_table_stride = p.block_table_cols = static_cast<int64_t>(table.size()) / batch;
     p.k.batch_stride = p.v.batch_stride = p.block_size * heads_k * D;
+    p.num_blocks = static_cast<int64_t>(k.size()) / p.k.batch_stride;
   }
   const int64_t q_elems = static_cast<int64_t>(q.size());
   std::vector<T> out(q_elems, cuda::from_float<T>(NAN));  // poisoned
@@ -164,21 +165,31 @@ void run_flash() {
   write_floats("dv", to_f32(dv));
 }
 
+// `guard` NaN elements, the values, `guard` NaN elements.
+template <class T>
+std::vector<T> guarded(const std::vector<float>& values, int64_t guard) {
+  std::vector<T> out(values.size() + 2 * guard, cuda::from_float<T>(NAN));
+  for (size_t i = 0; i < values.size(); ++i) out[guard + i] = cuda::from_float<T>(values[i]);
+  return out;
+}
+
 template <class T>
 void run_paged_decode() {
   const int64_t seqs = cfg("num_seqs"), heads = cfg("heads"), heads_k = cfg("heads_k"), D = cfg("head_dim");
   const int64_t block_size = cfg("block_size");
-  std::vector<T> q = to_dtype<T>(read_array<float>("q")), kc = to_dtype<T>(read_array<float>("k")),
-                 vc = to_dtype<T>(read_array<float>("v"));
+  // guard_blocks NaN blocks on each side of the caches: a read outside them shows as NaN.
+  const int64_t block_elems = block_size * heads_k * D, guard = cfg_or("guard_blocks", 0) * block_elems;
+  std::vector<T> q = to_dtype<T>(read_array<float>("q")), kc = guarded<T>(read_array<float>("k"), guard),
+                 vc = guarded<T>(read_array<float>("v"), guard);
   std::vector<int32_t> table = read_array<int32_t>("block_table"), lens = read_array<int32_t>("seq_lens");
   std::vector<float> alibi;
   PagedAttnParams p;
   p.q = q.data();
   p.q_seq_stride = heads * D;
   p.q_head_stride = D;
-  p.key_cache = kc.data();
-  p.value_cache = vc.data();
-  p.cache.num_blocks = static_cast<int64_t>(kc.size()) / (block_size * heads_k * D);
+  p.key_cache = kc.data() + guard;
+  p.value_cache = vc.data() + guard;
+  p.cache.num_blocks = static_cast<int64_t>(kc.size() - 2 * guard) / block_elems;
   p.cache.block_size = block_size;
   p.cache.heads_k = heads_k;
   p.cache.head_dim = D;
@@ -186,11 +197,12 @@ void run_paged_decode() {
   p.cache.pos_stride = heads_k * D;
   p.cache.head_stride = D;
   p.block_table = table.data();
-  p.block_table_stride = static_cast<int64_t>(table.size()) / seqs;
+  p.block_table_stride = p.max_blocks = static_cast<int64_t>(table.size()) / seqs;
   p.seq_lens = lens.data();
   p.num_seqs = seqs;
   p.heads = heads;
-  p.max_seq_len = *std::max_element(lens.begin(), lens.end());
+  // The glue's plan: the longest sequence, or (graph capture) the table's capacity.
+  p.max_seq_len = cfg_or("max_seq_len", *std::max_element(lens.begin(), lens.end()));
   p.scale = static_cast<float>(config["scale"]);
   p.softcap = static_cast<float>(config["softcap"]);
   p.window_left = cfg("window_left");
@@ -438,10 +450,14 @@ template <class T>
 void run_cache_ops() {
   const int64_t tokens = cfg("tokens"), heads_k = cfg("heads_k"), D = cfg("head_dim"), bs = cfg("block_size");
   std::vector<T> key = to_dtype<T>(read_array<float>("key")), value = to_dtype<T>(read_array<float>("value"));
-  std::vector<T> kc = to_dtype<T>(read_array<float>("key_cache")), vc = to_dtype<T>(read_array<float>("value_cache"));
+  // One NaN block on each side of the caches, written out with them: a write
+  // outside the cache shows there.
+  const int64_t guard = bs * heads_k * D;
+  std::vector<T> kc = guarded<T>(read_array<float>("key_cache"), guard),
+                 vc = guarded<T>(read_array<float>("value_cache"), guard);
   std::vector<int64_t> slots = read_array<int64_t>("slots"), mapping = read_array<int64_t>("mapping");
   CacheLayout c;
-  c.num_blocks = static_cast<int64_t>(kc.size()) / (bs * heads_k * D);
+  c.num_blocks = static_cast<int64_t>(kc.size() - 2 * guard) / (bs * heads_k * D);
   c.block_size = bs;
   c.heads_k = heads_k;
   c.head_dim = D;
@@ -453,8 +469,8 @@ void run_cache_ops() {
   r.value = value.data();
   r.key_token_stride = r.value_token_stride = heads_k * D;
   r.key_head_stride = r.value_head_stride = D;
-  r.key_cache = kc.data();
-  r.value_cache = vc.data();
+  r.key_cache = kc.data() + guard;
+  r.value_cache = vc.data() + guard;
   r.cache = c;
   r.slot_mapping = slots.data();
   r.num_tokens = tokens;
@@ -463,7 +479,7 @@ void run_cache_ops() {
   write_floats("key_cache_written", to_f32(kc));
   write_floats("value_cache_written", to_f32(vc));
   // Then copy blocks (src, dst pairs) in both caches.
-  void* caches[2] = {kc.data(), vc.data()};
+  void* caches[2] = {kc.data() + guard, vc.data() + guard};
   CopyBlocksParams b;
   b.caches = caches;
   b.num_caches = 2;

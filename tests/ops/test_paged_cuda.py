@@ -98,6 +98,49 @@ def test_copy_and_swap_round_trip(d):
         assert torch.equal(t[[3, 5]], b[[3, 5]])
 
 
+def test_decode_step_replays_from_a_cuda_graph():
+    """A decode step (cache write, then paged attention) captured once and
+    replayed with new tokens and lengths, as a server replays its decode
+    graphs. While capturing, the glue reads nothing on the host."""
+    block, heads, kv_heads, d = 16, 8, 2, 128
+    k, v, table, lens = random_cache([37, 300, 5], block, kv_heads, d, torch.bfloat16, device=DEV)
+    capacity = table.shape[1] * block
+    q = torch.empty(3, heads, d, device=DEV, dtype=torch.bfloat16)
+    key, value = (torch.empty(3, kv_heads, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    slots = torch.empty(3, dtype=torch.int64, device=DEV)
+
+    def fill(new_lens):  # the next token of every sequence, written at position len - 1
+        for t in (q, key, value):
+            t.copy_(torch.randn_like(t))
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        slot = [int(table[s, (n - 1) // block]) * block + (n - 1) % block for s, n in enumerate(new_lens)]
+        slots.copy_(torch.tensor(slot))
+
+    def step():
+        torchkiln.ops.paged.reshape_and_cache(key, value, k, v, slots)
+        return torchkiln.paged_attention(q, k, v, table, lens, return_lse=True)
+
+    fill([37, 300, 5])
+    side = torch.cuda.Stream()  # warm up off the capturing stream, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    for new_lens in ([38, 301, 6], [1, capacity, 17]):
+        fill(new_lens)
+        kc, vc = k.clone(), v.clone()
+        graph.replay()
+        torchkiln.ops.paged.reshape_and_cache(key, value, kc, vc, slots)
+        assert torch.equal(kc, k) and torch.equal(vc, v)
+        ref, ref_lse = paged_attention_ref(q.double(), kc, vc, table, lens)
+        low, _ = paged_attention_ref(q, kc, vc, table, lens)
+        assert_within_rule(out, ref, low, what=f"replay with lengths {new_lens}")
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-3)
+
+
 def test_opcheck_and_compile():
     k, v, table, lens = random_cache([20, 3], 8, 2, 32, torch.bfloat16, device=DEV)
     q = torch.randn(2, 4, 32, device=DEV).bfloat16()

@@ -13,7 +13,9 @@ template <class Word>
 __global__ void reshape_and_cache_kernel(const ReshapeAndCacheParams p) {
   const int64_t t = blockIdx.x;
   const int64_t slot = p.slot_mapping[t];
-  if (slot < 0) return;  // padding token
+  // Negative: a padding token. Past the cache: only possible unchecked, under
+  // CUDA graph capture (see the glue); never written.
+  if (slot < 0 || slot >= p.cache.num_blocks * p.cache.block_size) return;
   const int64_t block = slot / p.cache.block_size, offset = slot % p.cache.block_size;
   const int64_t dst0 = block * p.cache.block_stride + offset * p.cache.pos_stride;
   const Word* key = static_cast<const Word*>(p.key);

@@ -58,9 +58,13 @@ __device__ __forceinline__ int64_t query_row(const PagedAttnParams& p, int s) {
   return p.q_start != nullptr ? p.q_start[s] : 0;
 }
 __device__ __forceinline__ int key_count(const PagedAttnParams& p, int s) {
-  return p.seq_lens != nullptr   ? p.seq_lens[s]
-         : p.k_start != nullptr ? p.k_start[s + 1] - p.k_start[s]
-                                : static_cast<int>(p.max_seq_len);
+  const int len = p.seq_lens != nullptr   ? p.seq_lens[s]
+                  : p.k_start != nullptr ? p.k_start[s + 1] - p.k_start[s]
+                                         : static_cast<int>(p.max_seq_len);
+  if (p.block_table == nullptr) return len;
+  // Possibly unchecked (graph capture): never past the sequence's table row.
+  const int64_t capacity = p.max_blocks * p.cache.block_size;
+  return len < 0 ? 0 : static_cast<int>(len < capacity ? len : capacity);
 }
 __device__ __forceinline__ int64_t key_base(const PagedAttnParams& p, int s) {
   return s * p.kv_seq_stride + (p.k_start != nullptr ? p.k_start[s] : 0) * p.cache.pos_stride;
@@ -69,7 +73,8 @@ __device__ __forceinline__ int64_t key_base(const PagedAttnParams& p, int s) {
 // Element offset of key j, kv head hk; base = key_base(p, s).
 __device__ __forceinline__ int64_t cache_row(const PagedAttnParams& p, int64_t base, int s, int j, int hk) {
   if (p.block_table == nullptr) return base + j * p.cache.pos_stride + hk * p.cache.head_stride;
-  const int64_t block = p.block_table[s * p.block_table_stride + j / p.cache.block_size];
+  int64_t block = p.block_table[s * p.block_table_stride + j / p.cache.block_size];
+  if (block < 0 || block >= p.cache.num_blocks) block = 0;  // possibly unchecked (graph capture): stay in the cache
   return block * p.cache.block_stride + (j % p.cache.block_size) * p.cache.pos_stride + hk * p.cache.head_stride;
 }
 
