@@ -159,7 +159,11 @@ void swap_blocks(const at::Tensor& src, const at::Tensor& dst, const at::Tensor&
   const at::Tensor m = block_mapping.contiguous();
   const at::Tensor src_ids = m.select(1, 0).to(src.device());
   const at::Tensor dst_ids = m.select(1, 1).to(dst.device());
-  dst.index_copy_(0, dst_ids, src.index_select(0, src_ids).to(dst.device(), /*non_blocking=*/true));
+  // Into host memory the copy must be blocking: a non-blocking device-to-host
+  // copy returns before the data lands, and index_copy_ on the CPU would run
+  // at once on what is not there yet. Into a GPU it is ordered on the stream.
+  const bool to_host = dst.is_cpu();
+  dst.index_copy_(0, dst_ids, src.index_select(0, src_ids).to(dst.device(), /*non_blocking=*/!to_host));
 }
 
 // Every sequence's length within its table row, and every block it uses a

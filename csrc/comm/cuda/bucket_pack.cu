@@ -15,9 +15,10 @@ using cuda::to_float;
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1024;
 
+// src and dst may be one buffer (a bucket of gradient views scaled in place):
+// not __restrict__; each element is read and written by one thread.
 template <class S, class B>
-__global__ void pack_kernel(const S* __restrict__ src, B* __restrict__ dst, float* __restrict__ residual,
-                            int64_t n, float scale) {
+__global__ void pack_kernel(const S* src, B* dst, float* __restrict__ residual, int64_t n, float scale) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float v = src ? to_float(src[i]) * scale : 0.0f;
