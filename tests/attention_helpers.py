@@ -48,10 +48,11 @@ def random_cache(seq_lens, block_size, kv_heads, d, dtype, spare=3, device="cpu"
     k = torch.randn(num_blocks, block_size, kv_heads, d, device=device).to(dtype)
     v = torch.randn(num_blocks, block_size, kv_heads, d, device=device).to(dtype)
     perm = torch.randperm(num_blocks).tolist()
-    table = torch.zeros(len(seq_lens), max(need), dtype=torch.int32)
+    width = max(1, *need)  # a table has a column even when no sequence needs one
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
     for s, n in enumerate(need):
         for b in range(n):
             table[s, b] = perm.pop()
-    wide = torch.full((len(seq_lens), max(need) + 2), -7, dtype=torch.int32)
-    wide[:, : max(need)] = table
-    return k, v, wide.to(device)[:, : max(need)], torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    wide = torch.full((len(seq_lens), width + 2), -7, dtype=torch.int32)
+    wide[:, :width] = table
+    return k, v, wide.to(device)[:, :width], torch.tensor(seq_lens, dtype=torch.int32, device=device)

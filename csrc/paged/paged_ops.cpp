@@ -176,8 +176,8 @@ int64_t check_seq_lens_and_table(const char* op, const at::Tensor& seq_lens, con
   const int64_t capacity = block_table.size(1) * c.block_size;
   int64_t longest = 0;
   for (int64_t s = 0; s < seq_lens.size(0); ++s) {
-    TORCH_CHECK_VALUE(lens[s] >= 1 && lens[s] <= capacity, op, ": seq_lens[", s, "] = ", lens[s],
-                      " must be in [1, ", capacity, "] (max_blocks x block_size)");
+    TORCH_CHECK_VALUE(lens[s] >= 0 && lens[s] <= capacity, op, ": seq_lens[", s, "] = ", lens[s],
+                      " must be in [0, ", capacity, "] (max_blocks x block_size)");
     for (int64_t b = 0; b < (lens[s] + c.block_size - 1) / c.block_size; ++b) {
       const int32_t id = table[s * table_host.stride(0) + b];  // the copy may be packed tighter
       TORCH_CHECK_INDEX(id >= 0 && id < c.num_blocks, op, ": block_table[", s, ", ", b, "] = ", id,

@@ -325,6 +325,7 @@ DECODE = [  # (seq_lens, block_size, heads, heads_k, d, dtype, emulated SMs, opt
     ([77, 130], 32, 32, 2, 128, torch.float16, 132, {"softcap": 5.0}),  # 16 heads per kv head: two head groups
     ([200, 3], 16, 4, 2, 96, torch.bfloat16, 132, {"alibi": True, "window": 70}),  # window skips whole chunks
     ([300, 5], 16, 4, 2, 64, torch.bfloat16, 132, {"window": 2**40 + 5}),  # beyond 32 bits: no window
+    ([0, 90, 0], 16, 4, 2, 64, torch.bfloat16, 132, {}),  # length 0 (batch padding): zeros, lse +inf
 ]
 
 

@@ -25,6 +25,8 @@ CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
     ([70, 5], 16, 4, 2, 192),  # P V: register blocks of head_dim plus a remainder in L1
     ([23, 70], 16, 8, 2, 72),  # groups of 4 heads: 4 x 4 scores with a partial last vector, then pairs
     ([37, 130], 16, 16, 2, 96),  # groups of 8: bf16 takes the vdpbf16ps loops (odd key counts, d % 64 != 0)
+    ([0, 17, 0, 100], 16, 4, 2, 64),  # length 0: padding entries of a decode batch (zeros, lse +inf)
+    ([0, 0], 16, 4, 2, 64),  # no keys anywhere
 ]
 
 
@@ -136,10 +138,10 @@ def test_bad_inputs():
     bad_table[0, 1] = 99
     with pytest.raises(IndexError, match=r"block_table\[0, 1\] = 99 is not a block of the cache"):
         pa(q, k, v, bad_table, lens)
-    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 100 must be in \[1, 24\]"):
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 100 must be in \[0, 24\]"):
         pa(q, k, v, table, torch.tensor([100, 3], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 0 must be in"):
-        pa(q, k, v, table, torch.tensor([20, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = -1 must be in"):
+        pa(q, k, v, table, torch.tensor([20, -1], dtype=torch.int32))
     with pytest.raises(TypeError, match="key_cache must have the same dtype as q"):
         pa(q.bfloat16(), k, v, table, lens)
     with pytest.raises(TypeError, match="block_table and seq_lens must be int32"):

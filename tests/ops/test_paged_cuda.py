@@ -29,6 +29,8 @@ CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
     ([9, 40], 16, 6, 1, 40),  # MQA, odd head_dim (a multiple of 8)
     ([700, 3000, 12], 16, 64, 4, 256),  # 16 query heads per kv head: two head groups per block row
     ([32768], 16, 32, 8, 128),  # 32k context: many splits and the combine kernel
+    ([0, 17, 0, 100], 16, 4, 2, 64),  # length 0: padding entries of a decode batch (zeros, lse +inf)
+    ([0, 0], 16, 4, 2, 64),  # no keys anywhere: still one split
 ]
 
 
@@ -172,7 +174,7 @@ def test_bad_inputs():
     bad[0, 1] = 99
     with pytest.raises(IndexError, match=r"block_table\[0, 1\] = 99 is not a block of the cache"):
         torchkiln.paged_attention(q, k, v, bad, lens)
-    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 40 must be in \[1, 24\]"):
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 40 must be in \[0, 24\]"):
         torchkiln.paged_attention(q, k, v, table, torch.tensor([20, 40], dtype=torch.int32, device=DEV))
     with pytest.raises(RuntimeError, match="key_cache must be on the same device as q"):
         torchkiln.paged_attention(q.cpu(), k, v, table, lens)

@@ -258,7 +258,9 @@ void paged_attention_cuda_plan(PagedAttnParams& p) {
   int64_t chunk = kMaxChunk;
   while (chunk > 64 && base_blocks * ((p.max_seq_len + chunk - 1) / chunk) < 2 * sms) chunk /= 2;
   p.split_chunk = chunk;
-  p.num_splits = (p.max_seq_len + chunk - 1) / chunk;
+  // At least one split: with no keys anywhere (every length 0) each query
+  // still gets its output (zeros, lse +inf).
+  p.num_splits = std::max<int64_t>(1, (p.max_seq_len + chunk - 1) / chunk);
 }
 
 void paged_attention_cuda(const PagedAttnParams& p, CUstream_st* stream) {

@@ -53,8 +53,9 @@ def paged_attention(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Decode attention: q (num_seqs, heads, head_dim), one new token per
     sequence at position seq_len - 1, over its seq_lens cached tokens found
-    through block_table (int32 (num_seqs, max_blocks); seq_lens int32).
-    GQA when heads is a multiple of the cache's kv heads. The context is split
+    through block_table (int32 (num_seqs, max_blocks); seq_lens int32). A
+    length of 0 (a padding entry of a fixed-size decode batch) gives zeros
+    and an lse of +inf. GQA when heads is a multiple of the cache's kv heads. The context is split
     across threads (Flash-Decoding) when there are few sequences. Returns out
     (num_seqs, heads, head_dim) and with ``return_lse`` the fp32 lse."""
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
