@@ -23,7 +23,8 @@ _ops = torch.ops.torchkiln
 def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor) -> None:
     """Writes key/value (num_tokens, num_kv_heads, head_dim) into cache slots
     ``block * block_size + offset`` (int64 slot_mapping; a negative slot is
-    padding and skipped; a slot past the cache raises IndexError)."""
+    padding and skipped; a slot past the cache raises IndexError, except
+    under CUDA graph capture, where it is skipped unchecked)."""
     _ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
