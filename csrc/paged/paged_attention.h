@@ -48,13 +48,13 @@ struct CopyBlocksParams {
 // flash_attn_fwd (attention/flash_attn.h). flash_attn's forward also runs
 // here for few queries (CPU) or one query (CUDA) per sequence.
 //
-// Query rows: a sequence may have several (CPU only), aligned bottom-right
+// Query rows: a sequence may have several (CUDA: up to kMaxDecodeRowsCuda), aligned bottom-right
 // as in flash_attn. Row r of R is the query at position diag = seq_len - R +
 // r and sees keys [diag - window_left, diag + window_right] of [0,
 // seq_len). Row r of sequence s is token t = r + (q_start ? q_start[s] : 0):
 // q at s * q_seq_stride + t * q_row_stride + h * q_head_stride, out and lse
-// at the same with their own strides (packed rows have seq strides 0). On
-// CUDA a sequence has one row, or none when q_start says so.
+// at the same with their own strides (packed rows have seq strides 0). With
+// q_start a sequence may have fewer rows than max_rows, or none.
 //
 // Keys: through block_table, or (CUDA only, block_table null) in place: key
 // j of sequence s at s * kv_seq_stride + (k_start[s] + j) * pos_stride, with
@@ -92,8 +92,9 @@ struct PagedAttnParams {
   const float* alibi_slopes = nullptr;  // (heads), or (num_seqs, heads) with alibi_seq_stride
   DType dtype = DType::kFloat32;
   // CUDA split-KV: num_splits chunks of split_chunk keys per sequence, their
-  // normalised fp32 partial outputs (num_seqs, heads, num_splits, head_dim)
-  // and lse (num_seqs, heads, num_splits) combined by a second kernel.
+  // normalised fp32 partial outputs (num_seqs, max_rows, heads, num_splits,
+  // head_dim) and lse (num_seqs, max_rows, heads, num_splits) combined by a
+  // second kernel.
   int64_t num_splits = 1, split_chunk = 0;
   float* partial_out = nullptr;
   float* partial_lse = nullptr;
@@ -103,9 +104,12 @@ TK_DECLARE_CPU_KERNEL(void, reshape_and_cache, const ReshapeAndCacheParams&)
 TK_DECLARE_CPU_KERNEL(void, copy_blocks, const CopyBlocksParams&)
 TK_DECLARE_CPU_KERNEL(void, paged_attention, const PagedAttnParams&)
 
-// CUDA (head_dim a multiple of 8; every dtype). The decode plan fills
+// CUDA (head_dim a multiple of 8; every dtype; up to kMaxDecodeRowsCuda
+// query rows per sequence, each K/V row read once for all of them and all
+// query heads of its group). The decode plan fills
 // num_splits / split_chunk; the caller provides the partial buffers when
 // num_splits > 1.
+constexpr int64_t kMaxDecodeRowsCuda = 8;
 void reshape_and_cache_cuda(const ReshapeAndCacheParams& p, CUstream_st* stream);
 void copy_blocks_cuda(const CopyBlocksParams& p, CUstream_st* stream);
 void paged_attention_cuda_plan(PagedAttnParams& p);

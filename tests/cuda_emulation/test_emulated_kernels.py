@@ -248,43 +248,49 @@ def test_flash_chunked_prefill_through_block_table(emulator, tmp_path):
         assert_within_rule(out[qs][None], ref, low, what=f"sequence {s}")
 
 
-ONE_QUERY = [  # (batch, sk, heads, heads_k, d, dtype, emulated SMs, options): flash_attn_func, seqlen_q = 1
-    (3, 700, 8, 2, 128, torch.bfloat16, 132, dict(causal=True)),  # split over the keys, then combined
-    (2, 301, 4, 4, 64, torch.float16, 132, dict(alibi=True, window_size=(100, 0), softcap=4.0)),
-    (2, 90, 16, 1, 96, torch.bfloat16, 1, dict(window_size=(-1, 3))),  # one SM: one chunk, written directly
+FEW_QUERIES = [  # (batch, sq, sk, heads, heads_k, d, dtype, emulated SMs, options): flash_attn_func
+    (3, 1, 700, 8, 2, 128, torch.bfloat16, 132, dict(causal=True)),  # split over the keys, then combined
+    (2, 1, 301, 4, 4, 64, torch.float16, 132, dict(alibi=True, window_size=(100, 0), softcap=4.0)),
+    (2, 1, 90, 16, 1, 96, torch.bfloat16, 1, dict(window_size=(-1, 3))),  # one SM: one chunk, written directly
+    # Speculative decoding: rows x heads of a group are the kernel's query vectors.
+    (2, 4, 500, 8, 2, 64, torch.bfloat16, 132, dict(causal=True)),  # 16 vectors: two blocks per kv head
+    (3, 8, 300, 4, 4, 64, torch.float16, 132, dict(alibi=True, window_size=(7, 2), softcap=4.0)),  # MHA, 8 rows
+    (2, 5, 3, 4, 2, 128, torch.bfloat16, 132, dict(causal=True)),  # more rows than keys: the first see none
 ]
 
 
-@pytest.mark.parametrize("batch,sk,heads,heads_k,d,dtype,sms,kw", ONE_QUERY, ids=str)
-def test_flash_one_query_runs_as_decode(emulator, tmp_path, batch, sk, heads, heads_k, d, dtype, sms, kw):
-    """One query per sequence goes through the paged decode kernel with the
-    keys in place; the flash backward then works from its out and lse."""
-    q = (2 * torch.randn(batch, 1, heads, d)).to(dtype)
+@pytest.mark.parametrize("batch,sq,sk,heads,heads_k,d,dtype,sms,kw", FEW_QUERIES, ids=str)
+def test_flash_few_queries_run_as_decode(emulator, tmp_path, batch, sq, sk, heads, heads_k, d, dtype, sms, kw):
+    """A few queries per sequence go through the paged decode kernel with the
+    keys in place, each row with its own causal limit, window and ALiBi
+    distance; the flash backward then works from its out and lse."""
+    q = (2 * torch.randn(batch, sq, heads, d)).to(dtype)
     k, v = (torch.randn(batch, sk, heads_k, d).to(dtype) for _ in range(2))
     dout = torch.randn(q.shape).to(dtype)
     kw = dict(kw)
     alibi = torch.rand(batch, heads) if kw.pop("alibi", False) else None  # per sequence
     ref_kw = dict(kw, alibi_slopes=alibi)
     cfg = flash_config(q, k, varlen=False, causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)),
-                       softcap=kw.get("softcap", 0.0), alibi=alibi, batch=batch, seqlen_q=1, seqlen_k=sk)
+                       softcap=kw.get("softcap", 0.0), alibi=alibi, batch=batch, seqlen_q=sq, seqlen_k=sk)
     arrays = dict(q=q, k=k, v=v, dout=dout) | ({"alibi": alibi} if alibi is not None else {})
     res = run(emulator, tmp_path, cfg, arrays, sms=sms)
-    assert (res["workspace"].item() > 0) == (sms > 1), "split over the keys exactly when the GPU has room"
+    # Split over the keys exactly when the GPU has room and there is more than one 64-key chunk.
+    assert (res["workspace"].item() > 0) == (sms > 1 and sk > 64)
     ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), **ref_kw)
     low, _ = attention_ref(q, k, v, **ref_kw)
     assert_within_rule(res["out"].view(q.shape), ref, low, what="out")
-    torch.testing.assert_close(res["lse"].view(batch, heads, 1).double(), ref_lse, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(res["lse"].view(batch, heads, sq).double(), ref_lse, rtol=1e-4, atol=1e-3)
     for name, r, lo, t in zip(("dq", "dk", "dv"), grads64(q, k, v, dout, **ref_kw),
                               grads_lowp(q, k, v, dout, **ref_kw), (q, k, v)):
         assert_within_rule(res[name].view(t.shape), r, lo.double(), factor=3.0, what=name)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["packed", "block_table"])
-def test_flash_varlen_one_query_runs_as_decode(emulator, tmp_path, paged):
-    """Packed batches of 0 or 1 query per sequence, keys packed or paged,
-    including a sequence without keys (zeros, lse +inf) and one without a
-    query (nothing of it is written)."""
-    lens_q, lens_k = [1, 0, 1, 1, 1], [600, 7, 1, 0, 129]
+def test_flash_varlen_few_queries_run_as_decode(emulator, tmp_path, paged):
+    """Packed batches of 0 to 3 queries per sequence, keys packed or paged,
+    including a sequence without keys (zeros, lse +inf), one with more
+    queries than keys, and one without a query (nothing of it is written)."""
+    lens_q, lens_k = [1, 0, 3, 2, 1, 2], [600, 7, 2, 0, 129, 300]
     heads, heads_k, d, block = 6, 2, 64, 16
     dtype = torch.bfloat16
     q = torch.randn(sum(lens_q), heads, d).to(dtype)
@@ -299,24 +305,24 @@ def test_flash_varlen_one_query_runs_as_decode(emulator, tmp_path, paged):
         seq_k = [k[int(cu_k[s]):int(cu_k[s + 1])] for s in range(len(lens_k))]
         seq_v = [v[int(cu_k[s]):int(cu_k[s + 1])] for s in range(len(lens_k))]
         extra, arrays = dict(total_k=k.shape[0]), {}
-    cfg = flash_config(q, k, varlen=True, causal=True, backward=False, batch=len(lens_q), seqlen_q=1,
+    cfg = flash_config(q, k, varlen=True, causal=True, backward=False, batch=len(lens_q), seqlen_q=max(lens_q),
                        seqlen_k=max(lens_k), total_q=q.shape[0], **extra)
     res = run(emulator, tmp_path, cfg, dict(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k, **arrays))
     assert res["workspace"].item() > 0
     out, lse = res["out"].view(q.shape), res["lse"].view(heads, q.shape[0])
     assert not out.isnan().any() and not lse.isnan().any(), "every query row written"
     for s in range(len(lens_q)):
+        rows = slice(int(cu_q[s]), int(cu_q[s + 1]))
         if lens_q[s] == 0:
             continue
-        row = int(cu_q[s])
         if lens_k[s] == 0:
-            assert (out[row] == 0).all() and (lse[:, row] == math.inf).all()
+            assert (out[rows] == 0).all() and (lse[:, rows] == math.inf).all()
             continue
-        seq = (q[row:row + 1][None], seq_k[s][None], seq_v[s][None])
+        seq = (q[rows][None], seq_k[s][None], seq_v[s][None])
         ref, ref_lse = attention_ref(*(t.double() for t in seq), causal=True)
         low, _ = attention_ref(*seq, causal=True)
-        assert_within_rule(out[row:row + 1][None], ref, low, what=f"sequence {s}")
-        torch.testing.assert_close(lse[:, row].double(), ref_lse.view(heads), rtol=1e-4, atol=1e-3)
+        assert_within_rule(out[rows][None], ref, low, what=f"sequence {s}")
+        torch.testing.assert_close(lse[:, rows].double(), ref_lse[0], rtol=1e-4, atol=1e-3)
 
 
 DECODE = [  # (seq_lens, block_size, heads, heads_k, d, dtype, emulated SMs, options)

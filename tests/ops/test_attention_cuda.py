@@ -115,16 +115,19 @@ def test_varlen(dtype, causal):
 
 
 @pytest.mark.parametrize(
-    "batch,sk,heads,kw",
-    [(1, 20000, (32, 8), dict(causal=True)),  # one long sequence: split over the keys
-     (5, 777, (16, 2), dict(alibi_slopes="batch", window_size=(300, 0), softcap=8.0)),
-     (3, 64, (4, 4), dict(window_size=(-1, 5)))],
-    ids=["long", "options", "short"],
+    "batch,sq,sk,heads,kw",
+    [(1, 1, 20000, (32, 8), dict(causal=True)),  # one long sequence: split over the keys
+     (5, 1, 777, (16, 2), dict(alibi_slopes="batch", window_size=(300, 0), softcap=8.0)),
+     (3, 1, 64, (4, 4), dict(window_size=(-1, 5))),
+     (4, 4, 3000, (32, 8), dict(causal=True)),  # speculative decoding: 4 rows x 4 heads per kv head
+     (2, 8, 900, (8, 8), dict(alibi_slopes="batch", window_size=(100, 3))),
+     (2, 6, 4, (4, 2), dict(causal=True))],  # more rows than keys: the first see none
+    ids=["long", "options", "short", "spec4", "spec8-options", "spec-few-keys"],
 )
-def test_one_query_per_sequence(batch, sk, heads, kw):
-    """seqlen_q = 1 runs through the paged decode kernel with the keys in
-    place; the backward then works from its out and lse."""
-    q, k, v = qkv(batch, 1, sk, *heads, 128, torch.bfloat16, device=DEV)
+def test_few_queries_per_sequence(batch, sq, sk, heads, kw):
+    """Up to 8 queries per sequence run through the paged decode kernel with
+    the keys in place; the backward then works from its out and lse."""
+    q, k, v = qkv(batch, sq, sk, *heads, 128, torch.bfloat16, device=DEV)
     if kw.get("alibi_slopes") == "batch":
         kw = dict(kw, alibi_slopes=torch.rand(batch, heads[0], device=DEV))
     check(q, k, v, **kw)
@@ -135,8 +138,8 @@ def test_one_query_per_sequence(batch, sk, heads, kw):
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["packed", "block_table"])
-def test_varlen_one_query_per_sequence(paged):
-    lens_q, lens_k = [1, 0, 1, 1, 1], [3000, 7, 1, 0, 129]
+def test_varlen_few_queries_per_sequence(paged):
+    lens_q, lens_k = [1, 0, 3, 2, 1, 4], [3000, 7, 2, 0, 129, 500]
     heads, heads_k, d, block = 8, 2, 128, 16
     q = torch.randn(sum(lens_q), heads, d, device=DEV).bfloat16()
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
@@ -149,20 +152,20 @@ def test_varlen_one_query_per_sequence(paged):
         seq_kv = [(k[int(cu_k[s]):int(cu_k[s + 1])], v[int(cu_k[s]):int(cu_k[s + 1])]) for s in range(len(lens_k))]
         extra = {}
     poison_allocator(q)
-    out, lse = torchkiln.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, max(lens_k), causal=True, return_lse=True,
-                                                **extra)
+    out, lse = torchkiln.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
+                                                return_lse=True, **extra)
     for s in range(len(lens_q)):
+        rows = slice(int(cu_q[s]), int(cu_q[s + 1]))
         if lens_q[s] == 0:
             continue
-        row = int(cu_q[s])
         if lens_k[s] == 0:
-            assert (out[row] == 0).all() and (lse[:, row] == float("inf")).all()
+            assert (out[rows] == 0).all() and (lse[:, rows] == float("inf")).all()
             continue
-        seq = (q[row:row + 1][None], seq_kv[s][0][None], seq_kv[s][1][None])
+        seq = (q[rows][None], seq_kv[s][0][None], seq_kv[s][1][None])
         ref, ref_lse = attention_ref(*(to64(t) for t in seq), causal=True)
         low, _ = attention_ref(*seq, causal=True)
-        assert_within_rule(out[row:row + 1][None], ref, low, what=f"sequence {s}")
-        torch.testing.assert_close(lse[:, row], ref_lse.view(heads).float(), rtol=1e-4, atol=1e-3)
+        assert_within_rule(out[rows][None], ref, low, what=f"sequence {s}")
+        torch.testing.assert_close(lse[:, rows], ref_lse[0].float(), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])

@@ -1,7 +1,8 @@
 // Entry points of the CUDA attention kernels: validate what the kernels
 // assume (the glue guarantees it; these are our own invariants), send
-// one-query batches to the paged decode kernel, and pick the head_dim
+// few-query batches to the paged decode kernel, and pick the head_dim
 // instantiation.
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -20,32 +21,42 @@ void check_kernel_params(const FlashAttnParams& p) {
     throw std::invalid_argument("torchkiln: CUDA attention supports at most 65535 sequences and 65535 heads");
 }
 
-// At most one query per sequence, at its last position: flash_attn's masks
-// become the decode kernel's (no key lies right of the query, so only the
-// left window hides any). The kernel reads K and V through one layout.
+// A few queries per sequence (decode, speculative decoding): the decode
+// kernel reads each K/V row once for all of them and all query heads of a
+// GQA group, where the flash kernels read it once per query head and fill
+// 128-row tiles with a handful of rows. Up to 16 query vectors (rows x heads
+// of a group) per kv head keep it memory-bound: 16 FMAs per key element
+// read, under an H200's ~13 fp32 FLOP per byte of bandwidth. (Not yet timed
+// on a GPU.) The kernel reads K and V through one layout.
+constexpr int64_t kDecodeVectorsPerKvHead = 16;
 bool runs_as_decode(const FlashAttnParams& p) {
-  return p.seqlen_q == 1 && p.seqlen_k >= 1 && p.k.batch_stride == p.v.batch_stride &&
-         p.k.row_stride == p.v.row_stride && p.k.head_stride == p.v.head_stride;
+  const int64_t group = p.heads / p.heads_k;
+  const bool few_vectors = p.seqlen_q * group <= std::max(group, kDecodeVectorsPerKvHead);  // one row always
+  return p.seqlen_q >= 1 && p.seqlen_q <= kMaxDecodeRowsCuda && few_vectors && p.seqlen_k >= 1 &&
+         p.k.batch_stride == p.v.batch_stride && p.k.row_stride == p.v.row_stride &&
+         p.k.head_stride == p.v.head_stride;
 }
 
 // The decode kernel's view of the batch, planned for this GPU: packed keys
 // (varlen) lie at cu_seqlens_k offsets, fixed batches at the batch stride.
 PagedAttnParams decode_params(const FlashAttnParams& p) {
   PagedAttnParams d = decode_params_of(p);
+  d.max_rows = p.seqlen_q;
   if (p.block_table == nullptr) d.kv_seq_stride = p.cu_seqlens_k != nullptr ? 0 : p.k.batch_stride;
   d.k_start = p.cu_seqlens_k;  // key counts (and, in place, offsets) of packed batches
   paged_attention_cuda_plan(d);
   return d;
 }
 
-int64_t partial_out_floats(const PagedAttnParams& d) { return d.num_seqs * d.heads * d.num_splits * d.cache.head_dim; }
+int64_t partial_lse_floats(const PagedAttnParams& d) { return d.num_seqs * d.max_rows * d.heads * d.num_splits; }
+int64_t partial_out_floats(const PagedAttnParams& d) { return partial_lse_floats(d) * d.cache.head_dim; }
 
 }  // namespace
 
 int64_t flash_attn_fwd_cuda_workspace(const FlashAttnParams& p) {
   if (!runs_as_decode(p)) return 0;
   const PagedAttnParams d = decode_params(p);
-  return d.num_splits > 1 ? partial_out_floats(d) + d.num_seqs * d.heads * d.num_splits : 0;
+  return d.num_splits > 1 ? partial_out_floats(d) + partial_lse_floats(d) : 0;
 }
 
 void flash_attn_fwd_cuda(const FlashAttnParams& p, CUstream_st* stream) {
@@ -54,7 +65,7 @@ void flash_attn_fwd_cuda(const FlashAttnParams& p, CUstream_st* stream) {
     PagedAttnParams d = decode_params(p);
     if (d.num_splits > 1) {
       if (p.workspace == nullptr)
-        throw std::invalid_argument("torchkiln: a one-query CUDA attention forward needs its workspace");
+        throw std::invalid_argument("torchkiln: a few-query CUDA attention forward needs its workspace");
       d.partial_out = p.workspace;
       d.partial_lse = p.workspace + partial_out_floats(d);
     }

@@ -1,6 +1,9 @@
 // Paged decode attention on CUDA, Flash-Decoding style: one block per
-// (sequence, kv head, <= 8 query heads of its group, chunk of the context).
-// The K/V of a chunk are read once for all the group's query heads:
+// (sequence, kv head, <= 8 query vectors of its group, chunk of the context),
+// a query vector being one (query row, query head) of the kv head's group:
+// one row per sequence for decode, a few for speculative decoding, each row
+// with its own causal limit and window. The K/V of a chunk are read once for
+// all the block's vectors:
 //   1. scores: one thread per key, the whole key row in 16-byte loads, dot
 //      products against q held in shared memory (all lanes read the same q
 //      element at once: a broadcast, no bank conflicts);
@@ -9,7 +12,7 @@
 //      128 / (D/8) rows in flight, partial sums reduced in shared memory.
 // With one chunk the block writes the output; otherwise it writes a
 // normalised fp32 partial and its lse, and a combine kernel merges them.
-// flash_attn's CUDA forward runs one-query batches here too: keys in place
+// flash_attn's CUDA forward runs few-query batches here too: keys in place
 // (a fixed batch, or packed by cu_seqlens) or through its block table.
 #include <algorithm>
 #include <cmath>
@@ -28,7 +31,7 @@ using cuda::to_float;
 
 constexpr int kThreads = 128;
 constexpr int kMaxChunk = 512;       // keys per block at most
-constexpr int kHeadsPerBlock = 8;    // query heads sharing one K/V pass
+constexpr int kHeadsPerBlock = 8;    // query vectors (row, head) sharing one K/V pass
 constexpr int kMaxHeadDim = 256;
 constexpr int kWork = 8192;          // floats: scores (8 x 512) or P V partials (8 x <= 1024)
 constexpr float kLog2e = 1.4426950408889634f;
@@ -48,11 +51,11 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
   for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
 }
 
-// Sequence s's query row (a token of q, out and lse), whether it has one,
-// and its keys: how many, and where key 0 of head 0 is when they lie in
-// place.
-__device__ __forceinline__ bool has_query(const PagedAttnParams& p, int s) {
-  return p.q_start == nullptr || p.q_start[s + 1] > p.q_start[s];
+// Sequence s's query rows (tokens of q, out and lse): how many and the
+// first; and its keys: how many, and where key 0 of head 0 is when they lie
+// in place.
+__device__ __forceinline__ int row_count(const PagedAttnParams& p, int s) {
+  return p.q_start != nullptr ? p.q_start[s + 1] - p.q_start[s] : static_cast<int>(p.max_rows);
 }
 __device__ __forceinline__ int64_t query_row(const PagedAttnParams& p, int s) {
   return p.q_start != nullptr ? p.q_start[s] : 0;
@@ -85,8 +88,25 @@ __device__ __forceinline__ int64_t lse_index(const PagedAttnParams& p, int s, in
   return s * p.lse_seq_stride + row * p.lse_row_stride + h * p.lse_head_stride;
 }
 
-// Shared memory: q (8 x 256), the work buffer, per-head max and sum.
-constexpr size_t kDecodeSmemBytes = (kHeadsPerBlock * kMaxHeadDim + kWork + 2 * kHeadsPerBlock) * sizeof(float);
+// The keys query row r of `rows` sees among `len`: it sits at position
+// len - rows + r (flash_attn's bottom-right alignment), keys right of it
+// only within the right window, left of it within the left window (windows
+// beyond 32 bits hide nothing).
+struct KeyRange {
+  int first, last;  // inclusive; empty when first > last
+};
+__device__ __forceinline__ KeyRange key_range(const PagedAttnParams& p, int len, int rows, int r) {
+  const int64_t pos = len - rows + r;
+  KeyRange k{0, len - 1};
+  if (p.window_left >= 0 && p.window_left < pos) k.first = static_cast<int>(pos - p.window_left);
+  if (p.window_right >= 0 && p.window_right < len - 1 - pos) k.last = static_cast<int>(pos + p.window_right);
+  return k;
+}
+
+// Shared memory: q (8 x 256), the work buffer, per-vector max and sum, key
+// range and position.
+constexpr size_t kDecodeSmemBytes =
+    (kHeadsPerBlock * kMaxHeadDim + kWork + 2 * kHeadsPerBlock) * sizeof(float) + 3 * kHeadsPerBlock * sizeof(int);
 
 // Five blocks per SM, as many as shared memory allows (5 x 40 KiB): capped at
 // 96 registers, ptxas keeps one 8-byte value on the stack (sm_90, nvcc 13.0).
@@ -97,27 +117,40 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
   float* sWork = reinterpret_cast<float*>(smem) + kHeadsPerBlock * kMaxHeadDim;
   float* sMax = sWork + kWork;
   float* sSum = sMax + kHeadsPerBlock;
+  int* sFirst = reinterpret_cast<int*>(sSum + kHeadsPerBlock);  // per vector: its keys, its position
+  int* sLast = sFirst + kHeadsPerBlock;
+  int* sPos = sLast + kHeadsPerBlock;
 
   const int s = blockIdx.x, split = blockIdx.z;
   const int hk = blockIdx.y / group_blocks, gb = blockIdx.y % group_blocks;
   const int group = static_cast<int>(p.heads / p.cache.heads_k);
-  const int h0 = hk * group + gb * kHeadsPerBlock;
-  const int nh = min(kHeadsPerBlock, group - gb * kHeadsPerBlock);
+  const int rows = row_count(p, s);
+  // Vectors v0 .. v0 + nh - 1: vector v is row v / group, head hk * group + v % group.
+  const int v0 = gb * kHeadsPerBlock;
+  const int nh = min(kHeadsPerBlock, rows * group - v0);
   const int D = static_cast<int>(p.cache.head_dim);
-  if (!has_query(p, s)) return;  // the whole block: s is uniform
+  if (nh <= 0) return;  // the whole block: s and gb are uniform
   const int len = key_count(p, s);
   const int64_t base = key_base(p, s);
   const int chunk = static_cast<int>(p.split_chunk);
-  // The query is position len - 1: only the left window can hide keys.
-  int begin = split * chunk;
-  const int end = min(begin + chunk, len);
-  if (p.window_left >= 0 && p.window_left < len) begin = max(begin, len - 1 - static_cast<int>(p.window_left));
+  if (threadIdx.x < nh) {
+    const int r = (v0 + threadIdx.x) / group;
+    const KeyRange k = key_range(p, len, rows, r);
+    sFirst[threadIdx.x] = k.first;
+    sLast[threadIdx.x] = k.last;
+    sPos[threadIdx.x] = len - rows + r;
+  }
+  // Keys of this chunk some vector sees: rows grow with v, and so do both ends.
+  const KeyRange lo = key_range(p, len, rows, v0 / group), hi = key_range(p, len, rows, (v0 + nh - 1) / group);
+  const int begin = max(split * chunk, lo.first);
+  const int end = min(split * chunk + chunk, hi.last + 1);
   const int n = max(0, end - begin);
 
   const T* q = static_cast<const T*>(p.q);
   for (int idx = threadIdx.x; idx < nh * D; idx += kThreads) {
-    const int hh = idx / D, d = idx % D;
-    sQ[hh][d] = to_float(q[s * p.q_seq_stride + query_row(p, s) * p.q_row_stride + (h0 + hh) * p.q_head_stride + d]);
+    const int hh = idx / D, d = idx % D, v = v0 + hh;
+    const int64_t row = query_row(p, s) + v / group, h = hk * group + v % group;
+    sQ[hh][d] = to_float(q[s * p.q_seq_stride + row * p.q_row_stride + h * p.q_head_stride + d]);
   }
   __syncthreads();
 
@@ -141,9 +174,11 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
       if (hh >= nh) break;
       float sc = acc[hh] * p.scale;
       if (p.softcap > 0.0f) sc = p.softcap * tanhf(sc / p.softcap);
-      if (p.alibi_slopes != nullptr)
-        sc -= p.alibi_slopes[s * p.alibi_seq_stride + h0 + hh] * static_cast<float>(len - 1 - j);
-      sWork[hh * kMaxChunk + jj] = sc * kLog2e;
+      if (p.alibi_slopes != nullptr) {
+        const int h = hk * group + (v0 + hh) % group;
+        sc -= p.alibi_slopes[s * p.alibi_seq_stride + h] * fabsf(static_cast<float>(sPos[hh] - j));
+      }
+      sWork[hh * kMaxChunk + jj] = j < sFirst[hh] || j > sLast[hh] ? -INFINITY : sc * kLog2e;
     }
   }
   __syncthreads();
@@ -158,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     float l = 0.0f;
     for (int jj = lane; jj < n; jj += 32) {
-      const float e = exp2f(row[jj] - m);
+      const float e = m == -INFINITY ? 0.0f : exp2f(row[jj] - m);  // every key of the chunk masked
       row[jj] = e;
       l += e;
     }
@@ -198,9 +233,10 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
     }
   __syncthreads();
 
-  const int64_t row = query_row(p, s);
   for (int idx = threadIdx.x; idx < nh * D; idx += kThreads) {
-    const int hh = idx / D, d = idx % D, h = h0 + hh;
+    const int hh = idx / D, d = idx % D, v = v0 + hh;
+    const int r = v / group, h = hk * group + v % group;
+    const int64_t row = query_row(p, s) + r;
     float o = 0.0f;
     for (int g = 0; g < groups; ++g) o += sWork[(g * kHeadsPerBlock + hh) * D + d];
     const float l = sSum[hh], m = sMax[hh];
@@ -209,19 +245,19 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
       static_cast<T*>(p.out)[out_index(p, s, row, h) + d] = from_float<T>(o);
       if (d == 0) p.lse[lse_index(p, s, row, h)] = l > 0.0f ? (m + log2f(l)) * kLn2 : INFINITY;
     } else {
-      const int64_t part = (s * p.heads + h) * p.num_splits + split;
+      const int64_t part = ((s * p.max_rows + r) * p.heads + h) * p.num_splits + split;
       p.partial_out[part * D + d] = o;
       if (d == 0) p.partial_lse[part] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
     }
   }
 }
 
-// Merges the chunks of one (sequence, head): weights exp(lse_c - lse).
+// Merges the chunks of one (sequence, row, head): weights exp(lse_c - lse).
 template <class T>
 __global__ void paged_combine_kernel(const PagedAttnParams p) {
-  const int s = blockIdx.x, h = blockIdx.y;
-  if (!has_query(p, s)) return;
-  const int64_t row = query_row(p, s), base = (s * p.heads + h) * p.num_splits;
+  const int s = blockIdx.x, r = blockIdx.y / static_cast<int>(p.heads), h = blockIdx.y % static_cast<int>(p.heads);
+  if (r >= row_count(p, s)) return;
+  const int64_t row = query_row(p, s) + r, base = ((s * p.max_rows + r) * p.heads + h) * p.num_splits;
   const int D = static_cast<int>(p.cache.head_dim);
   float m = -INFINITY;
   for (int c = 0; c < p.num_splits; ++c) m = fmaxf(m, p.partial_lse[base + c]);
@@ -242,8 +278,8 @@ __global__ void paged_combine_kernel(const PagedAttnParams p) {
 }
 
 int group_blocks(const PagedAttnParams& p) {
-  const int64_t group = p.heads / p.cache.heads_k;
-  return static_cast<int>((group + kHeadsPerBlock - 1) / kHeadsPerBlock);
+  const int64_t vectors = p.max_rows * (p.heads / p.cache.heads_k);
+  return static_cast<int>((vectors + kHeadsPerBlock - 1) / kHeadsPerBlock);
 }
 
 }  // namespace
@@ -267,9 +303,9 @@ void paged_attention_cuda(const PagedAttnParams& p, CUstream_st* stream) {
   if (p.cache.head_dim % 8 != 0 || p.cache.head_dim > kMaxHeadDim || p.split_chunk <= 0 ||
       p.split_chunk > kMaxChunk || (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)))
     throw std::invalid_argument("torchkiln: paged_attention_cuda called without a valid plan");
-  if (p.max_rows != 1 || (p.block_table != nullptr && p.cache.block_size <= 0))
-    throw std::invalid_argument("torchkiln: paged_attention_cuda takes one query row per sequence (and a block "
-                                "size with a block table)");
+  if (p.max_rows < 1 || p.max_rows > kMaxDecodeRowsCuda || (p.block_table != nullptr && p.cache.block_size <= 0))
+    throw std::invalid_argument("torchkiln: paged_attention_cuda takes 1 to " + std::to_string(kMaxDecodeRowsCuda) +
+                                " query rows per sequence (and a block size with a block table)");
   if (p.num_splits > 65535 || p.num_seqs > 2147483647)
     throw std::invalid_argument("torchkiln: paged_attention context too long for the CUDA grid");
   const dim3 grid(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.cache.heads_k * group_blocks(p)),
@@ -279,8 +315,8 @@ void paged_attention_cuda(const PagedAttnParams& p, CUstream_st* stream) {
     TK_KERNEL_LAUNCH(grid, kThreads, kDecodeSmemBytes, stream, paged_decode_kernel<T>)(p, group_blocks(p));  // < 48 KiB
     cuda::check_launch("paged_decode_kernel");
     if (p.num_splits > 1) {
-      TK_KERNEL_LAUNCH(dim3(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.heads)), 128, 0,
-                                stream, paged_combine_kernel<T>)(p);
+      const dim3 combine_grid(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.max_rows * p.heads));
+      TK_KERNEL_LAUNCH(combine_grid, 128, 0, stream, paged_combine_kernel<T>)(p);
       cuda::check_launch("paged_combine_kernel");
     }
   });

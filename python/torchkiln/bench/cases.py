@@ -429,16 +429,15 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
         )
     )
     # Decode through flash_attn_func: one new token, and a few (speculative
-    # decoding), against a contiguous cache.
-    # On CUDA one new token runs in the paged decode kernel, split over the
-    # keys; the GPU adds the paged bench's shapes (one long context, and 64
-    # sequences of 4k).
+    # decoding), against a contiguous cache. On CUDA both run in the paged
+    # decode kernel, split over the keys; the GPU adds the paged bench's
+    # shapes (one long context, and 64 sequences of 4k).
     dseqs, dctx = (2, 64) if quick else (16, 2048)
     for sq in (1, 4):
         all_cases.append(
             BenchCase("attention", f"flash_attn fwd, {sq} new token{'s' if sq > 1 else ''}",
                       f"{dseqs}x{dctx} ctx, 32/8 heads, d128", bf16,
-                      _attention_decode(dseqs, sq, dctx, 32, 8, 128, bf16), cuda=sq == 1)
+                      _attention_decode(dseqs, sq, dctx, 32, 8, 128, bf16))
         )
     for gseqs, gctx in [(1, 512), (4, 256)] if quick else [(1, 32768), (64, 4096)]:
         all_cases.append(
