@@ -109,7 +109,7 @@ constexpr size_t kDecodeSmemBytes =
     (kHeadsPerBlock * kMaxHeadDim + kWork + 2 * kHeadsPerBlock) * sizeof(float) + 3 * kHeadsPerBlock * sizeof(int);
 
 // Five blocks per SM, as many as shared memory allows (5 x 40 KiB): capped at
-// 96 registers, ptxas keeps one 8-byte value on the stack (sm_90, nvcc 13.0).
+// 96 registers, ptxas spills one 4-byte value to the stack (sm_90, nvcc 13.0).
 template <class T>
 __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAttnParams p, int group_blocks) {
   TK_DYNAMIC_SMEM(smem);
