@@ -12,8 +12,9 @@ CUstream_st* current_cuda_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
-// The CUDA runtime's own query: c10's capture helpers changed between torch
-// releases, this call did not.
+// The CUDA runtime's own query: c10's capture helpers have changed their
+// signatures between torch releases (we build against 2.11 to 2.14), this
+// call has not.
 bool capturing_cuda_graph(const at::Tensor& t) {
   if (!t.is_cuda()) return false;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
