@@ -196,7 +196,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
   return {ops.restore(out, q.size(-1)), lse};
 }
 
-// Validates cu_seqlens on the host; returns the largest sequence length.
+// Validates cu_seqlens; returns the largest sequence length, read on the
+// host. While a CUDA graph is being captured, reading device memory would
+// break the capture: then only the tensor itself is checked, -1 is returned,
+// and the kernels clamp the offsets they read (common/cuda/packed_span.cuh).
 // total < 0: the last entry is not tied to a tensor's size (paged keys).
 int64_t check_cu_seqlens(const char* op, const at::Tensor& cu, const char* name, int64_t batch, int64_t total,
                          const at::Tensor& q) {
@@ -204,10 +207,7 @@ int64_t check_cu_seqlens(const char* op, const at::Tensor& cu, const char* name,
   check_same_device(cu, q, op, name, "q");
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) == batch + 1 && cu.is_contiguous(), op, ": ", name,
                     " must be a contiguous (batch + 1,) = (", batch + 1, ",) tensor, got ", cu.sizes());
-  // The kernels trust these offsets, so they are read here, which a CUDA
-  // graph capture forbids (paged_attention, checked in the kernel, captures).
-  TORCH_CHECK(!capturing_cuda_graph(q), op, ": varlen batches can't be captured in a CUDA graph (", name,
-              " is checked on the host); capture decode steps with paged_attention");
+  if (capturing_cuda_graph(q)) return -1;
   const at::Tensor host = cu.cpu();
   const int32_t* c = host.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(c[0] == 0, op, ": ", name, "[0] must be 0, got ", c[0]);
@@ -231,18 +231,21 @@ void check_block_table(const char* op, const at::Tensor& table, const at::Tensor
                     ": block_table must be (batch, max_blocks) = (", p.batch, ", ...) with contiguous rows, got ",
                     table.sizes());
   const int64_t block_size = k.size(1), num_blocks = k.size(0);
-  // Read on the host (a copy for CUDA tensors, none for CPU ones).
-  const at::Tensor cu = cu_seqlens_k.cpu(), table_host = table.cpu();
-  const int32_t* c = cu.data_ptr<int32_t>();
-  const int32_t* t = table_host.data_ptr<int32_t>();
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const int64_t need = (c[b + 1] - c[b] + block_size - 1) / block_size;
-    TORCH_CHECK_VALUE(need <= table.size(1), op, ": sequence ", b, " has ", c[b + 1] - c[b], " keys, more than ",
-                      table.size(1), " blocks of ", block_size, " hold");
-    for (int64_t i = 0; i < need; ++i) {
-      const int32_t id = t[b * table_host.stride(0) + i];  // the copy may be packed tighter
-      TORCH_CHECK_INDEX(id >= 0 && id < num_blocks, op, ": block_table[", b, ", ", i, "] = ", id,
-                        " is not a block of the cache [0, ", num_blocks, ")");
+  // Read on the host (a copy for CUDA tensors, none for CPU ones), except
+  // under graph capture: the kernels then read bad ids as block 0.
+  if (!capturing_cuda_graph(k)) {
+    const at::Tensor cu = cu_seqlens_k.cpu(), table_host = table.cpu();
+    const int32_t* c = cu.data_ptr<int32_t>();
+    const int32_t* t = table_host.data_ptr<int32_t>();
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const int64_t need = (c[b + 1] - c[b] + block_size - 1) / block_size;
+      TORCH_CHECK_VALUE(need <= table.size(1), op, ": sequence ", b, " has ", c[b + 1] - c[b],
+                        " keys, more than ", table.size(1), " blocks of ", block_size, " hold");
+      for (int64_t i = 0; i < need; ++i) {
+        const int32_t id = t[b * table_host.stride(0) + i];  // the copy may be packed tighter
+        TORCH_CHECK_INDEX(id >= 0 && id < num_blocks, op, ": block_table[", b, ", ", i, "] = ", id,
+                          " is not a block of the cache [0, ", num_blocks, ")");
+      }
     }
   }
   p.block_table = table.data_ptr<int32_t>();
@@ -265,9 +268,18 @@ FlashAttnParams varlen_params(const char* op, const at::Tensor& q, const at::Ten
   const bool paged = block_table.has_value();
   FlashAttnParams p = common_params(op, q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes,
                                     batch, /*varlen=*/true, paged);
-  const int64_t longest_q = check_cu_seqlens(op, cu_seqlens_q, "cu_seqlens_q", batch, q.size(0), q);
-  const int64_t longest_k = check_cu_seqlens(op, cu_seqlens_k, "cu_seqlens_k", batch, paged ? -1 : k.size(0), q);
+  int64_t longest_q = check_cu_seqlens(op, cu_seqlens_q, "cu_seqlens_q", batch, q.size(0), q);
+  int64_t longest_k = check_cu_seqlens(op, cu_seqlens_k, "cu_seqlens_k", batch, paged ? -1 : k.size(0), q);
   if (paged) check_block_table(op, *block_table, cu_seqlens_k, k, v, p);
+  if (longest_q < 0) {
+    // Captured: the grids are planned for the maxima the caller gives, and
+    // the kernels cut any sequence longer than them at every replay.
+    TORCH_CHECK_VALUE(max_seqlen_q >= 1 && max_seqlen_k >= 1, op,
+                      ": max_seqlen_q and max_seqlen_k must be at least 1 while a CUDA graph is captured, got (",
+                      max_seqlen_q, ", ", max_seqlen_k, ")");
+    longest_q = max_seqlen_q;
+    longest_k = max_seqlen_k;
+  }
   TORCH_CHECK_VALUE(max_seqlen_q >= longest_q && max_seqlen_k >= longest_k, op,
                     ": max_seqlen_q / max_seqlen_k (", max_seqlen_q, ", ", max_seqlen_k,
                     ") must be at least the longest sequences (", longest_q, ", ", longest_k, ")");
@@ -275,6 +287,8 @@ FlashAttnParams varlen_params(const char* op, const at::Tensor& q, const at::Ten
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
   p.seqlen_q = longest_q;
   p.seqlen_k = longest_k;
+  p.total_q = q.size(0);
+  p.total_k = paged ? 0 : k.size(0);
   return p;
 }
 

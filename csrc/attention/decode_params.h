@@ -18,6 +18,7 @@ inline PagedAttnParams decode_params_of(const FlashAttnParams& p) {
   d.q_row_stride = p.q.row_stride;
   d.q_head_stride = p.q.head_stride;
   d.q_start = p.cu_seqlens_q;
+  d.q_tokens = p.total_q;
   d.out = p.out.ptr;
   d.out_seq_stride = varlen ? 0 : p.out.batch_stride;
   d.out_row_stride = p.out.row_stride;

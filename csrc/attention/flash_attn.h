@@ -45,6 +45,7 @@ struct FlashAttnParams {
   const int32_t* cu_seqlens_q = nullptr;  // (batch + 1), varlen only
   const int32_t* cu_seqlens_k = nullptr;
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;  // varlen: the maxima
+  int64_t total_q = 0, total_k = 0;                // varlen: packed tokens of q, of k (0 when paged)
   int64_t heads = 0, heads_k = 0, head_dim = 0;
   float scale = 1.0f;
   float softcap = 0.0f;

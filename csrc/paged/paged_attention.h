@@ -62,11 +62,13 @@ struct CopyBlocksParams {
 // null, k_start[s + 1] - k_start[s], or max_seq_len without k_start. The CPU
 // kernel always reads block_table and seq_lens.
 //
-// The glue checks seq_lens and the table's ids on the host, except while a
-// CUDA graph is being captured (reading device memory would break the
-// capture): so the CUDA kernel itself keeps a sequence within its table's
-// max_blocks and reads an id outside [0, cache.num_blocks) as block 0. Bad
-// values then give wrong numbers, never a read outside the cache.
+// The glue checks seq_lens, q_start / k_start and the table's ids on the
+// host, except while a CUDA graph is being captured (reading device memory
+// would break the capture): so the CUDA kernel itself keeps packed rows and
+// keys inside q_tokens / k_tokens, a sequence within its table's max_blocks,
+// max_rows and max_seq_len, and reads an id outside [0, cache.num_blocks) as
+// block 0. Bad values then give wrong numbers, never an access outside the
+// tensors.
 struct PagedAttnParams {
   const void* q = nullptr;  // (num_seqs, heads, head_dim)
   int64_t q_seq_stride = 0, q_head_stride = 0;
@@ -83,6 +85,7 @@ struct PagedAttnParams {
   int64_t block_table_stride = 0, max_blocks = 0;
   const int32_t* seq_lens = nullptr;  // (num_seqs)
   const int32_t* k_start = nullptr;   // CUDA: (num_seqs + 1), cu_seqlens of the keys
+  int64_t q_tokens = 0, k_tokens = 0;  // with q_start / k_start (keys in place): packed tokens
   int64_t kv_seq_stride = 0;          // CUDA, keys in place: elements between sequences
   void* out = nullptr;                // like q, through the out strides
   float* lse = nullptr;               // through the lse strides

@@ -9,6 +9,7 @@
 #define TORCHKILN_EMULATE_CUDA 1
 #include "cuda_shim.h"
 
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -84,6 +85,26 @@ FlashAttnOutput out_view(void* ptr, int64_t tokens, int64_t heads, int64_t d, bo
   return o;
 }
 
+// `guard` NaN elements, the values, `guard` NaN elements.
+template <class T>
+std::vector<T> guarded(const std::vector<float>& values, int64_t guard) {
+  std::vector<T> out(values.size() + 2 * guard, cuda::from_float<T>(NAN));
+  for (size_t i = 0; i < values.size(); ++i) out[guard + i] = cuda::from_float<T>(values[i]);
+  return out;
+}
+// The values between `guard` elements at each end, and whether those guards
+// are still NaN (nothing wrote outside the values).
+template <class T>
+std::vector<T> unguarded(const std::vector<T>& v, int64_t guard) {
+  return std::vector<T>(v.begin() + guard, v.end() - guard);
+}
+template <class T>
+bool guards_intact(const std::vector<T>& v, int64_t guard) {
+  for (int64_t i = 0; i < guard; ++i)
+    if (!std::isnan(cuda::to_float(v[i])) || !std::isnan(cuda::to_float(v[v.size() - 1 - i]))) return false;
+  return true;
+}
+
 template <class T, int D>
 void run_flash() {
   const int64_t batch = cfg("batch"), sq = cfg("seqlen_q"), sk = cfg("seqlen_k"), heads = cfg("heads"),
@@ -91,18 +112,24 @@ void run_flash() {
   const bool varlen = cfg("varlen") != 0, paged = cfg("block_size") > 0, backward = cfg("backward") != 0;
   // Token counts of the tensors as stored: fixed batches store seqlen per entry.
   const int64_t q_tokens = varlen ? cfg("total_q") : sq, k_tokens = varlen ? cfg("total_k") : sk;
-  std::vector<T> q = to_dtype<T>(read_array<float>("q")), k = to_dtype<T>(read_array<float>("k")),
-                 v = to_dtype<T>(read_array<float>("v"));
+  // `guard` NaN tokens (blocks of a paged cache) on each side of every input
+  // and output: a read outside shows as NaN, a write outside as a lost guard.
+  const int64_t guard = cfg_or("guard", 0), q_guard = guard * heads * D,
+                kv_guard = guard * (paged ? cfg("block_size") : 1) * heads_k * D, lse_guard = guard * heads;
+  std::vector<T> q = guarded<T>(read_array<float>("q"), q_guard), k = guarded<T>(read_array<float>("k"), kv_guard),
+                 v = guarded<T>(read_array<float>("v"), kv_guard);
   std::vector<int32_t> cu_q, cu_k, table;
   std::vector<float> alibi;
 
   FlashAttnParams p;
-  p.q = view(q.data(), q_tokens, heads, D, varlen);
-  p.k = view(k.data(), k_tokens, heads_k, D, varlen);
-  p.v = view(v.data(), k_tokens, heads_k, D, varlen);
+  p.q = view(q.data() + q_guard, q_tokens, heads, D, varlen);
+  p.k = view(k.data() + kv_guard, k_tokens, heads_k, D, varlen);
+  p.v = view(v.data() + kv_guard, k_tokens, heads_k, D, varlen);
   p.batch = batch;
   p.seqlen_q = sq;
   p.seqlen_k = sk;
+  p.total_q = varlen ? q_tokens : 0;
+  p.total_k = varlen && !paged ? k_tokens : 0;
   p.heads = heads;
   p.heads_k = heads_k;
   p.head_dim = D;
@@ -128,14 +155,14 @@ void run_flash() {
     p.block_size = cfg("block_size");
     p.block_table_stride = p.block_table_cols = static_cast<int64_t>(table.size()) / batch;
     p.k.batch_stride = p.v.batch_stride = p.block_size * heads_k * D;
-    p.num_blocks = static_cast<int64_t>(k.size()) / p.k.batch_stride;
+    p.num_blocks = static_cast<int64_t>(k.size() - 2 * kv_guard) / p.k.batch_stride;
   }
-  const int64_t q_elems = static_cast<int64_t>(q.size());
-  std::vector<T> out(q_elems, cuda::from_float<T>(NAN));  // poisoned
+  const int64_t q_elems = static_cast<int64_t>(q.size());  // guards included
+  std::vector<T> out(q_elems, cuda::from_float<T>(NAN));    // poisoned
   const int64_t lse_size = varlen ? heads * q_tokens : batch * heads * sq;
-  std::vector<float> lse(lse_size, NAN);
-  p.out = out_view(out.data(), q_tokens, heads, D, varlen);
-  p.lse = lse.data();
+  std::vector<float> lse(lse_size + 2 * lse_guard, NAN);
+  p.out = out_view(out.data() + q_guard, q_tokens, heads, D, varlen);
+  p.lse = lse.data() + lse_guard;
   p.lse_batch_stride = varlen ? 0 : heads * sq;
   p.lse_head_stride = varlen ? q_tokens : sq;
   std::vector<float> workspace(static_cast<size_t>(flash_attn_fwd_cuda_workspace(p)), NAN);
@@ -143,34 +170,29 @@ void run_flash() {
 
   flash_attn_fwd_cuda(p, nullptr);
   write_floats("workspace", {static_cast<float>(workspace.size())});  // > 0: split decode
-  write_floats("out", to_f32(out));
-  write_floats("lse", lse);
-  if (!backward) return;
-
-  std::vector<T> dout = to_dtype<T>(read_array<float>("dout"));
-  std::vector<T> dq(q_elems, cuda::from_float<T>(NAN)), dk(k.size(), cuda::from_float<T>(NAN)),
-      dv(v.size(), cuda::from_float<T>(NAN));
-  std::vector<float> dsum(lse_size, NAN);
-  FlashAttnBwdParams bp;
-  bp.fwd = p;
-  bp.fwd.out = out_view(out.data(), q_tokens, heads, D, varlen);
-  bp.dout = view(dout.data(), q_tokens, heads, D, varlen);
-  bp.dq = out_view(dq.data(), q_tokens, heads, D, varlen);
-  bp.dk = out_view(dk.data(), k_tokens, heads_k, D, varlen);
-  bp.dv = out_view(dv.data(), k_tokens, heads_k, D, varlen);
-  bp.dsum = dsum.data();
-  flash_attn_bwd_cuda(bp, nullptr);
-  write_floats("dq", to_f32(dq));
-  write_floats("dk", to_f32(dk));
-  write_floats("dv", to_f32(dv));
-}
-
-// `guard` NaN elements, the values, `guard` NaN elements.
-template <class T>
-std::vector<T> guarded(const std::vector<float>& values, int64_t guard) {
-  std::vector<T> out(values.size() + 2 * guard, cuda::from_float<T>(NAN));
-  for (size_t i = 0; i < values.size(); ++i) out[guard + i] = cuda::from_float<T>(values[i]);
-  return out;
+  write_floats("out", to_f32(unguarded(out, q_guard)));
+  write_floats("lse", unguarded(lse, lse_guard));
+  bool intact = guards_intact(out, q_guard) && guards_intact(lse, lse_guard);
+  if (backward) {
+    std::vector<T> dout = guarded<T>(read_array<float>("dout"), q_guard);
+    std::vector<T> dq(q_elems, cuda::from_float<T>(NAN)), dk(k.size(), cuda::from_float<T>(NAN)),
+        dv(v.size(), cuda::from_float<T>(NAN));
+    std::vector<float> dsum(lse.size(), NAN);
+    FlashAttnBwdParams bp;
+    bp.fwd = p;
+    bp.dout = view(dout.data() + q_guard, q_tokens, heads, D, varlen);
+    bp.dq = out_view(dq.data() + q_guard, q_tokens, heads, D, varlen);
+    bp.dk = out_view(dk.data() + kv_guard, k_tokens, heads_k, D, varlen);
+    bp.dv = out_view(dv.data() + kv_guard, k_tokens, heads_k, D, varlen);
+    bp.dsum = dsum.data() + lse_guard;
+    flash_attn_bwd_cuda(bp, nullptr);
+    write_floats("dq", to_f32(unguarded(dq, q_guard)));
+    write_floats("dk", to_f32(unguarded(dk, kv_guard)));
+    write_floats("dv", to_f32(unguarded(dv, kv_guard)));
+    intact = intact && guards_intact(dq, q_guard) && guards_intact(dk, kv_guard) && guards_intact(dv, kv_guard) &&
+             guards_intact(dsum, lse_guard);
+  }
+  write_floats("guards_intact", {intact ? 1.0f : 0.0f});
 }
 
 template <class T>

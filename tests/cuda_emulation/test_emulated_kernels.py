@@ -82,7 +82,7 @@ def emulator(tmp_path_factory) -> Path:
 
 
 OUTPUTS = ("out", "lse", "dq", "dk", "dv", "sum", "dx", "dw", "dense", "bucket", "residual", "unpacked",
-           "num_splits", "workspace", "key_cache_written", "value_cache_written", "key_cache_copied", "value_cache_copied")
+           "num_splits", "workspace", "guards_intact", "key_cache_written", "value_cache_written", "key_cache_copied", "value_cache_copied")
 
 
 def run(emulator: Path, workdir: Path, config: dict, arrays: dict, sms: int = 132) -> dict:
@@ -323,6 +323,60 @@ def test_flash_varlen_few_queries_run_as_decode(emulator, tmp_path, paged):
         low, _ = attention_ref(*seq, causal=True)
         assert_within_rule(out[rows][None], ref, low, what=f"sequence {s}")
         torch.testing.assert_close(lse[:, rows].double(), ref_lse[0], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["packed", "block_table"])
+@pytest.mark.parametrize("route,heads,heads_k", [("decode", 4, 2), ("flash", 16, 1)])
+def test_flash_varlen_unchecked_offsets_stay_in_bounds(emulator, tmp_path, route, heads, heads_k, paged):
+    """Under CUDA graph capture the glue can't read cu_seqlens or the block
+    table, and plans for the caller's max_seqlen_q / max_seqlen_k: the kernels
+    clamp what they read. A span stays inside the packed tokens (decreasing
+    offsets: empty), a sequence stops at the maxima (and its table row), an
+    id outside the cache reads block 0. NaN guards around every input and
+    output show any access outside them. Both routes: a few queries per
+    sequence (the decode kernel) and a wide GQA group (the flash kernels)."""
+    d, block, max_q, max_k, dtype = 64, 16, 4, 100, torch.bfloat16
+    total_q = 7
+    cu_q = torch.tensor([0, 0, -3, 2, 100], dtype=torch.int32)  # as read: [0,0) [0,0) [0,2) [2,6) (cut at 4)
+    cu_k = torch.tensor([0, 10, 5, 1000, 2000], dtype=torch.int32)
+    q = torch.randn(total_q, heads, d).to(dtype)
+    dout = torch.randn(q.shape).to(dtype)
+    if paged:  # counts as read: 10, 0, 995 and 1000, both cut at 100
+        k, v, table, _ = random_cache([10, 0, 100, 100], block, heads_k, d, dtype)
+        table = table.contiguous()
+        table[3, 0], table[3, 1] = -1, k.shape[0]  # just outside the cache, either side
+        as_read = table.long()
+        as_read[3, :2] = 0
+        keys = {s: (k[as_read[s]].flatten(0, 1)[:max_k], v[as_read[s]].flatten(0, 1)[:max_k]) for s in (2, 3)}
+        extra, arrays = dict(block_size=block, total_k=0, backward=0), dict(block_table=table)
+    else:  # as read: [0,10) [10,10) [5,105) (cut at 100) [120,120)
+        k, v = (torch.randn(120, heads_k, d).to(dtype) for _ in range(2))
+        keys = {2: (k[5:105], v[5:105]), 3: (k[120:], v[120:])}
+        extra, arrays = dict(total_k=k.shape[0], backward=1), dict(dout=dout)
+    cfg = flash_config(q, k, varlen=True, causal=True, batch=4, seqlen_q=max_q, seqlen_k=max_k, total_q=total_q,
+                       guard=2, **extra)
+    res = run(emulator, tmp_path, cfg, dict(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k, **arrays))
+    assert res["guards_intact"].item() == 1.0, "a kernel wrote outside its tensors"
+    assert (res["workspace"].item() > 0) == (route == "decode")  # split over the keys, then combined
+    out, lse = res["out"].view(q.shape), res["lse"].view(heads, total_q)
+    assert out[6].isnan().all(), "the row past max_seqlen_q is not written"
+    for s, rows in ((2, slice(0, 2)), (3, slice(2, 6))):
+        kc, vc = keys[s]
+        if kc.shape[0] == 0:
+            assert (out[rows] == 0).all() and (lse[:, rows] == math.inf).all()
+            continue
+        seq = (q[rows][None], kc[None], vc[None])
+        ref, ref_lse = attention_ref(*(t.double() for t in seq), causal=True)
+        low, _ = attention_ref(*seq, causal=True)
+        assert_within_rule(out[rows][None], ref, low, what=f"sequence {s}")
+        torch.testing.assert_close(lse[:, rows].double(), ref_lse[0], rtol=1e-4, atol=1e-3)
+        if not paged:  # dq reads only its own sequence's keys; several sequences write some dk rows
+            seq_dq = grads64(*seq, dout[rows][None], causal=True)[0]
+            low_dq = grads_lowp(*seq, dout[rows][None], causal=True)[0]
+            assert_within_rule(res["dq"].view(q.shape)[rows][None], seq_dq, low_dq.double(), factor=3.0,
+                               what=f"dq of sequence {s}")
+    if not paged:
+        assert (res["dq"].view(q.shape)[2:6] == 0).all(), "no keys: zero dq"
 
 
 DECODE = [  # (seq_lens, block_size, heads, heads_k, d, dtype, emulated SMs, options)

@@ -44,6 +44,7 @@ PagedAttnParams decode_params(const FlashAttnParams& p) {
   d.max_rows = p.seqlen_q;
   if (p.block_table == nullptr) d.kv_seq_stride = p.cu_seqlens_k != nullptr ? 0 : p.k.batch_stride;
   d.k_start = p.cu_seqlens_k;  // key counts (and, in place, offsets) of packed batches
+  d.k_tokens = p.total_k;
   paged_attention_cuda_plan(d);
   return d;
 }

@@ -9,6 +9,7 @@
 #include "attention/flash_attn.h"
 #include "common/cuda/cuda_helpers.cuh"
 #include "common/cuda/mma.cuh"
+#include "common/cuda/packed_span.cuh"
 
 namespace torchkiln {
 namespace flash {
@@ -26,15 +27,22 @@ struct SeqInfo {
   int64_t lse_off = 0;           // lse / dsum index of (b, h, row 0)
 };
 
+// Varlen offsets come through packed_span, which keeps them inside q and k
+// (and lengths within the planned maxima) when they went unchecked.
 __device__ __forceinline__ SeqInfo seq_info(const FlashAttnParams& p, int b, int h) {
   SeqInfo s;
   if (p.cu_seqlens_q != nullptr) {
-    const int q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
-    s.sq = p.cu_seqlens_q[b + 1] - q0;
-    s.sk = p.cu_seqlens_k[b + 1] - k0;
-    s.q_off = q0;
-    s.k_off = p.block_table != nullptr ? 0 : k0;
-    s.lse_off = h * p.lse_head_stride + q0;
+    const PackedSpan qs = packed_span(p.cu_seqlens_q, b, p.total_q, p.seqlen_q);
+    // Paged keys: cu_seqlens_k gives only counts, at most a table row's blocks.
+    const bool paged = p.block_table != nullptr;
+    const int64_t capacity = p.block_table_cols * p.block_size;
+    const int64_t max_k = paged && capacity < p.seqlen_k ? capacity : p.seqlen_k;
+    const PackedSpan ks = packed_span(p.cu_seqlens_k, b, paged ? INT64_MAX : p.total_k, max_k);
+    s.sq = qs.len;
+    s.sk = ks.len;
+    s.q_off = qs.start;
+    s.k_off = paged ? 0 : ks.start;
+    s.lse_off = h * p.lse_head_stride + qs.start;
   } else {
     s.sq = static_cast<int>(p.seqlen_q);
     s.sk = static_cast<int>(p.seqlen_k);
@@ -54,7 +62,8 @@ __device__ __forceinline__ int64_t token_offset(const Tensor& t, int b, bool var
 __device__ __forceinline__ int64_t kv_offset(const FlashAttnParams& p, const FlashAttnTensor& t, int b, int64_t k_off,
                                              int j, int hk) {
   if (p.block_table != nullptr) {
-    const int32_t block = p.block_table[b * p.block_table_stride + j / p.block_size];
+    int64_t block = p.block_table[b * p.block_table_stride + j / p.block_size];
+    if (block < 0 || block >= p.num_blocks) block = 0;  // possibly unchecked (graph capture): stay in the cache
     return block * t.batch_stride + (j % p.block_size) * t.row_stride + hk * t.head_stride;
   }
   return token_offset(t, b, p.cu_seqlens_q != nullptr, k_off + j, hk);

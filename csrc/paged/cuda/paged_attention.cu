@@ -21,12 +21,15 @@
 #include <string>
 
 #include "common/cuda/cuda_helpers.cuh"
+#include "common/cuda/packed_span.cuh"
 #include "paged/paged_attention.h"
 
 namespace torchkiln {
 namespace {
 
 using cuda::from_float;
+using cuda::packed_span;
+using cuda::PackedSpan;
 using cuda::to_float;
 
 constexpr int kThreads = 128;
@@ -51,29 +54,27 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
   for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
 }
 
-// Sequence s's query rows (tokens of q, out and lse): how many and the
-// first; and its keys: how many, and where key 0 of head 0 is when they lie
-// in place.
-__device__ __forceinline__ int row_count(const PagedAttnParams& p, int s) {
-  return p.q_start != nullptr ? p.q_start[s + 1] - p.q_start[s] : static_cast<int>(p.max_rows);
+// Sequence s's query rows (tokens of q, out and lse): the first and how
+// many; and its keys: where key 0 of head 0 is when they lie in place, and
+// how many. Possibly unchecked (graph capture): packed offsets come through
+// packed_span, and a sequence never reaches past its table row or the
+// planned longest one (max_rows, max_seq_len).
+__device__ __forceinline__ PackedSpan query_rows(const PagedAttnParams& p, int s) {
+  if (p.q_start == nullptr) return {0, static_cast<int>(p.max_rows)};
+  return packed_span(p.q_start, s, p.q_tokens, p.max_rows);
 }
-__device__ __forceinline__ int64_t query_row(const PagedAttnParams& p, int s) {
-  return p.q_start != nullptr ? p.q_start[s] : 0;
-}
-__device__ __forceinline__ int key_count(const PagedAttnParams& p, int s) {
-  const int len = p.seq_lens != nullptr   ? p.seq_lens[s]
-                  : p.k_start != nullptr ? p.k_start[s + 1] - p.k_start[s]
-                                         : static_cast<int>(p.max_seq_len);
-  if (p.block_table == nullptr) return len;
-  // Possibly unchecked (graph capture): never past the sequence's table row.
-  const int64_t capacity = p.max_blocks * p.cache.block_size;
-  return len < 0 ? 0 : static_cast<int>(len < capacity ? len : capacity);
-}
-__device__ __forceinline__ int64_t key_base(const PagedAttnParams& p, int s) {
-  return s * p.kv_seq_stride + (p.k_start != nullptr ? p.k_start[s] : 0) * p.cache.pos_stride;
+__device__ __forceinline__ PackedSpan keys(const PagedAttnParams& p, int s) {
+  int64_t max_len = p.max_seq_len;
+  if (p.block_table != nullptr && p.max_blocks * p.cache.block_size < max_len)
+    max_len = p.max_blocks * p.cache.block_size;
+  if (p.seq_lens == nullptr && p.k_start != nullptr)  // paged: k_start gives only counts
+    return packed_span(p.k_start, s, p.block_table != nullptr ? INT64_MAX : p.k_tokens, max_len);
+  const int64_t len = p.seq_lens != nullptr ? p.seq_lens[s] : p.max_seq_len;
+  return {0, static_cast<int>(len < 0 ? 0 : (len < max_len ? len : max_len))};
 }
 
-// Element offset of key j, kv head hk; base = key_base(p, s).
+// Element offset of key j, kv head hk; base: where key 0 of head 0 lies in
+// place (s * kv_seq_stride + its first packed key), unused when paged.
 __device__ __forceinline__ int64_t cache_row(const PagedAttnParams& p, int64_t base, int s, int j, int hk) {
   if (p.block_table == nullptr) return base + j * p.cache.pos_stride + hk * p.cache.head_stride;
   int64_t block = p.block_table[s * p.block_table_stride + j / p.cache.block_size];
@@ -109,7 +110,7 @@ constexpr size_t kDecodeSmemBytes =
     (kHeadsPerBlock * kMaxHeadDim + kWork + 2 * kHeadsPerBlock) * sizeof(float) + 3 * kHeadsPerBlock * sizeof(int);
 
 // Five blocks per SM, as many as shared memory allows (5 x 40 KiB): capped at
-// 96 registers, ptxas spills one 4-byte value to the stack (sm_90, nvcc 13.0).
+// 96 registers, ptxas fits it without spilling (sm_90, nvcc 13.0).
 template <class T>
 __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAttnParams p, int group_blocks) {
   TK_DYNAMIC_SMEM(smem);
@@ -124,14 +125,16 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
   const int s = blockIdx.x, split = blockIdx.z;
   const int hk = blockIdx.y / group_blocks, gb = blockIdx.y % group_blocks;
   const int group = static_cast<int>(p.heads / p.cache.heads_k);
-  const int rows = row_count(p, s);
+  const PackedSpan q_rows = query_rows(p, s);
+  const int rows = q_rows.len;
   // Vectors v0 .. v0 + nh - 1: vector v is row v / group, head hk * group + v % group.
   const int v0 = gb * kHeadsPerBlock;
   const int nh = min(kHeadsPerBlock, rows * group - v0);
   const int D = static_cast<int>(p.cache.head_dim);
   if (nh <= 0) return;  // the whole block: s and gb are uniform
-  const int len = key_count(p, s);
-  const int64_t base = key_base(p, s);
+  const PackedSpan k_span = keys(p, s);
+  const int len = k_span.len;
+  const int64_t base = s * p.kv_seq_stride + k_span.start * p.cache.pos_stride;
   const int chunk = static_cast<int>(p.split_chunk);
   if (threadIdx.x < nh) {
     const int r = (v0 + threadIdx.x) / group;
@@ -149,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
   const T* q = static_cast<const T*>(p.q);
   for (int idx = threadIdx.x; idx < nh * D; idx += kThreads) {
     const int hh = idx / D, d = idx % D, v = v0 + hh;
-    const int64_t row = query_row(p, s) + v / group, h = hk * group + v % group;
+    const int64_t row = q_rows.start + v / group, h = hk * group + v % group;
     sQ[hh][d] = to_float(q[s * p.q_seq_stride + row * p.q_row_stride + h * p.q_head_stride + d]);
   }
   __syncthreads();
@@ -236,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
   for (int idx = threadIdx.x; idx < nh * D; idx += kThreads) {
     const int hh = idx / D, d = idx % D, v = v0 + hh;
     const int r = v / group, h = hk * group + v % group;
-    const int64_t row = query_row(p, s) + r;
+    const int64_t row = q_rows.start + r;
     float o = 0.0f;
     for (int g = 0; g < groups; ++g) o += sWork[(g * kHeadsPerBlock + hh) * D + d];
     const float l = sSum[hh], m = sMax[hh];
@@ -256,8 +259,9 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
 template <class T>
 __global__ void paged_combine_kernel(const PagedAttnParams p) {
   const int s = blockIdx.x, r = blockIdx.y / static_cast<int>(p.heads), h = blockIdx.y % static_cast<int>(p.heads);
-  if (r >= row_count(p, s)) return;
-  const int64_t row = query_row(p, s) + r, base = ((s * p.max_rows + r) * p.heads + h) * p.num_splits;
+  const PackedSpan q_rows = query_rows(p, s);
+  if (r >= q_rows.len) return;
+  const int64_t row = q_rows.start + r, base = ((s * p.max_rows + r) * p.heads + h) * p.num_splits;
   const int D = static_cast<int>(p.cache.head_dim);
   float m = -INFINITY;
   for (int c = 0; c < p.num_splits; ++c) m = fmaxf(m, p.partial_lse[base + c]);

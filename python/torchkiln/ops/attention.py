@@ -96,7 +96,11 @@ def flash_attn_varlen_func(
     0 .. cu_seqlens_k[b+1] - cu_seqlens_k[b] - 1 are read through its row of
     the table: prefill and chunked prefill over a cached prefix (the new
     queries are the last keys; causal aligns them bottom-right). No gradient
-    flows through a paged cache."""
+    flows through a paged cache.
+
+    On CUDA the call can be captured in a CUDA graph; cu_seqlens and the
+    table are then not checked, and max_seqlen_q / max_seqlen_k must bound
+    the lengths of every replay (longer sequences are cut there)."""
     _check_dropout(dropout_p)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     left, right = _window(causal, window_size)
