@@ -2,7 +2,8 @@
 // use, so their real source runs (slowly) on a machine without a GPU:
 //   * every CUDA thread of a block is a cooperative fiber (ucontext) on one
 //     OS thread; barriers yield until every thread (or warp lane) arrived,
-//     and blocks run one after another;
+//     threads run between barriers in a random order (TK_EMU_SEED), and
+//     blocks run one after another;
 //   * warp collectives (shuffles, ldmatrix, mma.sync) exchange operands
 //     through per-warp slots between two warp barriers and compute what the
 //     PTX ISA specifies for each lane's registers;
@@ -27,11 +28,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <string>
 #include <memory>
+#include <random>
 #include <vector>
 
 #undef __global__
@@ -214,6 +217,15 @@ inline float shfl_xor(float v, int mask) {
   return out;
 }
 
+// The fibers' schedule: TK_EMU_SEED (default 1) seeds it.
+inline std::mt19937& schedule_rng() {
+  static std::mt19937 rng([] {
+    const char* seed = std::getenv("TK_EMU_SEED");
+    return seed != nullptr ? static_cast<unsigned>(std::strtoul(seed, nullptr, 10)) : 1u;
+  }());
+  return rng;
+}
+
 // Runs body() as every thread of every block of the grid.
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
@@ -237,11 +249,18 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
           f.ctx.uc_link = nullptr;
           makecontext(&f.ctx, fiber_entry, 0);
         }
-        // Round-robin until every thread returned; a thread that returns early
-        // never blocks the others (the kernels only do so uniformly per warp).
+        // Rounds until every thread returned, each round in a new random
+        // order (seeded: runs repeat): a thread then reads what another
+        // wrote in the same phase (no barrier between) sometimes before and
+        // sometimes after the write, so a missing barrier shows as a wrong
+        // result. A thread that returns early never blocks the others (the
+        // kernels only do so uniformly per warp).
+        std::vector<int> order(threads);
+        for (int t = 0; t < threads; ++t) order[t] = t;
         for (int live = threads; live > 0;) {
           live = 0;
-          for (int t = 0; t < threads; ++t) {
+          std::shuffle(order.begin(), order.end(), schedule_rng());
+          for (const int t : order) {
             if (fibers[t].done) continue;
             current = t;
             thread_idx = dim3(static_cast<unsigned>(t), 0, 0);
