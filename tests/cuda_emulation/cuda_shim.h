@@ -7,8 +7,9 @@
 //   * warp collectives (shuffles, ldmatrix, mma.sync) exchange operands
 //     through per-warp slots between two warp barriers and compute what the
 //     PTX ISA specifies for each lane's registers;
-//   * cp.async copies synchronously; the dynamic shared buffer is one array
-//     (blocks run one at a time); static __shared__ arrays are refused.
+//   * a cp.async copy lands at once or only at the thread's wait (coin
+//     flip); the dynamic shared buffer is one array (blocks run one at a
+//     time); static __shared__ arrays are refused.
 // What it cannot show: timing, occupancy, launch limits, hardware numerics
 // (ex2.approx, tanh.approx) beyond the host's libm.
 //
@@ -28,6 +29,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -67,10 +69,26 @@ inline std::vector<unsigned char> dynamic_smem(256 * 1024);
 // ------------------------------------------------------------ fibers
 constexpr size_t kFiberStack = 128 * 1024;  // kernels keep register arrays (fp32 accumulators) on it
 
+// The fibers' schedule: TK_EMU_SEED (default 1) seeds it.
+inline std::mt19937& schedule_rng() {
+  static std::mt19937 rng([] {
+    const char* seed = std::getenv("TK_EMU_SEED");
+    return seed != nullptr ? static_cast<unsigned>(std::strtoul(seed, nullptr, 10)) : 1u;
+  }());
+  return rng;
+}
+
+// A cp.async copy issued but not yet landed in shared memory.
+struct PendingCopy {
+  void* dst;
+  unsigned char data[16];
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;  // allocated once, never initialised (untouched pages cost nothing)
   bool done = false;
+  std::vector<PendingCopy> in_flight;  // its cp.async copies not yet landed
 };
 inline ucontext_t scheduler_ctx;
 inline std::vector<Fiber> fibers;
@@ -81,6 +99,10 @@ inline void yield() { swapcontext(&fibers[current].ctx, &scheduler_ctx); }
 
 inline void fiber_entry() {
   (*kernel_body)();
+  if (!fibers[current].in_flight.empty()) {
+    std::fprintf(stderr, "emulator: thread %d exited with cp.async copies in flight\n", current);
+    std::abort();
+  }
   fibers[current].done = true;
   swapcontext(&fibers[current].ctx, &scheduler_ctx);
 }
@@ -210,6 +232,24 @@ inline void mma_s8_16832(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint3
 
 inline void syncthreads() { block_barrier.arrive_and_wait(); }
 
+// cp.async: a copy lands in shared memory at any time up to the issuing
+// thread's wait. Each copy here lands either at once or (coin flip) only at
+// that wait, so reading a tile before waiting for it, and issuing a copy into
+// a tile others still read, both show as wrong results.
+inline void cp_async_16(void* dst, const void* src, int bytes) {
+  PendingCopy c{dst, {}};
+  if (bytes > 0) std::memcpy(c.data, src, static_cast<size_t>(std::min(bytes, 16)));
+  if (schedule_rng()() & 1u) {
+    std::memcpy(dst, c.data, 16);
+    return;
+  }
+  fibers[current].in_flight.push_back(c);
+}
+inline void cp_async_wait_all() {
+  for (const PendingCopy& c : fibers[current].in_flight) std::memcpy(c.dst, c.data, 16);
+  fibers[current].in_flight.clear();
+}
+
 inline float shfl_xor(float v, int mask) {
   float out = 0.0f;
   const uint32_t mine = float_to_bits(v);
@@ -217,58 +257,53 @@ inline float shfl_xor(float v, int mask) {
   return out;
 }
 
-// The fibers' schedule: TK_EMU_SEED (default 1) seeds it.
-inline std::mt19937& schedule_rng() {
-  static std::mt19937 rng([] {
-    const char* seed = std::getenv("TK_EMU_SEED");
-    return seed != nullptr ? static_cast<unsigned>(std::strtoul(seed, nullptr, 10)) : 1u;
-  }());
-  return rng;
-}
-
-// Runs body() as every thread of every block of the grid.
+// Runs body() as every thread of every block of the grid, the blocks one
+// after another in a random order (a GPU promises none).
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   grid_dim = grid;
   block_dim = block;
   kernel_body = &body;
+  std::vector<dim3> blocks;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        block_idx = dim3(x, y, z);
-        block_barrier = Barrier{threads};
-        warps.assign((threads + 31) / 32, Warp{});
-        if (fibers.size() < static_cast<size_t>(threads)) fibers.resize(threads);
-        for (int t = 0; t < threads; ++t) {
-          Fiber& f = fibers[t];
-          if (!f.stack) f.stack.reset(new char[kFiberStack]);
-          f.done = false;
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.get();
-          f.ctx.uc_stack.ss_size = kFiberStack;
-          f.ctx.uc_link = nullptr;
-          makecontext(&f.ctx, fiber_entry, 0);
-        }
-        // Rounds until every thread returned, each round in a new random
-        // order (seeded: runs repeat): a thread then reads what another
-        // wrote in the same phase (no barrier between) sometimes before and
-        // sometimes after the write, so a missing barrier shows as a wrong
-        // result. A thread that returns early never blocks the others (the
-        // kernels only do so uniformly per warp).
-        std::vector<int> order(threads);
-        for (int t = 0; t < threads; ++t) order[t] = t;
-        for (int live = threads; live > 0;) {
-          live = 0;
-          std::shuffle(order.begin(), order.end(), schedule_rng());
-          for (const int t : order) {
-            if (fibers[t].done) continue;
-            current = t;
-            thread_idx = dim3(static_cast<unsigned>(t), 0, 0);
-            swapcontext(&scheduler_ctx, &fibers[t].ctx);
-            live += fibers[t].done ? 0 : 1;
-          }
-        }
+      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+  std::shuffle(blocks.begin(), blocks.end(), schedule_rng());
+  for (const dim3& b : blocks) {
+    block_idx = b;
+    block_barrier = Barrier{threads};
+    warps.assign((threads + 31) / 32, Warp{});
+    if (fibers.size() < static_cast<size_t>(threads)) fibers.resize(threads);
+    for (int t = 0; t < threads; ++t) {
+      Fiber& f = fibers[t];
+      if (!f.stack) f.stack.reset(new char[kFiberStack]);
+      f.done = false;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.get();
+      f.ctx.uc_stack.ss_size = kFiberStack;
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, fiber_entry, 0);
+    }
+    // Rounds until every thread returned, each round in a new random
+    // order (seeded: runs repeat): a thread then reads what another
+    // wrote in the same phase (no barrier between) sometimes before and
+    // sometimes after the write, so a missing barrier shows as a wrong
+    // result. A thread that returns early never blocks the others (the
+    // kernels only do so uniformly per warp).
+    std::vector<int> order(threads);
+    for (int t = 0; t < threads; ++t) order[t] = t;
+    for (int live = threads; live > 0;) {
+      live = 0;
+      std::shuffle(order.begin(), order.end(), schedule_rng());
+      for (const int t : order) {
+        if (fibers[t].done) continue;
+        current = t;
+        thread_idx = dim3(static_cast<unsigned>(t), 0, 0);
+        swapcontext(&scheduler_ctx, &fibers[t].ctx);
+        live += fibers[t].done ? 0 : 1;
       }
+    }
+  }
 }
 
 // ------------------------------------------------------------ launches

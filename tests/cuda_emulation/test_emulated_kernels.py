@@ -1,6 +1,7 @@
 """Every CUDA kernel (csrc/*/cuda/*.cu), run from its real source on the host
-through tests/cuda_emulation/cuda_shim.h (fibers for threads, PTX semantics
-for mma.sync / ldmatrix / shuffles, sm_90 launch limits) and called through
+through tests/cuda_emulation/cuda_shim.h (fibers for threads in a random
+seeded schedule, TK_EMU_SEED; cp.async copies that land late; PTX semantics
+for mma.sync / ldmatrix / shuffles; sm_90 launch limits) and called through
 its public launcher, against the fp64 reference under flash-attn's rule (or
 exactly, for data movement). This checks indexing, fragment layouts, masks,
 reductions and launch configurations on machines without a GPU; timing and

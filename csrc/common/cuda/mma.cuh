@@ -150,13 +150,12 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int l
 }
 
 // 16-byte global -> shared copy; bytes = 0 zero-fills (rows past the end).
-#ifdef TORCHKILN_EMULATE_CUDA
+#ifdef TORCHKILN_EMULATE_CUDA  // tests/cuda_emulation/cuda_shim.h
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {
-  std::memset(dst, 0, 16);
-  if (bytes > 0) std::memcpy(dst, src, 16);
+  ::emu::cp_async_16(dst, src, bytes);
 }
 __device__ __forceinline__ void cp_async_commit() {}
-__device__ __forceinline__ void cp_async_wait_all() {}
+__device__ __forceinline__ void cp_async_wait_all() { ::emu::cp_async_wait_all(); }
 #else
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
