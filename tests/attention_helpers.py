@@ -56,3 +56,17 @@ def random_cache(seq_lens, block_size, kv_heads, d, dtype, spare=3, device="cpu"
     wide = torch.full((len(seq_lens), width + 2), -7, dtype=torch.int32)
     wide[:, :width] = table
     return k, v, wide.to(device)[:, :width], torch.tensor(seq_lens, dtype=torch.int32, device=device)
+
+
+def capture_cuda_graph(step):
+    """Warms `step` up off the capturing stream (as torch.cuda.graph asks),
+    then captures it: (graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    return graph, result

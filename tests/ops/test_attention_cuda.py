@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torchkiln
-from attention_helpers import check_grads, grads, qkv, random_cache
+from attention_helpers import capture_cuda_graph, check_grads, grads, qkv, random_cache
 from conftest import REQUIRES_CUDA
 from reference import assert_within_rule, poison_allocator, to64
 from torchkiln.ops.attention import attention_ref
@@ -195,20 +195,6 @@ def test_chunked_prefill_through_block_table(block_size):
         assert_within_rule(out[qs][None], ref, low, what=f"sequence {s}")
 
 
-def _capture(step):
-    """Warms `step` up off the capturing stream (as torch.cuda.graph asks),
-    then captures it: (graph, what the captured call returned)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = step()
-    return graph, result
-
-
 @pytest.mark.parametrize("max_q", [1, 64], ids=["decode", "prefill"])
 def test_varlen_through_block_table_replays_from_a_cuda_graph(max_q):
     """A serving step (varlen queries reading K/V through the block table)
@@ -229,7 +215,7 @@ def test_varlen_through_block_table_replays_from_a_cuda_graph(max_q):
     q.normal_()
     cu_q.copy_(_cu([max_q] * 3))
     cu_k.copy_(_cu([300, 700, 40]))
-    graph, (out, lse) = _capture(step)
+    graph, (out, lse) = capture_cuda_graph(step)
     replays = ([[1, 1, 1], [300, 701, 41]], [[max_q, max_q // 2 + 1, 1], [max_k, 1 + max_q // 2, 100]])
     for lens_q, lens_k in replays:
         q.normal_()
@@ -265,7 +251,7 @@ def test_varlen_forward_backward_replays_from_a_cuda_graph():
         t.data.normal_()
     cu_q.copy_(_cu([100, 100, 100]))
     cu_k.copy_(_cu([140, 140, 140]))
-    graph, captured = _capture(step)
+    graph, captured = capture_cuda_graph(step)
     for lens_q, lens_k in (([200, 1, 99], [200, 1, 219]), ([0, 150, 150], [120, 300, 0])):
         for t in (q, k, v, dout):
             t.data.normal_()

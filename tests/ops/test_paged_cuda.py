@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torchkiln
-from attention_helpers import random_cache
+from attention_helpers import capture_cuda_graph, random_cache
 from conftest import REQUIRES_CUDA
 from reference import FLOAT_DTYPES, assert_within_rule, poison_allocator
 from torchkiln.memory import PagedKVCache
@@ -123,14 +123,7 @@ def test_decode_step_replays_from_a_cuda_graph():
         return torchkiln.paged_attention(q, k, v, table, lens, return_lse=True)
 
     fill([37, 300, 5])
-    side = torch.cuda.Stream()  # warm up off the capturing stream, as torch.cuda.graph asks
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
+    graph, (out, lse) = capture_cuda_graph(step)
     for new_lens in ([38, 301, 6], [1, capacity, 17]):
         fill(new_lens)
         kc, vc = k.clone(), v.clone()
