@@ -12,6 +12,7 @@ from ._ext import _C
 from .info import info
 from .ops.activation import silu_and_mul
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
+from .ops.kvcache import flash_attn_with_kvcache
 from .ops.norm import fused_add_rms_norm, rms_norm
 from .ops.paged import paged_attention
 from .ops.rotary import apply_rotary
@@ -28,6 +29,7 @@ __all__ = [
     "distributed",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "from_awq",
     "from_gptq",
     "fused_add_rms_norm",

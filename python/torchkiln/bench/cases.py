@@ -11,6 +11,7 @@ import torch
 
 from ..ops.activation import silu_and_mul, silu_and_mul_ref
 from ..ops.attention import flash_attn_func, flash_attn_varlen_func
+from ..ops.kvcache import flash_attn_with_kvcache
 from ..ops.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from ..ops.paged import paged_attention
 from ..ops.quant import quant_matmul
@@ -257,6 +258,33 @@ def _attention_decode(batch, sq, sk, heads, kv_heads, d, dtype):
     return setup
 
 
+def _kvcache_decode(batch, ctx, heads, kv_heads, d, dtype):
+    """flash_attn_with_kvcache's decode step (append one token per sequence
+    to a contiguous cache, attend over ctx keys) against the same two steps
+    in plain PyTorch: an indexed write and SDPA over the filled rows. Every
+    call writes the same slot, so the lengths stay put."""
+
+    def setup(device):
+        q = _randn(batch, 1, heads, d, dtype=dtype, device=device)
+        k, v = (_randn(batch, 1, kv_heads, d, dtype=dtype, device=device) for _ in range(2))
+        kc, vc = (_randn(batch, ctx + 64, kv_heads, d, dtype=dtype, device=device) for _ in range(2))
+        lens = torch.full((batch,), ctx - 1, dtype=torch.int32, device=device)
+        qt = q.transpose(1, 2)
+
+        def baseline():
+            kc[:, ctx - 1], vc[:, ctx - 1] = k[:, 0], v[:, 0]
+            kt, vt = kc[:, :ctx].transpose(1, 2), vc[:, :ctx].transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+        return Prepared(
+            lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True),
+            baseline,
+            2 * q.nbytes + 2 * batch * ctx * kv_heads * d * kc.element_size(),
+        )
+
+    return setup
+
+
 def _attention_varlen(lengths, heads, d, dtype):
     """Packed varlen against SDPA on the same batch padded to the longest sequence."""
 
@@ -439,6 +467,10 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
                       f"{dseqs}x{dctx} ctx, 32/8 heads, d128", bf16,
                       _attention_decode(dseqs, sq, dctx, 32, 8, 128, bf16))
         )
+    all_cases.append(
+        BenchCase("attention", "flash_attn_with_kvcache, append + 1 new token", f"{dseqs}x{dctx} ctx, 32/8 heads, d128",
+                  bf16, _kvcache_decode(dseqs, dctx, 32, 8, 128, bf16))
+    )
     for gseqs, gctx in [(1, 512), (4, 256)] if quick else [(1, 32768), (64, 4096)]:
         all_cases.append(
             BenchCase("attention", "flash_attn fwd, 1 new token", f"{gseqs}x{gctx} ctx, 32/8 heads, d128", bf16,
