@@ -12,6 +12,12 @@ from ._ext import _C
 from .info import info
 from .ops.activation import silu_and_mul
 from .ops.attention import flash_attn_func, flash_attn_varlen_func
+from .ops.attention_packed import (
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from .ops.kvcache import flash_attn_with_kvcache
 from .ops.norm import fused_add_rms_norm, rms_norm
 from .ops.paged import paged_attention
@@ -28,7 +34,11 @@ __all__ = [
     "dequantize",
     "distributed",
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "from_awq",
     "from_gptq",
