@@ -9,7 +9,8 @@
 //     PTX ISA specifies for each lane's registers;
 //   * a cp.async copy lands at once or only at the thread's wait (coin
 //     flip); the dynamic shared buffer is one array (blocks run one at a
-//     time); static __shared__ arrays are refused.
+//     time), NaN bytes when each block starts; static __shared__ arrays are
+//     refused.
 // What it cannot show: timing, occupancy, launch limits, hardware numerics
 // (ex2.approx, tanh.approx) beyond the host's libm.
 //
@@ -271,6 +272,9 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   std::shuffle(blocks.begin(), blocks.end(), schedule_rng());
   for (const dim3& b : blocks) {
     block_idx = b;
+    // Shared memory starts as NaN bytes (0xFF: NaN in fp32, bf16 and fp16), so
+    // a read of anything this block did not write shows.
+    std::memset(dynamic_smem.data(), 0xFF, dynamic_smem.size());
     block_barrier = Barrier{threads};
     warps.assign((threads + 31) / 32, Warp{});
     if (fibers.size() < static_cast<size_t>(threads)) fibers.resize(threads);
