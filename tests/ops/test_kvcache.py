@@ -92,6 +92,22 @@ def test_appends_rotates_and_attends(backend, layout, n, causal, window, rotary,
 
 
 @pytest.mark.parametrize("dev", DEVICES)
+def test_no_new_tokens_with_rotary(dev):
+    """k and v with zero new tokens: nothing is written, q still rotates
+    at cache_seqlens."""
+    k_cache, v_cache, _, _ = make_cache("contiguous", [4, 9], 0, 2, 32, dev, capacity=16)
+    before = k_cache.clone()
+    q = torch.randn(2, 1, 4, 32, device=dev).to(BF16)
+    empty = torch.empty(2, 0, 2, 32, device=dev).to(BF16)
+    cos, sin = rope_cos_sin(32, 64, device=dev)
+    lens = torch.tensor([4, 9], dtype=torch.int32, device=dev)
+    out = fa(q, k_cache, v_cache, empty, empty, cos, sin, cache_seqlens=lens, causal=True)
+    assert torch.equal(k_cache, before)
+    q_rot, _ = torchkiln.apply_rotary(q, None, cos, sin, lens.long()[:, None], interleaved=True)
+    torch.testing.assert_close(out, fa(q_rot, k_cache, v_cache, cache_seqlens=lens, causal=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
 def test_whole_cache_and_int_lengths(dev):
     """No new tokens: cache_seqlens=None reads every row of the cache; an int
     gives every sequence that length; the default scale and no mask."""
@@ -195,6 +211,9 @@ def test_bad_inputs():
         (dict(cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32), block_table=lens[:, None]), ValueError,
          "cache_batch_idx can't be combined with block_table"),
         (dict(num_splits=-1), ValueError, "num_splits must be >= 0"),
+        (dict(block_table=lens[:, None].long()), TypeError, "block_table must be int32"),
+        (dict(block_table=lens), ValueError, r"block_table must be \(batch, max_blocks\)"),
+        (dict(block_table=lens[:1, None]), ValueError, r"block_table must be \(batch, max_blocks\)"),
     ]
     for kw, exc, msg in cases:
         before = k_cache.clone()

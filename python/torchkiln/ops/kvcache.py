@@ -47,6 +47,11 @@ def _block_table(q: Tensor, k_cache: Tensor, cache_batch_idx: Tensor | None, blo
     if block_table is not None:
         if cache_batch_idx is not None:
             raise ValueError(f"{_NAME}: cache_batch_idx can't be combined with block_table")
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"{_NAME}: block_table must be int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] == 0:
+            raise ValueError(f"{_NAME}: block_table must be (batch, max_blocks) = ({batch}, >= 1), "
+                             f"got {tuple(block_table.shape)}")
         return block_table
     if cache_batch_idx is None:
         if batch > k_cache.shape[0]:
@@ -70,9 +75,9 @@ def _new_slots(cache_lens: Tensor, new: int, table: Tensor, block_size: int) -> 
     pos = cache_lens.long().unsqueeze(1) + torch.arange(new, device=cache_lens.device)
     cols = table.shape[1]
     col = pos.div(block_size, rounding_mode="floor")
-    inside = (pos >= 0) & (col < cols)
     block = table.long().gather(1, col.clamp(0, cols - 1))
-    return torch.where(inside & (block >= 0), block * block_size + pos % block_size, -1).flatten()
+    slots = block * block_size + (pos - col * block_size)
+    return slots.masked_fill_((pos < 0) | (col >= cols) | (block < 0), -1).flatten()
 
 
 def flash_attn_with_kvcache(
@@ -165,7 +170,8 @@ def flash_attn_with_kvcache(
         start = cache_lens.long().unsqueeze(1)
         q_pos = start + steps[:seqlen_q] if causal or window_size != (-1, -1) else start.expand(batch, seqlen_q)
         q, _ = apply_rotary(q, None, rotary_cos, rotary_sin, q_pos, interleaved=rotary_interleaved)
-        k, _ = apply_rotary(k, None, rotary_cos, rotary_sin, start + steps[:new], interleaved=rotary_interleaved)
+        if new > 0:
+            k, _ = apply_rotary(k, None, rotary_cos, rotary_sin, start + steps[:new], interleaved=rotary_interleaved)
     if k is not None and new > 0:
         heads_k = k_cache.shape[2]
         reshape_and_cache(k.reshape(batch * new, heads_k, head_dim), v.reshape(batch * new, heads_k, head_dim),
