@@ -8,6 +8,7 @@ reductions and launch configurations on machines without a GPU; timing and
 hardware numerics still need scripts/gpu_check.sh.
 
 Needs g++ (C++20) and the CUDA headers (cuda_bf16.h); skips without them.
+TK_EMU_SANITIZE (e.g. address,undefined) adds the compilers' sanitizers.
 """
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ def emulator(tmp_path_factory) -> Path:
     build = tmp_path_factory.mktemp("emu")
     # -fno-strict-aliasing: CUDA code reinterprets vector registers freely
     # (nvcc's idiom); GCC's type-based alias analysis would miscompile that.
-    flags = [compiler, "-std=c++20", "-O2", "-fno-strict-aliasing", "-DTORCHKILN_EMULATE_CUDA=1",
+    # TK_EMU_SANITIZE=address,undefined (CI's CUDA stage) builds the emulator
+    # with sanitizers: every emulated access outside a host buffer, and every
+    # misaligned vector load (uint4 / float4 keep their 16-byte alignment
+    # here), then fails the test that made it.
+    sanitize = [f"-fsanitize={os.environ['TK_EMU_SANITIZE']}"] if os.environ.get("TK_EMU_SANITIZE") else []
+    flags = [compiler, "-std=c++20", "-O2", "-fno-strict-aliasing", "-DTORCHKILN_EMULATE_CUDA=1", *sanitize,
              f"-I{ROOT / 'csrc'}", f"-I{HERE}", f"-I{include}"]
     kernels = sorted((ROOT / "csrc").glob("*/cuda/*.cu"))
     jobs = [(flags + ["-x", "c++", "-include", "cuda_shim.h", "-c", str(f)], build / f"{f.parent.parent.name}_{f.stem}.o")
@@ -76,7 +82,7 @@ def emulator(tmp_path_factory) -> Path:
         for proc in pool.map(compile_one, jobs):
             assert proc.returncode == 0, proc.stderr[-4000:]
     exe = build / "emulate_kernels"
-    proc = subprocess.run([compiler, "-pthread", *(str(obj) for _, obj in jobs), "-o", str(exe)],
+    proc = subprocess.run([compiler, "-pthread", *sanitize, *(str(obj) for _, obj in jobs), "-o", str(exe)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return exe
@@ -100,6 +106,8 @@ def run(emulator: Path, workdir: Path, config: dict, arrays: dict, sms: int = 13
             t = t.to(torch.int32)
         t.numpy().tofile(workdir / f"{name}.bin")
     env = dict(os.environ, TK_EMU_SMS=str(sms))
+    env.setdefault("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")  # only read by sanitized builds
+    env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
     proc = subprocess.run([str(emulator), str(workdir)], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {p.stem: torch.from_numpy(np.fromfile(p, dtype=np.float32)) for p in workdir.glob("*.bin")
