@@ -220,8 +220,10 @@ def test_bad_inputs():
         with pytest.raises(exc, match=msg):
             fa(q, k_cache, v_cache, **kw)
         assert torch.equal(k_cache, before), f"{kw}: the cache changed although the call raised"
-    with pytest.raises(ValueError, match="q must be"):
+    with pytest.raises(ValueError, match="q must be a non-empty"):
         fa(q[0], k_cache, v_cache)
+    with pytest.raises(ValueError, match="q must be a non-empty"):
+        fa(q[:, :0], k_cache, v_cache)
     with pytest.raises(ValueError, match="k_cache and v_cache must be"):
         fa(q, k_cache, v_cache[:1])
     with pytest.raises(ValueError, match="q has 3 sequences but k_cache only 2"):

@@ -59,7 +59,7 @@ def _block_table(q: Tensor, k_cache: Tensor, cache_batch_idx: Tensor | None, blo
                              "pass cache_batch_idx to pick them")
         return torch.arange(batch, dtype=torch.int32, device=q.device).view(batch, 1)
     idx = _int32_vector(cache_batch_idx, "cache_batch_idx", batch, q.device)
-    if _reads_values(idx) and batch > 0:
+    if _reads_values(idx):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= k_cache.shape[0]:
             raise IndexError(f"{_NAME}: cache_batch_idx must lie in [0, {k_cache.shape[0]}), "
@@ -127,8 +127,9 @@ def flash_attn_with_kvcache(
     """
     if cache_leftpad is not None:
         raise NotImplementedError(f"{_NAME}: cache_leftpad is not supported")
-    if q.dim() != 4:
-        raise ValueError(f"{_NAME}: q must be (batch, seqlen_q, heads, head_dim), got shape {tuple(q.shape)}")
+    if q.dim() != 4 or q.numel() == 0:
+        raise ValueError(f"{_NAME}: q must be a non-empty (batch, seqlen_q, heads, head_dim) tensor, got shape "
+                         f"{tuple(q.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"{_NAME}: k_cache and v_cache must be 4-d tensors of one shape, got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -159,7 +160,7 @@ def flash_attn_with_kvcache(
             if t.dim() != 4 or t.shape != expected:
                 raise ValueError(f"{_NAME}: {name} must be (batch, seqlen_new, heads_k, head_dim) = {expected}, "
                                  f"got {tuple(t.shape)}")
-    if batch > 0 and _reads_values(cache_lens):
+    if _reads_values(cache_lens):
         lo, hi = int(cache_lens.min()), int(cache_lens.max())
         if lo < 0 or hi + new > capacity:
             raise ValueError(f"{_NAME}: cache_seqlens + seqlen_new must lie in [0, {capacity}] (the keys a "
