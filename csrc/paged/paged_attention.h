@@ -46,7 +46,7 @@ struct CopyBlocksParams {
 // Decode: one new query token per sequence, at position seq_len - 1, attends
 // to the sequence's seq_len cached keys with the masks and options of
 // flash_attn_fwd (attention/flash_attn.h). flash_attn's forward also runs
-// here for few queries (CPU) or one query (CUDA) per sequence.
+// here for a few queries per sequence (CPU and CUDA).
 //
 // Query rows: a sequence may have several (CUDA: up to kMaxDecodeRowsCuda), aligned bottom-right
 // as in flash_attn. Row r of R is the query at position diag = seq_len - R +

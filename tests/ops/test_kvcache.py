@@ -211,6 +211,10 @@ def test_bad_inputs():
         (dict(cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32), block_table=lens[:, None]), ValueError,
          "cache_batch_idx can't be combined with block_table"),
         (dict(num_splits=-1), ValueError, "num_splits must be >= 0"),
+        (dict(k=k.float(), v=k.float()), TypeError, "k must have q's dtype"),
+        (dict(k=k, v=k.half()), TypeError, "v must have q's dtype"),
+        (dict(k=k, v=k, cache_seqlens=lens - 3, block_table=torch.tensor([[0], [9]], dtype=torch.int32)), IndexError,
+         r"block_table\[1, 0\] = 9 is not a block of the cache \[0, 4\), and new token 0 of sequence 1"),
         (dict(block_table=lens[:, None].long()), TypeError, "block_table must be int32"),
         (dict(block_table=lens), ValueError, r"block_table must be \(batch, max_blocks\)"),
         (dict(block_table=lens[:1, None]), ValueError, r"block_table must be \(batch, max_blocks\)"),
@@ -226,6 +230,10 @@ def test_bad_inputs():
         fa(q[:, :0], k_cache, v_cache)
     with pytest.raises(ValueError, match="k_cache and v_cache must be"):
         fa(q, k_cache, v_cache[:1])
+    with pytest.raises(TypeError, match="k_cache must have q's dtype"):
+        fa(q.half(), k_cache, v_cache)
+    with pytest.raises(TypeError, match="v_cache must have q's dtype"):
+        fa(q, k_cache, v_cache.half())
     with pytest.raises(ValueError, match="q has 3 sequences but k_cache only 2"):
         fa(torch.randn(3, 1, 4, 32).to(BF16), k_cache[:2], v_cache[:2])
     with pytest.raises(NotImplementedError, match="no backward through a paged KV cache"):

@@ -30,6 +30,14 @@ def _reads_values(t: Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _like(t: Tensor, name: str, q: Tensor) -> None:
+    """t must share q's dtype and device (the caches, k, v)."""
+    if t.dtype != q.dtype:
+        raise TypeError(f"{_NAME}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{_NAME}: {name} must be on {q.device} like q, got {t.device}")
+
+
 def _int32_vector(t: Tensor, name: str, batch: int, device: torch.device) -> Tensor:
     if t.dtype != torch.int32:
         raise TypeError(f"{_NAME}: {name} must be int32, got {t.dtype}")
@@ -49,6 +57,8 @@ def _block_table(q: Tensor, k_cache: Tensor, cache_batch_idx: Tensor | None, blo
             raise ValueError(f"{_NAME}: cache_batch_idx can't be combined with block_table")
         if block_table.dtype != torch.int32:
             raise TypeError(f"{_NAME}: block_table must be int32, got {block_table.dtype}")
+        if block_table.device != q.device:
+            raise ValueError(f"{_NAME}: block_table must be on {q.device} like q, got {block_table.device}")
         if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] == 0:
             raise ValueError(f"{_NAME}: block_table must be (batch, max_blocks) = ({batch}, >= 1), "
                              f"got {tuple(block_table.shape)}")
@@ -67,17 +77,23 @@ def _block_table(q: Tensor, k_cache: Tensor, cache_batch_idx: Tensor | None, blo
     return idx.view(batch, 1)
 
 
-def _new_slots(cache_lens: Tensor, new: int, table: Tensor, block_size: int) -> Tensor:
+def _new_slots(cache_lens: Tensor, new: int, table: Tensor, block_size: int, num_blocks: int) -> Tensor:
     """Cache slots of the new tokens, (batch * new,) int64: token i of
-    sequence b goes to position cache_lens[b] + i. Positions outside the
-    table get -1 (skipped; the attention's checks report them in eager mode)
-    so an unchecked call never writes outside its sequence's blocks."""
+    sequence b goes to position cache_lens[b] + i. A block id outside the
+    cache raises before anything is written (eager); unchecked (compiling,
+    capturing), it and positions outside the table get -1, which the write
+    skips, so no call writes outside the cache."""
     pos = cache_lens.long().unsqueeze(1) + torch.arange(new, device=cache_lens.device)
     cols = table.shape[1]
-    col = pos.div(block_size, rounding_mode="floor")
-    block = table.long().gather(1, col.clamp(0, cols - 1))
+    col = pos.div(block_size, rounding_mode="floor").clamp_(0, cols - 1)
+    block = table.long().gather(1, col)
+    bad_id = (block < 0) | (block >= num_blocks)
+    if _reads_values(bad_id) and bool(bad_id.any()):
+        b, i = (int(x) for x in bad_id.nonzero()[0])
+        raise IndexError(f"{_NAME}: block_table[{b}, {int(col[b, i])}] = {int(block[b, i])} is not a block of "
+                         f"the cache [0, {num_blocks}), and new token {i} of sequence {b} goes there")
     slots = block * block_size + (pos - col * block_size)
-    return slots.masked_fill_((pos < 0) | (col >= cols) | (block < 0), -1).flatten()
+    return slots.masked_fill_((pos < 0) | (pos >= cols * block_size) | bad_id, -1).flatten()
 
 
 def flash_attn_with_kvcache(
@@ -135,6 +151,9 @@ def flash_attn_with_kvcache(
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if (k is None) != (v is None):
         raise ValueError(f"{_NAME}: k and v must be given together")
+    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache"), (k, "k"), (v, "v")):
+        if t is not None:
+            _like(t, name, q)
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError(f"{_NAME}: rotary_cos and rotary_sin must be given together")
     if rotary_cos is not None and k is None:
@@ -176,7 +195,7 @@ def flash_attn_with_kvcache(
     if k is not None and new > 0:
         heads_k = k_cache.shape[2]
         reshape_and_cache(k.reshape(batch * new, heads_k, head_dim), v.reshape(batch * new, heads_k, head_dim),
-                          k_cache, v_cache, _new_slots(cache_lens, new, table, block_size))
+                          k_cache, v_cache, _new_slots(cache_lens, new, table, block_size, k_cache.shape[0]))
 
     zero = torch.zeros(1, dtype=torch.int32, device=q.device)
     cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=q.device)
