@@ -84,6 +84,27 @@ def test_cli_bench_writes_table_json_and_plot(tmp_path):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_run_records_a_failing_case_and_goes_on():
+    from torchkiln.bench import BenchCase, run_cases
+    from torchkiln.bench.cases import Prepared
+
+    def broken(device):
+        raise RuntimeError("setup exploded")
+
+    def working(device):
+        x = torch.randn(64, 64)
+        return Prepared(lambda: x * 2, lambda: x + x, 2 * x.nbytes)
+
+    cases = [BenchCase("norm", "broken", "64x64", torch.float32, broken),
+             BenchCase("norm", "working", "64x64", torch.float32, working)]
+    seen, errors = [], []
+    results = run_cases(cases, repeat=1, warmup=0, on_result=seen.append, errors=errors)
+    assert [r.name for r in results] == ["working"] and seen == results
+    assert len(errors) == 1 and "broken" in errors[0] and "setup exploded" in errors[0]
+    with pytest.raises(RuntimeError, match="setup exploded"):
+        run_cases(cases, repeat=1, warmup=0)
+
+
 def test_cli_bench_rejects_unknown_family():
     proc = subprocess.run([sys.executable, "-m", "torchkiln", "bench", "--family", "nope"],
                           capture_output=True, text=True, timeout=300)

@@ -28,7 +28,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import cases_for, run_cases
-    from .bench.runner import format_table, write_json, write_plot
+    from .bench.runner import format_row, format_table, write_json, write_plot
     from .info import info
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -38,8 +38,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     steady_malloc = args.device == "cpu" and not args.system_malloc and keep_freed_memory_mapped()
     cases = cases_for(args.family, quick=args.quick, device=args.device)
-    results = run_cases(cases, device=args.device, repeat=args.repeat, warmup=args.warmup)
+    errors: list[str] = []
+    progress = (lambda r: print(format_row(r), flush=True)) if args.progress else None
+    results = run_cases(cases, device=args.device, repeat=args.repeat, warmup=args.warmup,
+                        on_result=progress, errors=errors)
     print(format_table(results))
+    for e in errors:
+        print(f"FAILED: {e}", file=sys.stderr)
     if args.device == "cpu":
         print("allocator: " + ("glibc heap kept (no page faults on reuse; --system-malloc to disable)"
                                if steady_malloc else "system default"))
@@ -57,7 +62,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         write_plot(results, args.plot)
         print(f"wrote {args.plot}")
-    return 0
+    return 1 if errors else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios")
     p_bench.add_argument("--repeat", type=int, default=10, help="timed calls per implementation (median)")
     p_bench.add_argument("--warmup", type=int, default=2)
+    p_bench.add_argument("--progress", action="store_true", help="print each row as soon as it is measured")
     p_bench.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
     p_bench.add_argument(
         "--system-malloc", action="store_true",

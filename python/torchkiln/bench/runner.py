@@ -6,6 +6,7 @@ import gc
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -30,26 +31,51 @@ class BenchResult:
     baseline_gflops: float | None = None
 
 
-def run_cases(cases: list[BenchCase], device: str = "cpu", repeat: int = 10, warmup: int = 2) -> list[BenchResult]:
+def run_cases(
+    cases: list[BenchCase], device: str = "cpu", repeat: int = 10, warmup: int = 2,
+    on_result: Callable[[BenchResult], None] | None = None, errors: list[str] | None = None,
+) -> list[BenchResult]:
+    """Times every case. `on_result` sees each row as soon as it is measured
+    (a run cut short still shows what it got). With an `errors` list, a case
+    that raises is recorded there and the run goes on; without one it raises."""
     copy = copy_bandwidth_gbs(device)
     results = []
     for case in cases:
-        prepared = case.setup(device)
-        ours, base = time_pair(prepared.ours, prepared.baseline, device, warmup=warmup, repeat=repeat)
-        gbs = prepared.min_bytes / ours / 1e9
-        flops = prepared.flops
-        results.append(
-            BenchResult(
-                case.family, case.name, case.shape, str(case.dtype).removeprefix("torch."), device,
-                ours * 1e3, base * 1e3, base / ours, gbs, copy, 100.0 * gbs / copy,
-                flops / ours / 1e9 if flops else None, flops / base / 1e9 if flops else None,
-            )
-        )
-        del prepared
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        try:
+            result = _run_case(case, device, repeat, warmup, copy)
+        except Exception as exc:
+            if errors is None:
+                raise
+            errors.append(f"{case.family} / {case.name} / {case.shape} / {case.dtype}: {type(exc).__name__}: {exc}")
+            continue
+        finally:
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
     return results
+
+
+def _run_case(case: BenchCase, device: str, repeat: int, warmup: int, copy: float) -> BenchResult:
+    prepared = case.setup(device)
+    ours, base = time_pair(prepared.ours, prepared.baseline, device, warmup=warmup, repeat=repeat)
+    gbs = prepared.min_bytes / ours / 1e9
+    flops = prepared.flops
+    return BenchResult(
+        case.family, case.name, case.shape, str(case.dtype).removeprefix("torch."), device,
+        ours * 1e3, base * 1e3, base / ours, gbs, copy, 100.0 * gbs / copy,
+        flops / ours / 1e9 if flops else None, flops / base / 1e9 if flops else None,
+    )
+
+
+def format_row(r: BenchResult) -> str:
+    """One measured row on one line, for progress output."""
+    speed = f"{r.ours_gflops:.0f} GFLOP/s (base {r.baseline_gflops:.0f})" if r.ours_gflops else (
+        f"{r.ours_gbs:.1f} GB/s = {r.pct_of_copy:.0f}% copy")
+    return (f"{r.family} | {r.name} | {r.shape} | {r.dtype} | {r.ours_ms:.3f} ms vs {r.baseline_ms:.3f} ms | "
+            f"{r.ratio:.2f}x | {speed}")
 
 
 def format_table(results: list[BenchResult]) -> str:
