@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -137,3 +138,17 @@ def test_cuda_tensor_on_cpu_only_build_is_rejected():
         pytest.skip("only meaningful for a CPU-only build on a GPU machine")
     with pytest.raises(NotImplementedError):
         torchkiln.rms_norm(torch.randn(2, 8, device="cuda"), torch.ones(8, device="cuda"))
+
+
+def test_module_uses_the_shared_cxx_runtime():
+    """_C must not carry its own copy of libstdc++'s stream code: mixed with the
+    process's libstdc++ it crashed formatting error messages (a toolchain that
+    ships only libstdc++.a does that unless CMakeLists.txt links the shared one)."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("needs binutils' nm")
+    syms = subprocess.run([nm, "-D", "--defined-only", torchkiln._C.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    assert "_ZNSo9_M_insertIlEERSoT_" not in syms  # std::ostream::_M_insert<long>, libstdc++.so's own
+    with pytest.raises(ValueError, match=r"must be even, got 5"):
+        torch.ops.torchkiln.silu_and_mul(torch.randn(3, 5))

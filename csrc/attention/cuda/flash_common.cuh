@@ -115,7 +115,7 @@ __device__ __forceinline__ float score_log2(const ScoreRule& r, float raw, int i
   if (!r.modified) return raw * r.scale_log2;
   float s = raw * r.scale;
   if (r.softcap > 0.0f) {
-    const float t = tanhf(s / r.softcap);
+    const float t = cuda::tanh_accurate(s / r.softcap);
     s = r.softcap * t;
     if (cap_grad != nullptr) *cap_grad = 1.0f - t * t;
   }

@@ -48,6 +48,14 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
   return __float2half_rn(x);
 }
 
+// tanh to about 1e-7 absolute. The build's --use_fast_math turns tanhf into
+// the tanh.approx instruction (about 5e-4 relative), too coarse for fp32
+// attention with a softcap (scores are scaled by the cap afterwards).
+__device__ __forceinline__ float tanh_accurate(float x) {
+  const float e = __expf(2.0f * fabsf(x));  // inf for large |x|: the result is then +-1
+  return copysignf(1.0f - 2.0f / (e + 1.0f), x);
+}
+
 // Calls f(T{}) with T the CUDA storage type for dtype.
 template <class F>
 void dispatch_dtype(DType dtype, const F& f) {

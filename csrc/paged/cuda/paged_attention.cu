@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
     for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
       if (hh >= nh) break;
       float sc = acc[hh] * p.scale;
-      if (p.softcap > 0.0f) sc = p.softcap * tanhf(sc / p.softcap);
+      if (p.softcap > 0.0f) sc = p.softcap * cuda::tanh_accurate(sc / p.softcap);
       if (p.alibi_slopes != nullptr) {
         const int h = hk * group + (v0 + hh) % group;
         sc -= p.alibi_slopes[s * p.alibi_seq_stride + h] * fabsf(static_cast<float>(sPos[hh] - j));
