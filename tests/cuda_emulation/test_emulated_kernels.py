@@ -452,7 +452,7 @@ def test_paged_decode_unchecked_values_stay_in_cache(emulator, tmp_path):
 
 # ----------------------------------------------------------------------------- the other families
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows,hidden,fused", [(3, 7, False), (5, 1023, True), (700, 64, False)])
+@pytest.mark.parametrize("rows,hidden,fused", [(3, 7, False), (5, 1023, True), (700, 64, False), (9, 2056, True)])
 def test_rms_norm(emulator, tmp_path, dtype, rows, hidden, fused):
     x = (2 * torch.randn(rows, hidden)).to(dtype)
     w = (1 + 0.5 * torch.randn(hidden)).to(dtype)

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -46,6 +47,34 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) {
   return __float2half_rn(x);
+}
+
+// Eight consecutive elements as fp32, and back: one 16-byte access for
+// bf16 / fp16, two for fp32. p must be 16-byte aligned.
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+template <class T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  T e[8];
+  memcpy(e, &raw, sizeof(raw));  // not a pointer cast: reading a uint4 as T breaks type-based alias analysis
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
+}
+__device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
+}
+template <class T>
+__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+  T e[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = from_float<T>(v[i]);
+  uint4 raw;
+  memcpy(&raw, e, sizeof(raw));
+  *reinterpret_cast<uint4*>(p) = raw;
 }
 
 // tanh to about 1e-7 absolute. The build's --use_fast_math turns tanhf into

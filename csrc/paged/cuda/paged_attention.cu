@@ -28,6 +28,7 @@ namespace torchkiln {
 namespace {
 
 using cuda::from_float;
+using cuda::load8;
 using cuda::packed_span;
 using cuda::PackedSpan;
 using cuda::to_float;
@@ -39,20 +40,6 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kWork = 8192;          // floats: scores (8 x 512) or P V partials (8 x <= 1024)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-// Eight consecutive elements as fp32 (16 bytes of bf16 / fp16, 32 of fp32).
-__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
-  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
-  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-}
-template <class T>
-__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  T e[8];
-  memcpy(e, &raw, sizeof(raw));  // not a pointer cast: reading a uint4 as T breaks type-based alias analysis
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
-}
 
 // Sequence s's query rows (tokens of q, out and lse): the first and how
 // many; and its keys: where key 0 of head 0 is when they lie in place, and
