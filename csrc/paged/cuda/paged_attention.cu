@@ -4,9 +4,9 @@
 // one row per sequence for decode, a few for speculative decoding, each row
 // with its own causal limit and window. The K/V of a chunk are read once for
 // all the block's vectors:
-//   1. scores: a group of D/8 lanes (rounded up to a power of two) per key,
-//      16 contiguous bytes each (coalesced), against the query vectors held
-//      in registers; shuffles sum each group's partial dot products;
+//   1. scores: one thread per key, the whole key row in 16-byte loads, dot
+//      products against q held in shared memory (all lanes read the same q
+//      element at once: a broadcast, no bank conflicts);
 //   2. softmax of the chunk: one warp per head;
 //   3. P V: D/8 threads cover a value row with 16-byte loads (coalesced),
 //      128 / (D/8) rows in flight, partial sums reduced in shared memory.
@@ -91,23 +91,15 @@ __device__ __forceinline__ KeyRange key_range(const PagedAttnParams& p, int len,
   return k;
 }
 
-// Lanes that share one key row in the score pass: a power of two covering
-// its D / 8 16-byte pieces, at most a warp.
-__device__ __forceinline__ int score_lanes(int D) {
-  int lanes = 1;
-  while (lanes * 8 < D && lanes < 32) lanes *= 2;
-  return lanes;
-}
-
 // Shared memory: q (8 x 256), the work buffer, per-vector max and sum, key
 // range and position.
 constexpr size_t kDecodeSmemBytes =
     (kHeadsPerBlock * kMaxHeadDim + kWork + 2 * kHeadsPerBlock) * sizeof(float) + 3 * kHeadsPerBlock * sizeof(int);
 
-// Four blocks per SM (shared memory would allow five): the query vectors held
-// in registers by the score pass need up to 128.
+// Five blocks per SM, as many as shared memory allows (5 x 40 KiB): capped at
+// 96 registers, ptxas fits it without spilling (sm_90, nvcc 13.0).
 template <class T>
-__global__ void __launch_bounds__(kThreads, 4) paged_decode_kernel(const PagedAttnParams p, int group_blocks) {
+__global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAttnParams p, int group_blocks) {
   TK_DYNAMIC_SMEM(smem);
   float(*sQ)[kMaxHeadDim] = reinterpret_cast<float(*)[kMaxHeadDim]>(smem);
   float* sWork = reinterpret_cast<float*>(smem) + kHeadsPerBlock * kMaxHeadDim;
@@ -152,52 +144,32 @@ __global__ void __launch_bounds__(kThreads, 4) paged_decode_kernel(const PagedAt
   }
   __syncthreads();
 
-  // 1. Scores (base 2), sWork[hh * kMaxChunk + jj]. A group of `lanes`
-  // lanes reads one key row, 8 elements each, so a warp's 16-byte loads are
-  // contiguous; each lane keeps its 8 elements of every query vector in
-  // registers, and shuffles sum the group's partial dot products. The loop
-  // runs the same trips on every lane (the shuffles need the whole warp).
-  const int lanes = score_lanes(D), key_groups = kThreads / lanes;
-  const int key_group = threadIdx.x / lanes, col = (threadIdx.x % lanes) * 8;
-  const bool has_cols = col < D;  // D / 8 need not be a power of two
-  float q_reg[kHeadsPerBlock][8];
-#pragma unroll
-  for (int hh = 0; hh < kHeadsPerBlock; ++hh)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) q_reg[hh][e] = hh < nh && has_cols ? sQ[hh][col + e] : 0.0f;
+  // 1. Scores (base 2), sWork[hh * kMaxChunk + jj].
   const T* kc = static_cast<const T*>(p.key_cache);
-#pragma unroll 2
-  for (int jj0 = 0; jj0 < n; jj0 += key_groups) {
-    const int jj = jj0 + key_group, j = begin + jj;
-    const bool valid = jj < n;
-    float kv[8] = {};
-    if (valid && has_cols) load8(kc + cache_row(p, base, s, j, hk) + col, kv);
-    float acc[kHeadsPerBlock];
-#pragma unroll
-    for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
-      acc[hh] = 0.0f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[hh] += q_reg[hh][e] * kv[e];
-    }
-    for (int o = lanes / 2; o > 0; o >>= 1)
+  for (int jj = threadIdx.x; jj < n; jj += kThreads) {
+    const int j = begin + jj;
+    const T* krow = kc + cache_row(p, base, s, j, hk);
+    float acc[kHeadsPerBlock] = {};
+    for (int d0 = 0; d0 < D; d0 += 8) {
+      float kv[8];
+      load8(krow + d0, kv);
 #pragma unroll
       for (int hh = 0; hh < kHeadsPerBlock; ++hh)
-        if (hh < nh) acc[hh] += __shfl_xor_sync(0xffffffffu, acc[hh], o);
-    // Lane hh of the group finishes vector hh's score (nh <= 8 <= lanes
-    // unless D < 64; then lanes loop over the remaining vectors).
-    if (valid)
-      for (int hh0 = threadIdx.x % lanes; hh0 < nh; hh0 += lanes)
+        if (hh < nh)
 #pragma unroll
-        for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
-          if (hh != hh0) continue;
-          float sc = acc[hh] * p.scale;
-          if (p.softcap > 0.0f) sc = p.softcap * cuda::tanh_accurate(sc / p.softcap);
-          if (p.alibi_slopes != nullptr) {
-            const int h = hk * group + (v0 + hh) % group;
-            sc -= p.alibi_slopes[s * p.alibi_seq_stride + h] * fabsf(static_cast<float>(sPos[hh] - j));
-          }
-          sWork[hh * kMaxChunk + jj] = j < sFirst[hh] || j > sLast[hh] ? -INFINITY : sc * kLog2e;
-        }
+          for (int e = 0; e < 8; ++e) acc[hh] += sQ[hh][d0 + e] * kv[e];
+    }
+#pragma unroll
+    for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
+      if (hh >= nh) break;
+      float sc = acc[hh] * p.scale;
+      if (p.softcap > 0.0f) sc = p.softcap * cuda::tanh_accurate(sc / p.softcap);
+      if (p.alibi_slopes != nullptr) {
+        const int h = hk * group + (v0 + hh) % group;
+        sc -= p.alibi_slopes[s * p.alibi_seq_stride + h] * fabsf(static_cast<float>(sPos[hh] - j));
+      }
+      sWork[hh * kMaxChunk + jj] = j < sFirst[hh] || j > sLast[hh] ? -INFINITY : sc * kLog2e;
+    }
   }
   __syncthreads();
 
