@@ -68,32 +68,53 @@ def _block_table(q: Tensor, k_cache: Tensor, cache_batch_idx: Tensor | None, blo
             raise ValueError(f"{_NAME}: q has {batch} sequences but k_cache only {k_cache.shape[0]}; "
                              "pass cache_batch_idx to pick them")
         return torch.arange(batch, dtype=torch.int32, device=q.device).view(batch, 1)
-    idx = _int32_vector(cache_batch_idx, "cache_batch_idx", batch, q.device)
-    if _reads_values(idx):
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= k_cache.shape[0]:
-            raise IndexError(f"{_NAME}: cache_batch_idx must lie in [0, {k_cache.shape[0]}), "
-                             f"got values in [{lo}, {hi}]")
-    return idx.view(batch, 1)
+    # Its values are checked with the others, in _check_values.
+    return _int32_vector(cache_batch_idx, "cache_batch_idx", batch, q.device).view(batch, 1)
 
 
-def _new_slots(cache_lens: Tensor, new: int, table: Tensor, block_size: int, num_blocks: int) -> Tensor:
+def _new_slots(cache_lens: Tensor, new: int, table: Tensor, block_size: int, num_blocks: int
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Cache slots of the new tokens, (batch * new,) int64: token i of
-    sequence b goes to position cache_lens[b] + i. A block id outside the
-    cache raises before anything is written (eager); unchecked (compiling,
-    capturing), it and positions outside the table get -1, which the write
-    skips, so no call writes outside the cache."""
+    sequence b goes to position cache_lens[b] + i. Also returns, (batch, new)
+    each, whether that token's block id lies outside the cache, the table
+    column and the id (for _check_values' message). Slots of such tokens and
+    of positions outside the table are -1, which the write skips, so even an
+    unchecked call (compiling, capturing) never writes outside the cache."""
     pos = cache_lens.long().unsqueeze(1) + torch.arange(new, device=cache_lens.device)
     cols = table.shape[1]
     col = pos.div(block_size, rounding_mode="floor").clamp_(0, cols - 1)
     block = table.long().gather(1, col)
     bad_id = (block < 0) | (block >= num_blocks)
-    if _reads_values(bad_id) and bool(bad_id.any()):
-        b, i = (int(x) for x in bad_id.nonzero()[0])
-        raise IndexError(f"{_NAME}: block_table[{b}, {int(col[b, i])}] = {int(block[b, i])} is not a block of "
-                         f"the cache [0, {num_blocks}), and new token {i} of sequence {b} goes there")
     slots = block * block_size + (pos - col * block_size)
-    return slots.masked_fill_((pos < 0) | (pos >= cols * block_size) | bad_id, -1).flatten()
+    return slots.masked_fill_((pos < 0) | (pos >= cols * block_size) | bad_id, -1).flatten(), bad_id, col, block
+
+
+def _check_values(cache_lens: Tensor, new: int, capacity: int, cache_batch_idx: Tensor | None, num_rows: int,
+                  new_slots: tuple[Tensor, Tensor, Tensor, Tensor] | None) -> None:
+    """The checks that read tensor values, in one transfer to the host (on
+    CUDA one synchronisation per call, not one per check). num_rows: the
+    caches' first dim (sequences of a contiguous cache, blocks of a paged one)."""
+    stats = [cache_lens.min(), cache_lens.max()]
+    if cache_batch_idx is not None:
+        stats += [cache_batch_idx.min(), cache_batch_idx.max()]
+    if new_slots is not None:
+        _, bad_id, col, block = new_slots
+        first = bad_id.flatten().int().argmax()  # the first bad token, when any
+        stats += [bad_id.any(), first, col.flatten()[first], block.flatten()[first]]
+    vals = torch.stack([t.long() for t in stats]).tolist()
+    lo, hi = vals[:2]
+    if cache_batch_idx is not None:
+        idx_lo, idx_hi = vals[2:4]
+        if idx_lo < 0 or idx_hi >= num_rows:
+            raise IndexError(f"{_NAME}: cache_batch_idx must lie in [0, {num_rows}), got values in [{idx_lo}, {idx_hi}]")
+    if lo < 0 or hi + new > capacity:
+        raise ValueError(f"{_NAME}: cache_seqlens + seqlen_new must lie in [0, {capacity}] (the keys a "
+                         f"sequence's cache holds), got cache_seqlens in [{lo}, {hi}] and seqlen_new {new}")
+    if new_slots is not None and vals[-4]:
+        first, col, block = vals[-3:]
+        b, i = divmod(first, new)
+        raise IndexError(f"{_NAME}: block_table[{b}, {col}] = {block} is not a block of the cache [0, {num_rows}), "
+                         f"and new token {i} of sequence {b} goes there")
 
 
 def flash_attn_with_kvcache(
@@ -179,11 +200,10 @@ def flash_attn_with_kvcache(
             if t.dim() != 4 or t.shape != expected:
                 raise ValueError(f"{_NAME}: {name} must be (batch, seqlen_new, heads_k, head_dim) = {expected}, "
                                  f"got {tuple(t.shape)}")
-    if _reads_values(cache_lens):
-        lo, hi = int(cache_lens.min()), int(cache_lens.max())
-        if lo < 0 or hi + new > capacity:
-            raise ValueError(f"{_NAME}: cache_seqlens + seqlen_new must lie in [0, {capacity}] (the keys a "
-                             f"sequence's cache holds), got cache_seqlens in [{lo}, {hi}] and seqlen_new {new}")
+    new_slots = _new_slots(cache_lens, new, table, block_size, k_cache.shape[0]) if new > 0 else None
+    if _reads_values(q):
+        _check_values(cache_lens, new, capacity, table if cache_batch_idx is not None else None, k_cache.shape[0],
+                      new_slots)
 
     if rotary_cos is not None:
         steps = torch.arange(max(seqlen_q, new), device=q.device)
@@ -192,10 +212,10 @@ def flash_attn_with_kvcache(
         q, _ = apply_rotary(q, None, rotary_cos, rotary_sin, q_pos, interleaved=rotary_interleaved)
         if new > 0:
             k, _ = apply_rotary(k, None, rotary_cos, rotary_sin, start + steps[:new], interleaved=rotary_interleaved)
-    if k is not None and new > 0:
+    if new_slots is not None:
         heads_k = k_cache.shape[2]
         reshape_and_cache(k.reshape(batch * new, heads_k, head_dim), v.reshape(batch * new, heads_k, head_dim),
-                          k_cache, v_cache, _new_slots(cache_lens, new, table, block_size, k_cache.shape[0]))
+                          k_cache, v_cache, new_slots[0])
 
     zero = torch.zeros(1, dtype=torch.int32, device=q.device)
     cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=q.device)
