@@ -7,6 +7,8 @@
 // The configs in flash_fwd.cuh / flash_bwd.cuh were picked with it (H200, 2026-12-01).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <initializer_list>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -23,61 +25,25 @@ struct Cfg {
   static constexpr size_t kSmemBytes(size_t elem) { return (kBlockM + 2 * kBlockN) * kLd * elem; }
 };
 
-constexpr int B = 8, H = 16, S = 4096, D = 128;
-
-template <class C>
-float run(const char* name, FlashAttnParams p, bool causal, std::vector<uint16_t>* out_host, const std::vector<uint16_t>* ref) {
-  p.window_right = causal ? 0 : -1;
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  for (int i = 0; i < 3; ++i) run_flash_fwd<__nv_bfloat16, D, C>(p, 0);
-  std::vector<float> ms;
-  for (int i = 0; i < 10; ++i) {
-    cudaEventRecord(a);
-    run_flash_fwd<__nv_bfloat16, D, C>(p, 0);
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float t;
-    cudaEventElapsedTime(&t, a, b);
-    ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  const double flops = 4.0 * B * H * (double)S * S * D * (causal ? 0.5 : 1.0);
-  std::vector<uint16_t> o(size_t(B) * S * H * D);
-  cudaMemcpy(o.data(), p.out.ptr, o.size() * 2, cudaMemcpyDeviceToHost);
-  double maxdiff = 0;
-  if (ref)
-    for (size_t i = 0; i < o.size(); ++i) {
-      float x, y;
-      uint32_t ux = uint32_t(o[i]) << 16, uy = uint32_t((*ref)[i]) << 16;
-      memcpy(&x, &ux, 4);
-      memcpy(&y, &uy, 4);
-      maxdiff = std::max(maxdiff, (double)std::fabs(x - y));
-    }
-  if (out_host) *out_host = o;
-  printf("%-22s %-9s %8.3f ms %7.1f TFLOP/s  maxdiff %.3g  err %s\n", name, causal ? "causal" : "full", ms[5],
-         flops / ms[5] / 1e9, maxdiff, cudaGetErrorString(cudaGetLastError()));
-  return ms[5];
-}
-
 template <int A, int B>
 struct BC : BwdConfig<128> {
   static constexpr int kDkdvMinBlocks = A, kDqMinBlocks = B;
 };
 
-template <class C>
-void run_bwd(const char* name, FlashAttnBwdParams bp, bool causal, std::vector<uint16_t>* out_host,
-             const std::vector<uint16_t>* ref) {
-  bp.fwd.window_right = causal ? 0 : -1;
+constexpr int B = 8, H = 16, S = 4096, D = 128;
+constexpr size_t kElems = size_t(B) * S * H * D;
+
+// Median milliseconds of `launch` over `repeat` runs after `warmup`.
+template <class F>
+float median_ms(const F& launch, int warmup, int repeat) {
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
-  for (int i = 0; i < 2; ++i) run_flash_bwd<__nv_bfloat16, D, C>(bp, 0);
+  for (int i = 0; i < warmup; ++i) launch();
   std::vector<float> ms;
-  for (int i = 0; i < 7; ++i) {
+  for (int i = 0; i < repeat; ++i) {
     cudaEventRecord(a);
-    run_flash_bwd<__nv_bfloat16, D, C>(bp, 0);
+    launch();
     cudaEventRecord(b);
     cudaEventSynchronize(b);
     float t;
@@ -85,35 +51,65 @@ void run_bwd(const char* name, FlashAttnBwdParams bp, bool causal, std::vector<u
     ms.push_back(t);
   }
   std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// The bf16 tensors at `ptrs` copied to the host, one after another.
+std::vector<uint16_t> to_host(std::initializer_list<const void*> ptrs) {
+  std::vector<uint16_t> out(ptrs.size() * kElems);
+  size_t at = 0;
+  for (const void* p : ptrs) {
+    cudaMemcpy(out.data() + at, p, kElems * 2, cudaMemcpyDeviceToHost);
+    at += kElems;
+  }
+  return out;
+}
+
+float bf16_value(uint16_t bits) {
+  const uint32_t u = uint32_t(bits) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+double max_diff(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, (double)std::fabs(bf16_value(a[i]) - bf16_value(b[i])));
+  return m;
+}
+
+// Prints one config's time; the first printed (ref still empty) becomes the reference.
+void report(const char* what, const char* name, bool causal, float ms, double flops,
+            const std::vector<uint16_t>& out, std::vector<uint16_t>& ref) {
+  const bool first = ref.empty();
+  if (first) ref = out;
+  printf("%-4s %-18s %-7s %8.3f ms %7.1f TFLOP/s  max diff vs shipped %.3g  %s\n", what, name,
+         causal ? "causal" : "full", ms, flops / ms / 1e9, first ? 0.0 : max_diff(out, ref),
+         cudaGetErrorString(cudaGetLastError()));
+}
+
+template <class C>
+void run_fwd(const char* name, FlashAttnParams p, bool causal, std::vector<uint16_t>& ref) {
+  p.window_right = causal ? 0 : -1;
+  const float ms = median_ms([&] { run_flash_fwd<__nv_bfloat16, D, C>(p, 0); }, 3, 10);
+  const double flops = 4.0 * B * H * (double)S * S * D * (causal ? 0.5 : 1.0);
+  report("fwd", name, causal, ms, flops, to_host({p.out.ptr}), ref);
+}
+
+template <class C>
+void run_bwd(const char* name, FlashAttnBwdParams bp, bool causal, std::vector<uint16_t>& ref) {
+  const float ms = median_ms([&] { run_flash_bwd<__nv_bfloat16, D, C>(bp, 0); }, 2, 7);
   const double flops = 2.5 * 4.0 * B * H * (double)S * S * D * (causal ? 0.5 : 1.0);
-  const size_t n = size_t(B) * S * H * D;
-  std::vector<uint16_t> o(3 * n);
-  cudaMemcpy(o.data(), bp.dq.ptr, n * 2, cudaMemcpyDeviceToHost);
-  cudaMemcpy(o.data() + n, bp.dk.ptr, n * 2, cudaMemcpyDeviceToHost);
-  cudaMemcpy(o.data() + 2 * n, bp.dv.ptr, n * 2, cudaMemcpyDeviceToHost);
-  double maxdiff = 0;
-  if (ref)
-    for (size_t i = 0; i < o.size(); ++i) {
-      float x, y;
-      uint32_t ux = uint32_t(o[i]) << 16, uy = uint32_t((*ref)[i]) << 16;
-      memcpy(&x, &ux, 4);
-      memcpy(&y, &uy, 4);
-      maxdiff = std::max(maxdiff, (double)std::fabs(x - y));
-    }
-  if (out_host) *out_host = o;
-  printf("bwd %-18s %-9s %8.3f ms %7.1f TFLOP/s  maxdiff %.3g  err %s\n", name, causal ? "causal" : "full", ms[3],
-         flops / ms[3] / 1e9, maxdiff, cudaGetErrorString(cudaGetLastError()));
+  report("bwd", name, causal, ms, flops, to_host({bp.dq.ptr, bp.dk.ptr, bp.dv.ptr}), ref);
 }
 
 void bwd(FlashAttnParams p) {
-  const size_t n = size_t(B) * S * H * D;
   void *dout, *dq, *dk, *dv;
   float* dsum;
-  cudaMalloc(&dout, n * 2); cudaMalloc(&dq, n * 2); cudaMalloc(&dk, n * 2); cudaMalloc(&dv, n * 2);
+  cudaMalloc(&dout, kElems * 2); cudaMalloc(&dq, kElems * 2); cudaMalloc(&dk, kElems * 2); cudaMalloc(&dv, kElems * 2);
   cudaMalloc(&dsum, size_t(B) * H * S * 4);
-  cudaMemcpy(dout, p.q.ptr, n * 2, cudaMemcpyDeviceToDevice);
+  cudaMemcpy(dout, p.q.ptr, kElems * 2, cudaMemcpyDeviceToDevice);
   FlashAttnBwdParams bp;
-  bp.fwd = p;
   bp.dout = p.q;
   bp.dout.ptr = dout;
   bp.dq = p.out; bp.dq.ptr = dq;
@@ -125,16 +121,15 @@ void bwd(FlashAttnParams p) {
     run_flash_fwd<__nv_bfloat16, D>(p, 0);  // out and lse for this mask
     bp.fwd = p;
     std::vector<uint16_t> ref;
-    run_bwd<BwdConfig<D>>("shipped", bp, causal, &ref, nullptr);
-    run_bwd<BC<1, 4>>("dkdv1 dq4", bp, causal, nullptr, &ref);
-    run_bwd<BC<3, 3>>("dkdv3 dq3", bp, causal, nullptr, &ref);
-    run_bwd<BC<3, 4>>("dkdv3 dq4", bp, causal, nullptr, &ref);
-    run_bwd<BC<4, 4>>("dkdv4 dq4", bp, causal, nullptr, &ref);
+    run_bwd<BwdConfig<D>>("shipped", bp, causal, ref);
+    run_bwd<BC<1, 4>>("dkdv1 dq4", bp, causal, ref);
+    run_bwd<BC<3, 3>>("dkdv3 dq3", bp, causal, ref);
+    run_bwd<BC<4, 4>>("dkdv4 dq4", bp, causal, ref);
   }
 }
 
 int main() {
-  const size_t n = size_t(B) * S * H * D;
+  const size_t n = kElems;
   std::vector<uint16_t> h(n);
   std::mt19937 rng(1);
   std::normal_distribution<float> nd;
@@ -155,11 +150,12 @@ int main() {
   p.scale = 1.0f / std::sqrt(float(D)); p.dtype = DType::kBFloat16;
   for (bool causal : {true, false}) {
     std::vector<uint16_t> ref;
-    run<FwdConfig<D>>("shipped", p, causal, &ref, nullptr);
-    run<Cfg<8, 64, 1>>("W8 N64 MB1", p, causal, nullptr, &ref);
-    run<Cfg<8, 48, 2>>("W8 N48 MB2", p, causal, nullptr, &ref);
-    run<Cfg<6, 64, 2>>("W6 N64 MB2", p, causal, nullptr, &ref);
-    run<Cfg<6, 32, 3>>("W6 N32 MB3", p, causal, nullptr, &ref);
+    run_fwd<FwdConfig<D>>("shipped", p, causal, ref);
+    run_fwd<Cfg<8, 64, 1>>("W8 N64 MB1", p, causal, ref);
+    run_fwd<Cfg<8, 48, 2>>("W8 N48 MB2", p, causal, ref);
+    run_fwd<Cfg<8, 32, 2>>("W8 N32 MB2", p, causal, ref);
+    run_fwd<Cfg<6, 64, 2>>("W6 N64 MB2", p, causal, ref);
+    run_fwd<Cfg<4, 64, 4>>("W4 N64 MB4", p, causal, ref);
   }
   bwd(p);
   return 0;
