@@ -3,6 +3,7 @@
 // few-query batches to the paged decode kernel, and pick the head_dim
 // instantiation.
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -19,6 +20,8 @@ void check_kernel_params(const FlashAttnParams& p) {
     throw std::invalid_argument("torchkiln: no CUDA attention kernel for head_dim " + std::to_string(p.head_dim));
   if (p.batch > 65535 || p.heads > 65535)
     throw std::invalid_argument("torchkiln: CUDA attention supports at most 65535 sequences and 65535 heads");
+  if (p.block_table != nullptr && (p.block_size <= 0 || p.block_size > INT32_MAX))
+    throw std::invalid_argument("torchkiln: CUDA attention takes block sizes of 1 to 2^31 - 1 positions");
 }
 
 // A few queries per sequence (decode, speculative decoding): the decode

@@ -62,9 +62,12 @@ __device__ __forceinline__ int64_t token_offset(const Tensor& t, int b, bool var
 __device__ __forceinline__ int64_t kv_offset(const FlashAttnParams& p, const FlashAttnTensor& t, int b, int64_t k_off,
                                              int j, int hk) {
   if (p.block_table != nullptr) {
-    int64_t block = p.block_table[b * p.block_table_stride + j / p.block_size];
+    // 32-bit division (the launcher bounds block_size): a 64-bit one is a
+    // long subroutine, run here for every 16-byte copy of a tile.
+    const int block_size = static_cast<int>(p.block_size), col = j / block_size;
+    int64_t block = p.block_table[b * p.block_table_stride + col];
     if (block < 0 || block >= p.num_blocks) block = 0;  // possibly unchecked (graph capture): stay in the cache
-    return block * t.batch_stride + (j % p.block_size) * t.row_stride + hk * t.head_stride;
+    return block * t.batch_stride + (j - col * block_size) * t.row_stride + hk * t.head_stride;
   }
   return token_offset(t, b, p.cu_seqlens_q != nullptr, k_off + j, hk);
 }

@@ -16,6 +16,7 @@
 // (a fixed batch, or packed by cu_seqlens) or through its block table.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -64,9 +65,12 @@ __device__ __forceinline__ PackedSpan keys(const PagedAttnParams& p, int s) {
 // place (s * kv_seq_stride + its first packed key), unused when paged.
 __device__ __forceinline__ int64_t cache_row(const PagedAttnParams& p, int64_t base, int s, int j, int hk) {
   if (p.block_table == nullptr) return base + j * p.cache.pos_stride + hk * p.cache.head_stride;
-  int64_t block = p.block_table[s * p.block_table_stride + j / p.cache.block_size];
+  // 32-bit division (the launcher bounds block_size): a 64-bit one is a
+  // long subroutine, and the value pass runs it for every 16-byte load.
+  const int block_size = static_cast<int>(p.cache.block_size), col = j / block_size;
+  int64_t block = p.block_table[s * p.block_table_stride + col];
   if (block < 0 || block >= p.cache.num_blocks) block = 0;  // possibly unchecked (graph capture): stay in the cache
-  return block * p.cache.block_stride + (j % p.cache.block_size) * p.cache.pos_stride + hk * p.cache.head_stride;
+  return block * p.cache.block_stride + (j - col * block_size) * p.cache.pos_stride + hk * p.cache.head_stride;
 }
 
 __device__ __forceinline__ int64_t out_index(const PagedAttnParams& p, int s, int64_t row, int h) {
@@ -91,15 +95,40 @@ __device__ __forceinline__ KeyRange key_range(const PagedAttnParams& p, int len,
   return k;
 }
 
+constexpr int kLoadsInFlight = 4;      // 16-byte loads of one key row a thread issues at once
+constexpr int kValueRowsInFlight = 4;  // value rows (16 bytes each) a thread loads at once
+
+// acc[hh] += q[hh][d0 .. d0 + 7] . kv for the block's nh query vectors.
+__device__ __forceinline__ void accumulate_scores(const float (*sQ)[kMaxHeadDim], int d0, const float (&kv)[8],
+                                                  int nh, float (&acc)[kHeadsPerBlock]) {
+#pragma unroll
+  for (int hh = 0; hh < kHeadsPerBlock; ++hh)
+    if (hh < nh)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[hh] += sQ[hh][d0 + e] * kv[e];
+}
+
+// acc[hh] += p[hh][jj] * v for the block's nh query vectors (probabilities in sWork).
+__device__ __forceinline__ void accumulate_values(const float* sWork, int jj, const float (&v)[8], int nh,
+                                                  float (&acc)[kHeadsPerBlock][8]) {
+#pragma unroll
+  for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
+    if (hh >= nh) break;
+    const float pr = sWork[hh * kMaxChunk + jj];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[hh][e] += pr * v[e];
+  }
+}
+
 // Shared memory: q (8 x 256), the work buffer, per-vector max and sum, key
 // range and position.
 constexpr size_t kDecodeSmemBytes =
     (kHeadsPerBlock * kMaxHeadDim + kWork + 2 * kHeadsPerBlock) * sizeof(float) + 3 * kHeadsPerBlock * sizeof(int);
 
-// Five blocks per SM, as many as shared memory allows (5 x 40 KiB): capped at
-// 96 registers, ptxas fits it without spilling (sm_90, nvcc 13.0).
+// Four blocks per SM (shared memory would allow five): with several loads in
+// flight per thread ptxas needs more than the 102 registers five would leave.
 template <class T>
-__global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAttnParams p, int group_blocks) {
+__global__ void __launch_bounds__(kThreads, 4) paged_decode_kernel(const PagedAttnParams p, int group_blocks) {
   TK_DYNAMIC_SMEM(smem);
   float(*sQ)[kMaxHeadDim] = reinterpret_cast<float(*)[kMaxHeadDim]>(smem);
   float* sWork = reinterpret_cast<float*>(smem) + kHeadsPerBlock * kMaxHeadDim;
@@ -150,14 +179,20 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
     const int j = begin + jj;
     const T* krow = kc + cache_row(p, base, s, j, hk);
     float acc[kHeadsPerBlock] = {};
-    for (int d0 = 0; d0 < D; d0 += 8) {
+    // kLoadsInFlight loads issued before their products: a memory-bound
+    // loop with one 16-byte load in flight per thread would be latency-bound.
+    int d0 = 0;
+    for (; d0 + 8 * kLoadsInFlight <= D; d0 += 8 * kLoadsInFlight) {
+      float kv[kLoadsInFlight][8];
+#pragma unroll
+      for (int u = 0; u < kLoadsInFlight; ++u) load8(krow + d0 + 8 * u, kv[u]);
+#pragma unroll
+      for (int u = 0; u < kLoadsInFlight; ++u) accumulate_scores(sQ, d0 + 8 * u, kv[u], nh, acc);
+    }
+    for (; d0 < D; d0 += 8) {
       float kv[8];
       load8(krow + d0, kv);
-#pragma unroll
-      for (int hh = 0; hh < kHeadsPerBlock; ++hh)
-        if (hh < nh)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[hh] += sQ[hh][d0 + e] * kv[e];
+      accumulate_scores(sQ, d0, kv, nh, acc);
     }
 #pragma unroll
     for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
@@ -201,16 +236,23 @@ __global__ void __launch_bounds__(kThreads, 5) paged_decode_kernel(const PagedAt
   float acc[kHeadsPerBlock][8] = {};
   const T* vc = static_cast<const T*>(p.value_cache);
   if (kg < groups) {
-    for (int jj = kg; jj < n; jj += groups) {
+    // kValueRowsInFlight rows' loads issued before their products, as in
+    // the score pass (addresses first: a load's conversion would wait).
+    int jj = kg;
+    for (; jj + (kValueRowsInFlight - 1) * groups < n; jj += kValueRowsInFlight * groups) {
+      int64_t rows[kValueRowsInFlight];
+#pragma unroll
+      for (int u = 0; u < kValueRowsInFlight; ++u) rows[u] = cache_row(p, base, s, begin + jj + u * groups, hk);
+      float v8[kValueRowsInFlight][8];
+#pragma unroll
+      for (int u = 0; u < kValueRowsInFlight; ++u) load8(vc + rows[u] + c * 8, v8[u]);
+#pragma unroll
+      for (int u = 0; u < kValueRowsInFlight; ++u) accumulate_values(sWork, jj + u * groups, v8[u], nh, acc);
+    }
+    for (; jj < n; jj += groups) {
       float v8[8];
       load8(vc + cache_row(p, base, s, begin + jj, hk) + c * 8, v8);
-#pragma unroll
-      for (int hh = 0; hh < kHeadsPerBlock; ++hh) {
-        if (hh >= nh) break;
-        const float pr = sWork[hh * kMaxChunk + jj];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[hh][e] += pr * v8[e];
-      }
+      accumulate_values(sWork, jj, v8, nh, acc);
     }
   }
   __syncthreads();  // probabilities read by everyone: the buffer now takes the partial sums
@@ -294,7 +336,8 @@ void paged_attention_cuda(const PagedAttnParams& p, CUstream_st* stream) {
   if (p.cache.head_dim % 8 != 0 || p.cache.head_dim > kMaxHeadDim || p.split_chunk <= 0 ||
       p.split_chunk > kMaxChunk || (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)))
     throw std::invalid_argument("torchkiln: paged_attention_cuda called without a valid plan");
-  if (p.max_rows < 1 || p.max_rows > kMaxDecodeRowsCuda || (p.block_table != nullptr && p.cache.block_size <= 0))
+  if (p.max_rows < 1 || p.max_rows > kMaxDecodeRowsCuda ||
+      (p.block_table != nullptr && (p.cache.block_size <= 0 || p.cache.block_size > INT32_MAX)))
     throw std::invalid_argument("torchkiln: paged_attention_cuda takes 1 to " + std::to_string(kMaxDecodeRowsCuda) +
                                 " query rows per sequence (and a block size with a block table)");
   if (p.num_splits > 65535 || p.num_seqs > 2147483647)
