@@ -12,7 +12,10 @@ from torchkiln.bench import cases_for
 
 fam, name, shape = sys.argv[1:4]
 device = "cuda" if torch.cuda.is_available() else "cpu"
-case = next(c for c in cases_for(fam, device=device) if c.name == name and c.shape == shape)
+case = next((c for c in cases_for(fam, device=device) if c.name == name and c.shape == shape), None)
+if case is None:
+    sys.exit(f"run_bench_case.py: no {device} case {name!r} of shape {shape!r} in family {fam!r} "
+             "(`torchkiln bench --family FAMILY` lists them)")
 prep = case.setup(device)
 for _ in range(3):
     prep.ours()

@@ -4,12 +4,12 @@
 // one row per sequence for decode, a few for speculative decoding, each row
 // with its own causal limit and window. The K/V of a chunk are read once for
 // all the block's vectors:
-//   1. scores: one thread per key, the whole key row in 16-byte loads, dot
-//      products against q held in shared memory (all lanes read the same q
-//      element at once: a broadcast, no bank conflicts);
+//   1. scores: one thread per key, the whole key row in 16-byte loads (four
+//      in flight), dot products against q held in shared memory (all lanes
+//      read the same q element at once: a broadcast, no bank conflicts);
 //   2. softmax of the chunk: one warp per head;
 //   3. P V: D/8 threads cover a value row with 16-byte loads (coalesced),
-//      128 / (D/8) rows in flight, partial sums reduced in shared memory.
+//      each thread four rows at a time, partial sums reduced in shared memory.
 // With one chunk the block writes the output; otherwise it writes a
 // normalised fp32 partial and its lse, and a combine kernel merges them.
 // flash_attn's CUDA forward runs few-query batches here too: keys in place
