@@ -229,6 +229,15 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& q
   p.m = m;
   p.dtype = kernel_dtype(x, op, "x");
 #ifdef TORCHKILN_WITH_CUDA
+  if (x.is_cuda()) {
+    const c10::DeviceGuard guard(x.device());
+    if (const int64_t splits = int4_gemv_cuda_splits(p); splits > 0) {  // int4, up to 16 rows of 16-bit x
+      at::Tensor workspace;
+      if (splits > 1) workspace = at::empty({splits, m, p.n}, x.options().dtype(at::kFloat));
+      int4_gemv_cuda(p, splits, splits > 1 ? workspace.data_ptr<float>() : nullptr, current_cuda_stream(x));
+      return out;
+    }
+  }
   if (cuda_gemm && m > dense_rows_threshold(p, x)) {
     const c10::DeviceGuard guard(x.device());
     const int64_t splits = weight_only_gemm_cuda_splits(p);

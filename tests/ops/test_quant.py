@@ -286,8 +286,9 @@ def test_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("device", [p for p in __import__("conftest").DEVICES if p.id == "cuda"])
 def test_quant_matmul_cuda(device, scheme, group, sym, dtype):
-    # the warp-per-row kernel (m <= 8), then the tensor-core GEMM (16-bit x)
-    # or dequantise + cuBLAS (fp32 x) for m > 8
+    # int4 with 16-bit x up to 16 rows: the tensor-core GEMV; other formats and
+    # fp32 x up to 8 rows: the warp-per-row kernel; more rows: the tensor-core
+    # GEMM (16-bit x) or dequantise + cuBLAS (fp32 x)
     k = 3 * (group or 64) + (0 if group else 5)
     n = 77
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=group, symmetric=sym)
@@ -295,7 +296,7 @@ def test_quant_matmul_cuda(device, scheme, group, sym, dtype):
     if scheme != "w8a8":
         assert torch.equal(torchkiln.dequantize(qw_gpu).cpu(), torchkiln.dequantize(qw))
     bias = torch.randn(n).to(dtype)
-    for m in (1, 5, 8, 9, 64, 200):
+    for m in (1, 5, 8, 9, 16, 17, 64, 200):
         x = torch.randn(m, k).to(dtype)
         out = torchkiln.quant_matmul(x.to(device), qw_gpu, bias.to(device))
         assert out.device.type == "cuda" and out.dtype == dtype
@@ -304,3 +305,19 @@ def test_quant_matmul_cuda(device, scheme, group, sym, dtype):
     with pytest.raises(RuntimeError, match="must be on the same device as (x|qweight)"):
         torchkiln.quant_matmul(x.to(device), qw, bias.to(device))  # weight left on the CPU
 
+
+
+@pytest.mark.parametrize("group", [32, 2048, 4096], ids=str)
+@pytest.mark.parametrize("device", [p for p in __import__("conftest").DEVICES if p.id == "cuda"])
+def test_int4_cuda_long_groups(device, group):
+    # The int4 tensor-core GEMV stages whole groups of x in shared memory: a
+    # group of 2048 fits for up to 8 rows, 4096 (one group a row) never does
+    # and goes to the warp-per-row kernel or the GEMM. Every route must agree.
+    k, n = 4096, 40
+    qw = torchkiln.quantize(torch.randn(n, k), "int4", group_size=group)
+    qw_gpu = qw.to(device)
+    for m in (1, 8, 9, 16):
+        x = torch.randn(m, k, dtype=torch.bfloat16) + 0.5  # a mean away from 0: the zero term matters
+        out = torchkiln.quant_matmul(x.to(device), qw_gpu)
+        err = _rel_err(out.cpu(), _ref_matmul(x, qw))
+        assert err <= 2.5e-3, f"group={group} m={m}: relative error {err:.2e}"

@@ -15,6 +15,7 @@
 
 #include "common/cuda/cuda_helpers.cuh"
 #include "common/cuda/mma.cuh"
+#include "quant/cuda/split_sum.cuh"
 #include "quant/quant_matmul.h"
 
 namespace torchkiln {
@@ -401,21 +402,6 @@ __global__ void __launch_bounds__(kGemmThreads)
       }
 }
 
-// out = sum over splits of workspace[z] (+ bias), splits added in order.
-template <class T>
-__global__ void split_sum_kernel(const WeightOnlyParams p, int splits, const float* workspace) {
-  const T* bias = static_cast<const T*>(p.bias);
-  T* out = static_cast<T*>(p.out);
-  const int64_t total = p.m * p.n;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / p.n, col = i % p.n;
-    float v = 0.0f;
-    for (int z = 0; z < splits; ++z) v += workspace[z * total + i];
-    out[row * p.out_row_stride + col] = from_float<T>(v + (bias ? to_float(bias[col]) : 0.0f));
-  }
-}
-
 }  // namespace
 
 void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream) {
@@ -467,11 +453,7 @@ void weight_only_gemm_cuda(const WeightOnlyParams& p, int64_t splits, float* wor
       float* ws = grid.z > 1 ? workspace : nullptr;
       TK_KERNEL_LAUNCH(grid, kGemmThreads, kGemmSmemBytes, stream, gemm_kernel<T>)(p, vec_w, vec_x, per_split, ws);
       cuda::check_launch("weight_only_gemm");
-      if (ws != nullptr) {
-        const int blocks = static_cast<int>(std::min<int64_t>(4096, cuda::ceil_div(p.m * p.n, 256)));
-        TK_KERNEL_LAUNCH(blocks, 256, 0, stream, split_sum_kernel<T>)(p, static_cast<int>(grid.z), ws);
-        cuda::check_launch("weight_only_gemm split_sum");
-      }
+      if (ws != nullptr) quant_cuda::launch_split_sum<T>(p, static_cast<int>(grid.z), ws, stream);
     }
   });
 }
