@@ -86,10 +86,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kDkdvMinBlocks) flash_bwd_dkdv
   const T* k = static_cast<const T*>(p.k.ptr);
   const T* v = static_cast<const T*>(p.v.ptr);
   const T* dout = static_cast<const T*>(bp.dout.ptr);
-  load_tile<kBlockKeys, D, C::kThreads>(sK, k, n0, si0.sk,
-                                        [&](int j) { return token_offset(p.k, b, varlen, si0.k_off + j, hk); });
-  load_tile<kBlockKeys, D, C::kThreads>(sV, v, n0, si0.sk,
-                                        [&](int j) { return token_offset(p.v, b, varlen, si0.k_off + j, hk); });
+  load_tile_strided<kBlockKeys, D, C::kThreads>(sK, k + token_offset(p.k, b, varlen, si0.k_off + n0, hk),
+                                                p.k.row_stride, si0.sk - n0, k);
+  load_tile_strided<kBlockKeys, D, C::kThreads>(sV, v + token_offset(p.v, b, varlen, si0.k_off + n0, hk),
+                                                p.v.row_stride, si0.sk - n0, v);
   cp_async_commit();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -112,10 +112,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kDkdvMinBlocks) flash_bwd_dkdv
       if (queries.end <= queries.begin) continue;
       for (int i0 = queries.begin / kTileQ * kTileQ; i0 < queries.end; i0 += kTileQ) {
         __syncthreads();  // the previous tile's Q / dO / lse are no longer read
-        auto q_row = [&](int i) { return token_offset(p.q, b, varlen, si.q_off + i, h); };
-        auto do_row = [&](int i) { return token_offset(bp.dout, b, varlen, si.q_off + i, h); };
-        load_tile<kTileQ, D, C::kThreads>(sQ, q, i0, si.sq, q_row);
-        load_tile<kTileQ, D, C::kThreads>(sdO, dout, i0, si.sq, do_row);
+        load_tile_strided<kTileQ, D, C::kThreads>(sQ, q + token_offset(p.q, b, varlen, si.q_off + i0, h),
+                                                  p.q.row_stride, si.sq - i0, q);
+        load_tile_strided<kTileQ, D, C::kThreads>(sdO, dout + token_offset(bp.dout, b, varlen, si.q_off + i0, h),
+                                                  bp.dout.row_stride, si.sq - i0, dout);
         cp_async_commit();
         if (threadIdx.x < kTileQ) {
           const int i = i0 + threadIdx.x;
@@ -227,10 +227,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kDqMinBlocks) flash_bwd_dq_ker
 
   const T* k = static_cast<const T*>(p.k.ptr);
   const T* v = static_cast<const T*>(p.v.ptr);
-  load_tile<kBlockQ, D, C::kThreads>(sQ, static_cast<const T*>(p.q.ptr), i0, si.sq,
-                                     [&](int i) { return token_offset(p.q, b, varlen, si.q_off + i, h); });
-  load_tile<kBlockQ, D, C::kThreads>(sdO, static_cast<const T*>(bp.dout.ptr), i0, si.sq,
-                                     [&](int i) { return token_offset(bp.dout, b, varlen, si.q_off + i, h); });
+  const T* q = static_cast<const T*>(p.q.ptr);
+  const T* dout = static_cast<const T*>(bp.dout.ptr);
+  load_tile_strided<kBlockQ, D, C::kThreads>(sQ, q + token_offset(p.q, b, varlen, si.q_off + i0, h), p.q.row_stride,
+                                             si.sq - i0, q);
+  load_tile_strided<kBlockQ, D, C::kThreads>(sdO, dout + token_offset(bp.dout, b, varlen, si.q_off + i0, h),
+                                             bp.dout.row_stride, si.sq - i0, dout);
   cp_async_commit();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -243,8 +245,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kDqMinBlocks) flash_bwd_dq_ker
     lse2[r] = rows[r] < si.sq ? p.lse[si.lse_off + rows[r]] * kLog2e : INFINITY;
     dsum[r] = rows[r] < si.sq ? bp.dsum[si.lse_off + rows[r]] : 0.0f;
   }
-  auto k_row = [&](int j) { return token_offset(p.k, b, varlen, si.k_off + j, hk); };
-  auto v_row = [&](int j) { return token_offset(p.v, b, varlen, si.k_off + j, hk); };
 
   for (int pass = 0; pass < C::kPasses; ++pass) {
     const int col0 = pass * C::kAccD;
@@ -254,8 +254,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kDqMinBlocks) flash_bwd_dq_ker
 
     for (int n0 = keys.begin / kTileK * kTileK; n0 < keys.end; n0 += kTileK) {
       __syncthreads();  // the previous K / V tile is no longer read
-      load_tile<kTileK, D, C::kThreads>(sK, k, n0, si.sk, k_row);
-      load_tile<kTileK, D, C::kThreads>(sV, v, n0, si.sk, v_row);
+      load_tile_strided<kTileK, D, C::kThreads>(sK, k + token_offset(p.k, b, varlen, si.k_off + n0, hk),
+                                                p.k.row_stride, si.sk - n0, k);
+      load_tile_strided<kTileK, D, C::kThreads>(sV, v + token_offset(p.v, b, varlen, si.k_off + n0, hk),
+                                                p.v.row_stride, si.sk - n0, v);
       cp_async_commit();
       cp_async_wait_all();
       __syncthreads();

@@ -151,8 +151,40 @@ __device__ __forceinline__ KeyRange query_range(const ScoreRule& r, int sq, int 
 }
 
 // ------------------------------------------------------------ tile copies
-// Copies rows [row0, row0 + ROWS) of one head (row r at offset(r)) into a
-// padded shared tile of D + 8 columns; rows >= limit are zero-filled.
+// Copies ROWS rows of one head, row r at first + r * stride, into a padded
+// shared tile of D + 8 columns; rows >= valid are zero-filled (their copies
+// read nothing, from `any`, a valid address). One multiply-add a copy: the
+// general form below recomputes a token's offset (64-bit products, the
+// varlen and paged cases) for every 16-byte copy, which SASS showed as about
+// a third of the forward kernel's instructions.
+template <int ROWS, int D, int THREADS, class T>
+__device__ __forceinline__ void load_tile_strided(T* tile, const T* first, int64_t stride, int valid, const T* any) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kLd = D + 8;
+  if constexpr (THREADS % kChunks == 0) {
+    // Each thread copies one column of chunks, every kStep-th row: a pointer
+    // step per copy.
+    constexpr int kStep = THREADS / kChunks;
+    const int r0 = threadIdx.x / kChunks, col = (threadIdx.x % kChunks) * 8;
+    const T* src = first + r0 * stride + col;
+#pragma unroll
+    for (int i = 0; i < (ROWS + kStep - 1) / kStep; ++i, src += kStep * stride) {
+      const int r = r0 + i * kStep;
+      if (ROWS % kStep != 0 && r >= ROWS) break;
+      const bool ok = r < valid;
+      cp_async_16(tile + r * kLd + col, ok ? src : any, ok ? 16 : 0);
+    }
+  } else {
+    for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
+      const int r = c / kChunks, col = (c % kChunks) * 8;
+      const bool ok = r < valid;
+      cp_async_16(tile + r * kLd + col, ok ? first + r * stride + col : any, ok ? 16 : 0);
+    }
+  }
+}
+
+// Rows [row0, row0 + ROWS) of one head with row r at offset(r) (keys through
+// a block table), as above; rows >= limit are zero-filled.
 template <int ROWS, int D, int THREADS, class T, class Offset>
 __device__ __forceinline__ void load_tile(T* tile, const T* base, int row0, int limit, const Offset& offset) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row

@@ -57,12 +57,19 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) flash_fwd_kernel(c
   const T* q = static_cast<const T*>(p.q.ptr);
   const T* k = static_cast<const T*>(p.k.ptr);
   const T* v = static_cast<const T*>(p.v.ptr);
-  auto q_row = [&](int i) { return token_offset(p.q, b, varlen, si.q_off + i, h); };
-  auto k_row = [&](int j) { return kv_offset(p, p.k, b, si.k_off, j, hk); };
-  auto v_row = [&](int j) { return kv_offset(p, p.v, b, si.k_off, j, hk); };
+  // Keys from row j0 on into a tile: straight rows, or through the block table.
+  const bool paged = p.block_table != nullptr;
+  const auto load_kv = [&](T* tile, const T* base, const FlashAttnTensor& t, int j0) {
+    if (!paged)
+      load_tile_strided<kBlockN, D, C::kThreads>(tile, base + token_offset(t, b, varlen, si.k_off + j0, hk),
+                                                 t.row_stride, si.sk - j0, base);
+    else
+      load_tile<kBlockN, D, C::kThreads>(tile, base, j0, si.sk, [&](int j) { return kv_offset(p, t, b, si.k_off, j, hk); });
+  };
 
-  load_tile<kBlockM, D, C::kThreads>(sQ, q, i0, si.sq, q_row);
-  if (n_first <= n_last) load_tile<kBlockN, D, C::kThreads>(sK, k, n_first * kBlockN, si.sk, k_row);
+  load_tile_strided<kBlockM, D, C::kThreads>(sQ, q + token_offset(p.q, b, varlen, si.q_off + i0, h), p.q.row_stride,
+                                             si.sq - i0, q);
+  if (n_first <= n_last) load_kv(sK, k, p.k, n_first * kBlockN);
   cp_async_commit();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -80,7 +87,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) flash_fwd_kernel(c
     const int n0 = n * kBlockN;
     cp_async_wait_all();
     __syncthreads();  // K(n) (and Q) landed; every warp is done with V(n-1)
-    load_tile<kBlockN, D, C::kThreads>(sV, v, n0, si.sk, v_row);
+    load_kv(sV, v, p.v, n0);
     cp_async_commit();
 
     float s[kBlockN / 8][4];
@@ -134,7 +141,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) flash_fwd_kernel(c
 
     cp_async_wait_all();
     __syncthreads();  // V(n) landed; every warp is done with K(n)
-    if (n < n_last) load_tile<kBlockN, D, C::kThreads>(sK, k, n0 + kBlockN, si.sk, k_row);
+    if (n < n_last) load_kv(sK, k, p.k, n0 + kBlockN);
     cp_async_commit();
 
 #pragma unroll
