@@ -196,19 +196,19 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
   return {ops.restore(out, q.size(-1)), lse};
 }
 
-// Validates cu_seqlens; returns the largest sequence length, read on the
-// host. While a CUDA graph is being captured, reading device memory would
-// break the capture: then only the tensor itself is checked, -1 is returned,
-// and the kernels clamp the offsets they read (common/cuda/packed_span.cuh).
-// total < 0: the last entry is not tied to a tensor's size (paged keys).
-int64_t check_cu_seqlens(const char* op, const at::Tensor& cu, const char* name, int64_t batch, int64_t total,
-                         const at::Tensor& q) {
+// cu_seqlens: dtype, device and shape (its values: below).
+void check_cu_seqlens_tensor(const char* op, const at::Tensor& cu, const char* name, int64_t batch,
+                             const at::Tensor& q) {
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
   check_same_device(cu, q, op, name, "q");
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) == batch + 1 && cu.is_contiguous(), op, ": ", name,
                     " must be a contiguous (batch + 1,) = (", batch + 1, ",) tensor, got ", cu.sizes());
-  if (capturing_cuda_graph(q)) return -1;
-  const at::Tensor host = cu.cpu();
+}
+
+// cu_seqlens' values (a host copy); returns the longest sequence.
+// total < 0: the last entry is not tied to a tensor's size (paged keys).
+int64_t check_cu_seqlens_values(const char* op, const at::Tensor& host, const char* name, int64_t batch,
+                                int64_t total) {
   const int32_t* c = host.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(c[0] == 0, op, ": ", name, "[0] must be 0, got ", c[0]);
   int64_t longest = 0;
@@ -222,41 +222,63 @@ int64_t check_cu_seqlens(const char* op, const at::Tensor& cu, const char* name,
   return longest;
 }
 
-// Paged keys: every block a sequence needs must exist in the cache.
-void check_block_table(const char* op, const at::Tensor& table, const at::Tensor& cu_seqlens_k, const at::Tensor& k,
-                       const at::Tensor& v, FlashAttnParams& p) {
+// Paged keys: the table's dtype, device and shape; the kernel's view of it.
+void check_block_table_tensor(const char* op, const at::Tensor& table, const at::Tensor& k, const at::Tensor& v,
+                              FlashAttnParams& p) {
   TORCH_CHECK_TYPE(table.scalar_type() == at::kInt, op, ": block_table must be int32, got ", table.scalar_type());
   check_same_device(table, k, op, "block_table", "k");
   TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == p.batch && table.stride(1) == 1, op,
                     ": block_table must be (batch, max_blocks) = (", p.batch, ", ...) with contiguous rows, got ",
                     table.sizes());
-  const int64_t block_size = k.size(1), num_blocks = k.size(0);
-  // Read on the host (a copy for CUDA tensors, none for CPU ones), except
-  // under graph capture: the kernels then read bad ids as block 0.
-  if (!capturing_cuda_graph(k)) {
-    const at::Tensor cu = cu_seqlens_k.cpu(), table_host = table.cpu();
-    const int32_t* c = cu.data_ptr<int32_t>();
-    const int32_t* t = table_host.data_ptr<int32_t>();
-    for (int64_t b = 0; b < p.batch; ++b) {
-      const int64_t need = (c[b + 1] - c[b] + block_size - 1) / block_size;
-      TORCH_CHECK_VALUE(need <= table.size(1), op, ": sequence ", b, " has ", c[b + 1] - c[b],
-                        " keys, more than ", table.size(1), " blocks of ", block_size, " hold");
-      for (int64_t i = 0; i < need; ++i) {
-        const int32_t id = t[b * table_host.stride(0) + i];  // the copy may be packed tighter
-        TORCH_CHECK_INDEX(id >= 0 && id < num_blocks, op, ": block_table[", b, ", ", i, "] = ", id,
-                          " is not a block of the cache [0, ", num_blocks, ")");
-      }
-    }
-  }
   p.block_table = table.data_ptr<int32_t>();
   p.block_table_stride = table.stride(0);
   p.block_table_cols = table.size(1);
-  p.num_blocks = num_blocks;
-  p.block_size = block_size;
+  p.num_blocks = k.size(0);
+  p.block_size = k.size(1);
   p.k.batch_stride = k.stride(0);
   p.v.batch_stride = v.stride(0);
 }
 
+// Paged keys: every block a sequence needs must exist in the cache (host
+// copies of cu_seqlens_k and the table).
+void check_block_table_values(const char* op, const at::Tensor& table_host, const at::Tensor& cu_k_host,
+                              const FlashAttnParams& p) {
+  const int32_t* c = cu_k_host.data_ptr<int32_t>();
+  const int32_t* t = table_host.data_ptr<int32_t>();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t need = (c[b + 1] - c[b] + p.block_size - 1) / p.block_size;
+    TORCH_CHECK_VALUE(need <= p.block_table_cols, op, ": sequence ", b, " has ", c[b + 1] - c[b],
+                      " keys, more than ", p.block_table_cols, " blocks of ", p.block_size, " hold");
+    for (int64_t i = 0; i < need; ++i) {
+      const int32_t id = t[b * table_host.stride(0) + i];  // a host copy may be packed tighter
+      TORCH_CHECK_INDEX(id >= 0 && id < p.num_blocks, op, ": block_table[", b, ", ", i, "] = ", id,
+                        " is not a block of the cache [0, ", p.num_blocks, ")");
+    }
+  }
+}
+
+// Host copies of int32 tensors for the checks that read values: CPU tensors
+// as they are; CUDA ones gathered into one buffer and copied in one
+// transfer, so a call synchronises with the device once, not once per tensor.
+std::vector<at::Tensor> on_host_together(const std::vector<at::Tensor>& ts) {
+  if (!ts.front().is_cuda()) return ts;
+  std::vector<at::Tensor> flat;
+  for (const at::Tensor& t : ts) flat.push_back(t.reshape({-1}));  // a strided table is copied packed
+  const at::Tensor host = at::cat(flat).cpu();
+  std::vector<at::Tensor> out;
+  int64_t at = 0;
+  for (const at::Tensor& t : ts) {
+    out.push_back(host.narrow(0, at, t.numel()).view(t.sizes()));
+    at += t.numel();
+  }
+  return out;
+}
+
+// The varlen checks. Values (cu_seqlens, the table's ids) are read on the
+// host, in one transfer; while a CUDA graph is being captured, reading
+// device memory would break the capture: then only the tensors themselves
+// are checked, the grids are planned for the caller's maxima, and the
+// kernels clamp the offsets and ids they read (common/cuda/packed_span.cuh).
 FlashAttnParams varlen_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                               int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
@@ -268,17 +290,22 @@ FlashAttnParams varlen_params(const char* op, const at::Tensor& q, const at::Ten
   const bool paged = block_table.has_value();
   FlashAttnParams p = common_params(op, q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes,
                                     batch, /*varlen=*/true, paged);
-  int64_t longest_q = check_cu_seqlens(op, cu_seqlens_q, "cu_seqlens_q", batch, q.size(0), q);
-  int64_t longest_k = check_cu_seqlens(op, cu_seqlens_k, "cu_seqlens_k", batch, paged ? -1 : k.size(0), q);
-  if (paged) check_block_table(op, *block_table, cu_seqlens_k, k, v, p);
-  if (longest_q < 0) {
-    // Captured: the grids are planned for the maxima the caller gives, and
-    // the kernels cut any sequence longer than them at every replay.
+  check_cu_seqlens_tensor(op, cu_seqlens_q, "cu_seqlens_q", batch, q);
+  check_cu_seqlens_tensor(op, cu_seqlens_k, "cu_seqlens_k", batch, q);
+  if (paged) check_block_table_tensor(op, *block_table, k, v, p);
+  int64_t longest_q = max_seqlen_q, longest_k = max_seqlen_k;
+  if (capturing_cuda_graph(q)) {
+    // Captured: the kernels cut any sequence longer than the maxima at every replay.
     TORCH_CHECK_VALUE(max_seqlen_q >= 1 && max_seqlen_k >= 1, op,
                       ": max_seqlen_q and max_seqlen_k must be at least 1 while a CUDA graph is captured, got (",
                       max_seqlen_q, ", ", max_seqlen_k, ")");
-    longest_q = max_seqlen_q;
-    longest_k = max_seqlen_k;
+  } else {
+    std::vector<at::Tensor> values{cu_seqlens_q, cu_seqlens_k};
+    if (paged) values.push_back(*block_table);
+    values = on_host_together(values);
+    longest_q = check_cu_seqlens_values(op, values[0], "cu_seqlens_q", batch, q.size(0));
+    longest_k = check_cu_seqlens_values(op, values[1], "cu_seqlens_k", batch, paged ? -1 : k.size(0));
+    if (paged) check_block_table_values(op, values[2], values[1], p);
   }
   TORCH_CHECK_VALUE(max_seqlen_q >= longest_q && max_seqlen_k >= longest_k, op,
                     ": max_seqlen_q / max_seqlen_k (", max_seqlen_q, ", ", max_seqlen_k,
