@@ -176,8 +176,9 @@ def test_flash_forward_backward(emulator, tmp_path, batch, sq, sk, heads, heads_
         dict(alibi=True, window_size=(40, -1)),
         dict(softmax_scale=0.05, causal=True, window_size=(20, -1)),
         dict(window_size=(2**40 + 5, 2**33)),  # beyond 32 bits: unbounded, not wrapped
+        dict(softmax_scale=-0.08, causal=True),  # the forward's max must follow the scaled scores
     ],
-    ids=["window", "softcap", "alibi", "scale", "huge_window"],
+    ids=["window", "softcap", "alibi", "scale", "huge_window", "negative_scale"],
 )
 def test_flash_options(emulator, tmp_path, kw):
     batch, sq, sk, heads, heads_k, d = 2, 97, 150, 4, 2, 64

@@ -98,7 +98,9 @@ __device__ __forceinline__ ScoreRule score_rule(const FlashAttnParams& p, int b,
   r.scale_log2 = p.scale * kLog2e;
   r.softcap = p.softcap;
   r.slope = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
-  r.modified = p.softcap > 0.0f || p.alibi_slopes != nullptr;
+  // (A scale <= 0 counts as modified too: the forward keeps plain scores raw
+  // and takes their max, which a negative scale would turn around.)
+  r.modified = p.softcap > 0.0f || p.alibi_slopes != nullptr || !(r.scale > 0.0f);
   r.diag = sk - sq;
   r.left = clamp_window(p.window_left);
   r.right = clamp_window(p.window_right);

@@ -80,7 +80,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) flash_fwd_kernel(c
   float acc_o[D / 8][4];
 #pragma unroll
   for (int d = 0; d < D / 8; ++d) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.0f;
-  float row_max[2] = {-INFINITY, -INFINITY};  // base 2
+  // Scores are kept in units of `unit` (base-2 logit = score * unit): plain
+  // scores stay raw, and the scale goes into the exponent's FMA (one
+  // instruction a score fewer); modified ones (softcap, ALiBi, a scale <= 0)
+  // are base 2 already, unit 1.
+  const bool raw_scores = !rule.modified;
+  const float unit = raw_scores ? rule.scale_log2 : 1.0f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // in units of `unit`
   float row_sum[2] = {0.0f, 0.0f};            // this lane's partial sums
 
   for (int n = n_first; n <= n_last; ++n) {
@@ -112,7 +118,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) flash_fwd_kernel(c
     for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = score_log2(rule, s[j][e], rows[e >> 1], n0 + j * 8 + 2 * t + (e & 1), mask);
+        const int i = rows[e >> 1], key = n0 + j * 8 + 2 * t + (e & 1);
+        if (raw_scores)
+          s[j][e] = mask && !key_visible(rule, i, key) ? -INFINITY : s[j][e];
+        else
+          s[j][e] = score_log2(rule, s[j][e], i, key, mask);
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
       }
     float m_use[2];
@@ -122,7 +132,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) flash_fwd_kernel(c
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
       m_use[r] = tile_max[r] == -INFINITY ? 0.0f : tile_max[r];  // fully masked so far: keep P = 0
-      const float alpha = exp2f(row_max[r] - m_use[r]);
+      const float alpha = exp2f((row_max[r] - m_use[r]) * unit);
+      m_use[r] *= unit;
       row_max[r] = tile_max[r];
       row_sum[r] *= alpha;
 #pragma unroll
@@ -135,7 +146,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) flash_fwd_kernel(c
     for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = exp2f(s[j][e] - m_use[e >> 1]);
+        s[j][e] = exp2f(fmaf(s[j][e], unit, -m_use[e >> 1]));
         row_sum[e >> 1] += s[j][e];
       }
 
@@ -174,7 +185,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) flash_fwd_kernel(c
     for (int d = 0; d < D / 8; ++d)
       *reinterpret_cast<decltype(Mma::pair(0.f, 0.f))*>(o + d * 8 + 2 * t) =
           Mma::pair(acc_o[d][2 * r] * inv, acc_o[d][2 * r + 1] * inv);
-    if (t == 0) p.lse[si.lse_off + i] = l > 0.0f ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
+    if (t == 0) p.lse[si.lse_off + i] = l > 0.0f ? (row_max[r] * unit + log2f(l)) * kLn2 : INFINITY;
   }
 }
 
