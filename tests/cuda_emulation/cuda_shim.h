@@ -258,6 +258,16 @@ inline float shfl_xor(float v, int mask) {
   return out;
 }
 
+// __any_sync over the full warp.
+inline bool any_in_warp(bool v) {
+  bool out = false;
+  const uint32_t mine = v ? 1u : 0u;
+  warp_exchange(&mine, 1, [&](uint32_t (*words)[8]) {
+    for (int l = 0; l < 32; ++l) out = out || words[l][0] != 0;
+  });
+  return out;
+}
+
 // Runs body() as every thread of every block of the grid, the blocks one
 // after another in a random order (a GPU promises none).
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
@@ -353,6 +363,7 @@ Launcher<Kernel> launcher(dim3 grid, dim3 block, size_t smem, Kernel kernel) {
 
 inline void __syncthreads() { emu::syncthreads(); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) { return emu::shfl_xor(v, mask); }
+inline bool __any_sync(unsigned, bool v) { return emu::any_in_warp(v); }
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __fdiv_rn(float a, float b) { return a / b; }  // host division is IEEE round-to-nearest

@@ -203,6 +203,24 @@ def test_flash_options(emulator, tmp_path, kw):
         assert_within_rule(res[name].view(t.shape), r, lo.double(), factor=3.0, what=name)
 
 
+def test_flash_running_max_moves_late(emulator, tmp_path):
+    # Keys that grow along the sequence: the forward's running max keeps
+    # rising tile after tile (by more than its slack of 2^8), so O is rescaled
+    # in later tiles too, not only at the first.
+    batch, sq, sk, heads, d = 1, 70, 400, 2, 64
+    q = (2 * torch.randn(batch, sq, heads, d)).bfloat16()
+    grow = torch.linspace(0.2, 6.0, sk).view(1, sk, 1, 1)
+    k = (torch.randn(batch, sk, heads, d) * grow).bfloat16()
+    v = torch.randn(batch, sk, heads, d).bfloat16()
+    dout = torch.randn(batch, sq, heads, d).bfloat16()
+    cfg = flash_config(q, k, varlen=False, batch=batch, seqlen_q=sq, seqlen_k=sk)
+    res = run(emulator, tmp_path, cfg, dict(q=q, k=k, v=v, dout=dout))
+    ref, lse_ref = attention_ref(q.double(), k.double(), v.double())
+    low, _ = attention_ref(q, k, v)
+    assert_within_rule(res["out"].view(q.shape), ref, low, what="out")
+    assert torch.allclose(res["lse"].double().view(lse_ref.shape), lse_ref, rtol=0, atol=1e-3)
+
+
 def _cu(lens):
     return torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32)
 

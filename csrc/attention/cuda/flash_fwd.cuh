@@ -125,21 +125,34 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) flash_fwd_kernel(c
           s[j][e] = score_log2(rule, s[j][e], i, key, mask);
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
       }
-    float m_use[2];
+    // The running max moves only when a tile's max passes it by more than
+    // kMaxSlack (base 2), so P stays below 2^kMaxSlack, which neither the
+    // 16-bit P nor the fp32 sums mind (the lse uses the same max), and most
+    // tiles skip rescaling O: the warp rescales when any of its rows moved.
+    constexpr float kMaxSlack = 8.0f;
+    float m_use[2], alpha[2];
+    bool moved = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       // The 4 lanes of a quad hold one row between them.
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      m_use[r] = tile_max[r] == -INFINITY ? 0.0f : tile_max[r];  // fully masked so far: keep P = 0
-      const float alpha = exp2f((row_max[r] - m_use[r]) * unit);
-      m_use[r] *= unit;
-      row_max[r] = tile_max[r];
-      row_sum[r] *= alpha;
+      alpha[r] = 1.0f;
+      if ((tile_max[r] - row_max[r]) * unit > kMaxSlack) {  // also the first finite max (NaN when both are -inf)
+        alpha[r] = exp2f((row_max[r] - tile_max[r]) * unit);
+        row_max[r] = tile_max[r];
+        moved = true;
+      }
+      m_use[r] = (row_max[r] == -INFINITY ? 0.0f : row_max[r]) * unit;  // fully masked so far: keep P = 0
+      row_sum[r] *= alpha[r];
+    }
+    if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
       for (int d = 0; d < D / 8; ++d) {
-        acc_o[d][2 * r] *= alpha;
-        acc_o[d][2 * r + 1] *= alpha;
+        acc_o[d][0] *= alpha[0];
+        acc_o[d][1] *= alpha[0];
+        acc_o[d][2] *= alpha[1];
+        acc_o[d][3] *= alpha[1];
       }
     }
 #pragma unroll
