@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kDkdvMinBlocks) flash_bwd_dkdv
           const int i = i0 + threadIdx.x;
           // Rows past the end: lse = +inf makes their P exactly 0.
           sLse[threadIdx.x] = i < si.sq ? p.lse[si.lse_off + i] * kLog2e : INFINITY;
-          sDsum[threadIdx.x] = i < si.sq ? bp.dsum[si.lse_off + i] : 0.0f;
+          sDsum[threadIdx.x] = i < si.sq ? bp.dsum[si.lse_off + i] * rule.scale : 0.0f;  // scaled: see ds below
         }
         cp_async_wait_all();
         __syncthreads();
@@ -154,11 +154,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kDkdvMinBlocks) flash_bwd_dkdv
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int col = j * 8 + 2 * t + (e & 1);
-            float cap = 1.0f;
-            const float s2 = score_log2(rule, s[j][e], i0 + col, keys[e >> 1], mask, &cap);
-            const float prob = exp2f(s2 - sLse[col]);
+            float cap;
+            const float prob = probability(rule, s[j][e], i0 + col, keys[e >> 1], mask, sLse[col], cap);
             s[j][e] = prob;
-            dp[j][e] = prob * (dp[j][e] - sDsum[col]) * cap * rule.scale;  // dS^T w.r.t. the raw q.k
+            dp[j][e] = prob * cap * fmaf(dp[j][e], rule.scale, -sDsum[col]);  // dS^T w.r.t. the raw q.k
           }
 
         // dV += P^T dO and dK += dS^T Q over this query tile.
@@ -243,7 +242,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kDqMinBlocks) flash_bwd_dq_ker
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     lse2[r] = rows[r] < si.sq ? p.lse[si.lse_off + rows[r]] * kLog2e : INFINITY;
-    dsum[r] = rows[r] < si.sq ? bp.dsum[si.lse_off + rows[r]] : 0.0f;
+    dsum[r] = rows[r] < si.sq ? bp.dsum[si.lse_off + rows[r]] * rule.scale : 0.0f;  // scaled: see ds below
   }
 
   for (int pass = 0; pass < C::kPasses; ++pass) {
@@ -288,11 +287,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kDqMinBlocks) flash_bwd_dq_ker
       for (int j = 0; j < kTileK / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float cap = 1.0f;
           const int r = e >> 1;
-          const float s2 = score_log2(rule, s[j][e], rows[r], n0 + j * 8 + 2 * t + (e & 1), mask, &cap);
-          const float prob = exp2f(s2 - lse2[r]);
-          dp[j][e] = prob * (dp[j][e] - dsum[r]) * cap * rule.scale;
+          float cap;
+          const float prob = probability(rule, s[j][e], rows[r], n0 + j * 8 + 2 * t + (e & 1), mask, lse2[r], cap);
+          dp[j][e] = prob * cap * fmaf(dp[j][e], rule.scale, -dsum[r]);
         }
       // dQ += dS K
 #pragma unroll

@@ -128,6 +128,17 @@ __device__ __forceinline__ float score_log2(const ScoreRule& r, float raw, int i
   return s * kLog2e;
 }
 
+// The backward's softmax probability exp2(score - lse2) of raw dot product
+// `raw` (0 when masked); `cap` receives d capped / d uncapped (1 without a
+// softcap), for dS = P cap (dP scale - dsum scale). Plain scores fold the
+// scale into the exponent's FMA.
+__device__ __forceinline__ float probability(const ScoreRule& r, float raw, int i, int j, bool check_mask, float lse2,
+                                            float& cap) {
+  cap = 1.0f;
+  if (!r.modified) return check_mask && !key_visible(r, i, j) ? 0.0f : exp2f(fmaf(raw, r.scale_log2, -lse2));
+  return exp2f(score_log2(r, raw, i, j, check_mask, &cap) - lse2);
+}
+
 // Key range [begin, end) that rows [i0, i1) can see, and whether a key tile
 // [n0, n1) needs per-element masking for those rows.
 struct KeyRange {
