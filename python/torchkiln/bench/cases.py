@@ -524,7 +524,7 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
     # GPU: the issue's H200 shape, int4 g128 against cuBLAS bf16 over decode
     # and prefill batch sizes (the aten int4 baseline is CPU-only).
     gk = 512 if quick else 8192
-    for m in (1, 4, 16, 64, 256):
+    for m in (1, 4, 8, 16, 64, 256):
         all_cases.append(BenchCase("quant", f"int4 M={m} vs dense bf16 (cuBLAS)", f"{gk}->{gk}", bf16,
                                    _quant_matmul_case(m, gk, gk, "int4", "dense", bf16), cpu=False))
     for scheme in ("int8", "nf4"):
