@@ -92,14 +92,15 @@ TK_DECLARE_CPU_KERNEL(void, w8a8_matmul, const W8A8Params&)
 // rows of bf16 / fp16 x to the tensor-core GEMM and fp32 x through
 // weight_only_dequantize_cuda + cuBLAS.
 void weight_only_matmul_cuda(const WeightOnlyParams& p, CUstream_st* stream);
-// int4 weights (group size a multiple of 32) and 1-16 rows of bf16 / fp16 x:
-// a GEMV on tensor cores that decodes the packed weight into mma operands
-// (the decode path; see int4_gemv.cu). int4_gemv_cuda_splits(p) is 0 when
-// p does not suit it (other formats, fp32 x, more rows, a group too long to
-// stage) and otherwise the number of parts k is split into; with more than
-// one the caller passes a workspace of splits * m * n floats.
-int64_t int4_gemv_cuda_splits(const WeightOnlyParams& p);
-void int4_gemv_cuda(const WeightOnlyParams& p, int64_t splits, float* workspace, CUstream_st* stream);
+// int4 (group size a multiple of 32) or nf4 (a multiple of 64) weights and
+// 1-16 rows of bf16 / fp16 x: a GEMV on tensor cores that decodes the packed
+// weight into mma operands (the decode path; see gemv_4bit.cu).
+// gemv_4bit_cuda_splits(p) is 0 when p does not suit it (int8, fp32 x, more
+// rows, a group too long to stage) and otherwise the number of parts k is
+// split into; with more than one the caller passes a workspace of
+// splits * m * n floats.
+int64_t gemv_4bit_cuda_splits(const WeightOnlyParams& p);
+void gemv_4bit_cuda(const WeightOnlyParams& p, int64_t splits, float* workspace, CUstream_st* stream);
 // Any number of rows of bf16 / fp16 x: tensor-core GEMM over weight tiles
 // decoded into shared memory (the dense weight is never written out).
 // Few rows split k over blocks: weight_only_gemm_cuda_splits(p) says into

@@ -231,10 +231,10 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& q
 #ifdef TORCHKILN_WITH_CUDA
   if (x.is_cuda()) {
     const c10::DeviceGuard guard(x.device());
-    if (const int64_t splits = int4_gemv_cuda_splits(p); splits > 0) {  // int4, up to 16 rows of 16-bit x
+    if (const int64_t splits = gemv_4bit_cuda_splits(p); splits > 0) {  // int4 / nf4, up to 16 rows of 16-bit x
       at::Tensor workspace;
       if (splits > 1) workspace = at::empty({splits, m, p.n}, x.options().dtype(at::kFloat));
-      int4_gemv_cuda(p, splits, splits > 1 ? workspace.data_ptr<float>() : nullptr, current_cuda_stream(x));
+      gemv_4bit_cuda(p, splits, splits > 1 ? workspace.data_ptr<float>() : nullptr, current_cuda_stream(x));
       return out;
     }
   }

@@ -420,11 +420,11 @@ void run_quant() {
     workspace.assign(splits * m * n, std::nanf(""));
     weight_only_gemm_cuda(p, splits, splits > 1 ? workspace.data() : nullptr, nullptr);
     write_floats("num_splits", {static_cast<float>(splits)});
-  } else if (cfg_or("int4_gemv", 0) != 0) {  // the tensor-core decode path, k split as planned for TK_EMU_SMS SMs
-    const int64_t splits = int4_gemv_cuda_splits(p);
-    if (splits == 0) throw std::runtime_error("int4_gemv_cuda_splits: this case does not suit the kernel");
+  } else if (cfg_or("gemv_4bit", 0) != 0) {  // the tensor-core decode path, k split as planned for TK_EMU_SMS SMs
+    const int64_t splits = gemv_4bit_cuda_splits(p);
+    if (splits == 0) throw std::runtime_error("gemv_4bit_cuda_splits: this case does not suit the kernel");
     workspace.assign(splits * m * n, std::nanf(""));
-    int4_gemv_cuda(p, splits, splits > 1 ? workspace.data() : nullptr, nullptr);
+    gemv_4bit_cuda(p, splits, splits > 1 ? workspace.data() : nullptr, nullptr);
     write_floats("num_splits", {static_cast<float>(splits)});
   } else {
     weight_only_matmul_cuda(p, nullptr);

@@ -629,32 +629,43 @@ def test_weight_only_gemv_unaligned_x(emulator, tmp_path, scheme, dtype):
     assert rel <= {torch.float32: 1e-5, torch.bfloat16: 2.5e-3, torch.float16: 6e-4}[dtype], f"relative error {rel:.2e}"
 
 
-INT4_GEMV = [  # (group, m, n, k, dtype, bias, sms, x_offset, symmetric)
-    (128, 1, 70, 4224, torch.bfloat16, True, 132, 0, False),  # n not a multiple of 16; k split many ways
-    (32, 3, 37, 96, torch.float16, False, 132, 0, False),     # half of the last chunk is padding; group = a half
-    (64, 8, 130, 1088, torch.bfloat16, True, 1, 0, True),     # 1 SM: few, long splits; symmetric codes
-    (96, 9, 16, 2112, torch.float16, True, 132, 0, False),    # group not a multiple of 64; two n8 tiles of x
-    (128, 16, 64, 4096, torch.bfloat16, False, 132, 0, False),
-    (1024, 2, 20, 2048, torch.bfloat16, True, 132, 0, False),  # a group spans 16 chunks
-    (32, 5, 9, 4096, torch.bfloat16, False, 4, 1, False),      # x not 16-byte aligned: element loads
+GEMV_4BIT = [  # (scheme, group, m, n, k, dtype, bias, sms, x_offset, symmetric)
+    ("int4", 128, 1, 70, 4224, torch.bfloat16, True, 132, 0, False),  # n not a multiple of 16; k split many ways
+    ("int4", 32, 3, 37, 96, torch.float16, False, 132, 0, False),     # half of the last chunk is padding; group = a half
+    ("int4", 64, 8, 130, 1088, torch.bfloat16, True, 1, 0, True),     # 1 SM: few, long splits; symmetric codes
+    ("int4", 96, 9, 16, 2112, torch.float16, True, 132, 0, False),    # group not a multiple of 64; two n8 tiles of x
+    ("int4", 128, 16, 64, 4096, torch.bfloat16, False, 132, 0, False),
+    ("int4", 1024, 2, 20, 2048, torch.bfloat16, True, 132, 0, False),  # a group spans 16 chunks
+    ("int4", 32, 5, 9, 4096, torch.bfloat16, False, 4, 1, False),      # x not 16-byte aligned: element loads
+    ("nf4", 64, 1, 70, 4224, torch.bfloat16, True, 132, 0, False),
+    ("nf4", 128, 5, 37, 1152, torch.float16, False, 1, 0, False),
+    ("nf4", 64, 12, 19, 2048, torch.bfloat16, True, 132, 1, False),    # two n8 tiles; x not 16-byte aligned
+    ("nf4", 192, 16, 64, 1152, torch.float16, True, 132, 0, False),    # group of three chunks
 ]
 
 
-@pytest.mark.parametrize("group,m,n,k,dtype,bias,sms,x_offset,symmetric", INT4_GEMV, ids=str)
-def test_int4_gemv_tensor_cores(emulator, tmp_path, group, m, n, k, dtype, bias, sms, x_offset, symmetric):
-    qw = torchkiln.quantize(torch.randn(n, k), "int4", group_size=group, symmetric=symmetric)
-    x = (torch.randn(m, k) + 0.5).to(dtype)  # a mean away from 0: the zero term (zero * sum x) matters
+@pytest.mark.parametrize("scheme,group,m,n,k,dtype,bias,sms,x_offset,symmetric", GEMV_4BIT, ids=str)
+def test_gemv_4bit_tensor_cores(emulator, tmp_path, scheme, group, m, n, k, dtype, bias, sms, x_offset, symmetric):
+    kw = dict(symmetric=symmetric) if scheme == "int4" else {}
+    qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=group, **kw)
+    x = (torch.randn(m, k) + 0.5).to(dtype)  # a mean away from 0: int4's zero term (zero * sum x) matters
     b = torch.randn(n).to(dtype)
-    arrays = dict(x=x, qweight=qw.qweight, scales=qw.scales.float(), zeros=qw.zeros.float(), bias=b)
-    cfg = {"op_quant": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k, "format": 1, "group_size": group,
-           "bias": int(bias), "gemm": 0, "int4_gemv": 1, "x_offset": x_offset}
+    arrays = dict(x=x, qweight=qw.qweight, scales=qw.scales.float(), bias=b)
+    if scheme == "int4":
+        arrays["zeros"] = qw.zeros.float()
+    cfg = {"op_quant": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k, "format": {"int4": 1, "nf4": 2}[scheme],
+           "group_size": group, "bias": int(bias), "gemm": 0, "gemv_4bit": 1, "x_offset": x_offset}
     out = run(emulator, tmp_path, cfg, arrays, sms=sms)
     if k >= 2048 and sms > 1:
         assert out["num_splits"].item() > 1, "the case was meant to split k"
-    ref = x.double() @ torchkiln.dequantize(qw, torch.float32).double().T + (b.double() if bias else 0)
+    w = torchkiln.dequantize(qw, torch.float32).double()
+    if scheme == "nf4":  # the kernel multiplies the codebook rounded to x's dtype, then the absmax
+        absmax = qw.scales.double().repeat_interleave(group, dim=1)
+        w = (w / absmax).to(dtype).double() * absmax
+    ref = x.double() @ w.T + (b.double() if bias else 0)
     got = out["out"].view(m, n).double()
     rel = (got - ref).norm() / ref.norm()
-    # fp32 sums of the exact weights: the output's rounding (half an ulp) dominates
+    # fp32 sums of the weights: the output's rounding (half an ulp) dominates
     assert rel <= {torch.bfloat16: 2.5e-3, torch.float16: 6e-4}[dtype], f"relative error {rel:.2e}"
 
 

@@ -286,7 +286,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("device", [p for p in __import__("conftest").DEVICES if p.id == "cuda"])
 def test_quant_matmul_cuda(device, scheme, group, sym, dtype):
-    # int4 with 16-bit x up to 16 rows: the tensor-core GEMV; other formats and
+    # int4 / nf4 with 16-bit x up to 16 rows: the tensor-core GEMV; int8 and
     # fp32 x up to 8 rows: the warp-per-row kernel; more rows: the tensor-core
     # GEMM (16-bit x) or dequantise + cuBLAS (fp32 x)
     k = 3 * (group or 64) + (0 if group else 5)
