@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention/flash_attn.h"
@@ -18,7 +19,7 @@ namespace attn {
 
 constexpr int64_t kBq = 64;                       // query rows per block
 constexpr int64_t kBk = 64;                       // keys per block
-constexpr int64_t kRows = 4;                      // rows of a register tile
+constexpr int64_t kRows = 4;                      // callers pad row counts to a multiple of this
 constexpr int64_t kTileCols = kW >= 16 ? 4 : 2;   // vectors per tile row (16 ymm registers on AVX2)
 constexpr int64_t kTileW = kTileCols * kW;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -114,51 +115,66 @@ inline void shape_scores(const FlashAttnParams& p, const Sequence& s, int64_t i,
   fill_outside(visible(p, s, i, j0, n), row, -kInf);
 }
 
-// C[r][c] = sum_{d < depth} A[r][d] * BT[d][c] for r < rows (a multiple of
-// kRows) and c < cols (a multiple of kTileW). BT is B transposed, so each step
-// broadcasts one A element against contiguous vectors of B.
-inline void gemm_nt(const float* A, int64_t lda, const float* BT, int64_t ldb, float* C, int64_t ldc, int64_t rows,
-                    int64_t depth, int64_t cols) {
-  for (int64_t r = 0; r < rows; r += kRows) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kTileW) {
-      Vec acc[kRows][kTileCols];
-      for (auto& row : acc)
-        for (auto& a : row) a = vzero();
-      for (int64_t d = 0; d < depth; ++d) {
-        Vec b[kTileCols];
-        for (int64_t t = 0; t < kTileCols; ++t) b[t] = vload(BT + d * ldb + c0 + t * kW);
-        for (int64_t rr = 0; rr < kRows; ++rr) {
-          const Vec a = vset1(A[(r + rr) * lda + d]);
-          for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = vfma(a, b[t], acc[rr][t]);
-        }
-      }
-      for (int64_t rr = 0; rr < kRows; ++rr)
-        for (int64_t t = 0; t < kTileCols; ++t) vstore(C + (r + rr) * ldc + c0 + t * kW, acc[rr][t]);
+// The fp32 products below run register tiles of kTileRows rows x kTileCols
+// vectors. On AVX2 six rows x two vectors (12 accumulators, 15 of the 16
+// registers) keep both FMA pipes busy through the 4-cycle FMA latency; four
+// rows (8 accumulators) left them idle about a third of the time. Callers
+// pad rows to kRows; the last tile of a row count that is not a multiple of
+// kTileRows runs with 4 or 2 rows.
+constexpr int kTileRows = kW >= 16 ? 4 : 6;
+
+// One tile of gemm_nt / gemm_acc: C[R x kTileW] (+)= A[R x depth] * B[depth x
+// kTileW], B's rows ldb apart, A's lda apart.
+template <int R, bool kAccumulate>
+inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t depth) {
+  Vec acc[R][kTileCols];
+  for (int rr = 0; rr < R; ++rr)
+    for (int t = 0; t < kTileCols; ++t) acc[rr][t] = kAccumulate ? vload(C + rr * ldc + t * kW) : vzero();
+  for (int64_t d = 0; d < depth; ++d) {
+    Vec b[kTileCols];
+    for (int t = 0; t < kTileCols; ++t) b[t] = vload(B + d * ldb + t * kW);
+    for (int rr = 0; rr < R; ++rr) {
+      const Vec a = vset1(A[rr * lda + d]);
+      for (int t = 0; t < kTileCols; ++t) acc[rr][t] = vfma(a, b[t], acc[rr][t]);
     }
   }
+  for (int rr = 0; rr < R; ++rr)
+    for (int t = 0; t < kTileCols; ++t) vstore(C + rr * ldc + t * kW, acc[rr][t]);
+}
+
+// Rows [0, rows) (a multiple of 2) of a product, in tiles of kTileRows rows
+// then 4 and 2; `tile(R-tag, r)` runs the rows from r.
+template <class Tile>
+inline void for_row_tiles(int64_t rows, Tile&& tile) {
+  int64_t r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows) tile(std::integral_constant<int, kTileRows>{}, r);
+  if (r + 4 <= rows) tile(std::integral_constant<int, 4>{}, r), r += 4;
+  if (r + 2 <= rows) tile(std::integral_constant<int, 2>{}, r), r += 2;
+}
+
+// C[r][c] = sum_{d < depth} A[r][d] * BT[d][c] for r < rows (a multiple of
+// kRows) and c < cols (a multiple of kTileW). BT is B transposed, so each step
+// broadcasts one A element against contiguous vectors of B. Columns
+// [c0, c0 + kTileW) of BT start at BT + c0 / kTileW * panel, rows ldb apart:
+// panel = kTileW for a plain row-major BT, or depth * kTileW for BT packed in
+// column panels, which a tile then reads front to back (a plain BT with a
+// long power-of-two row maps every row of a tile to one L1 set).
+inline void gemm_nt(const float* A, int64_t lda, const float* BT, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+                    int64_t depth, int64_t cols, int64_t panel = kTileW) {
+  for_row_tiles(rows, [&](auto R, int64_t r) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTileW)
+      gemm_tile<R(), false>(A + r * lda, lda, BT + c0 / kTileW * panel, ldb, C + r * ldc + c0, ldc, depth);
+  });
 }
 
 // C[r][x] += sum_{c < depth} A[r][c] * B[c][x] for r < rows (a multiple of
 // kRows) and x < width (a multiple of kTileW).
 inline void gemm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
                      int64_t depth, int64_t width) {
-  for (int64_t r = 0; r < rows; r += kRows) {
-    for (int64_t x0 = 0; x0 < width; x0 += kTileW) {
-      Vec acc[kRows][kTileCols];
-      for (int64_t rr = 0; rr < kRows; ++rr)
-        for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = vload(C + (r + rr) * ldc + x0 + t * kW);
-      for (int64_t c = 0; c < depth; ++c) {
-        Vec b[kTileCols];
-        for (int64_t t = 0; t < kTileCols; ++t) b[t] = vload(B + c * ldb + x0 + t * kW);
-        for (int64_t rr = 0; rr < kRows; ++rr) {
-          const Vec a = vset1(A[(r + rr) * lda + c]);
-          for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = vfma(a, b[t], acc[rr][t]);
-        }
-      }
-      for (int64_t rr = 0; rr < kRows; ++rr)
-        for (int64_t t = 0; t < kTileCols; ++t) vstore(C + (r + rr) * ldc + x0 + t * kW, acc[rr][t]);
-    }
-  }
+  for_row_tiles(rows, [&](auto R, int64_t r) {
+    for (int64_t x0 = 0; x0 < width; x0 += kTileW)
+      gemm_tile<R(), true>(A + r * lda, lda, B + x0, ldb, C + r * ldc + x0, ldc, depth);
+  });
 }
 
 #if defined(__AVX512BF16__)

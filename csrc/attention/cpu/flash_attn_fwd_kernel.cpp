@@ -58,7 +58,9 @@ void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int6
 }
 #endif
 
-// K transposed and widened (kt: D x ldk), V widened (v: ldk x dp).
+// K and V widened into the panels gemm_nt and gemm_acc read front to back:
+// K transposed in panels of kTileW keys (kt: ldk / kTileW panels of D x
+// kTileW), V in panels of kTileW columns (v: dp / kTileW panels of ldk x kTileW).
 template <class T>
 void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t hk, int64_t lo, int64_t hi,
                Scratch& w) {
@@ -69,7 +71,9 @@ void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t h
   w.v.assign(static_cast<size_t>(w.ldk * w.dp), 0.0f);
   const std::vector<const T*> vrows = key_rows<T>(p.v, p, b, s, hk, lo, n);
   for (int64_t j = 0; j < n; ++j) widen(vrows[j], w.v.data() + j * w.dp, D);
-  transpose_rows(key_rows<T>(p.k, p, b, s, hk, lo, n).data(), n, D, w.kt.data(), w.ldk);
+  const std::vector<const T*> krows = key_rows<T>(p.k, p, b, s, hk, lo, n);
+  for (int64_t j = 0; j < n; j += kTileW)
+    transpose_rows(krows.data() + j, std::min(kTileW, n - j), D, w.kt.data() + j * D, kTileW);
 }
 
 // Online-softmax update of one row of scores (turned into probabilities in
@@ -151,7 +155,7 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64
                        p.scale);
         else
 #endif
-          gemm_nt(w.q.data(), D, w.kt.data() + (j0 - lo), w.ldk, w.s.data(), kBk, rows, D, kBk);
+          gemm_nt(w.q.data(), D, w.kt.data() + (j0 - lo) * D, kTileW, w.s.data(), kBk, rows, D, kBk, D * kTileW);
         for (int64_t r = 0; r < nr; ++r) {
           float* row = w.s.data() + r * kBk;
           shape_scores(p, s, i0 + r, j0, n, slope, row);
