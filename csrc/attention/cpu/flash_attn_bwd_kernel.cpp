@@ -23,7 +23,7 @@ namespace {
 using namespace attn;
 
 struct Scratch {
-  std::vector<float> kt, vt, k;      // keys of the task: K^T, V^T (D x ldk), K (ldk x dp)
+  std::vector<float> kt, vt, k;      // keys of the task: K^T, V^T (panels, see load_keys), K (ldk x dp)
   std::vector<float> dk, dv;         // accumulators (ldk x dp)
   std::vector<float> q, dout;        // one query block (kBq x dp), q pre-scaled
   std::vector<float> s, dp, th;      // (kBq x kBk): scores -> P, dP -> dS, tanh for softcap
@@ -79,8 +79,11 @@ void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t h
   w.dv.assign(static_cast<size_t>(w.ldk * w.dpad), 0.0f);
   const std::vector<const T*> krows = key_rows<T>(p.k, p, b, s, hk, k0, n), vrows = key_rows<T>(p.v, p, b, s, hk, k0, n);
   for (int64_t j = 0; j < n; ++j) widen(krows[j], w.k.data() + j * w.dpad, D);
-  transpose_rows(krows.data(), n, D, w.kt.data(), w.ldk);
-  transpose_rows(vrows.data(), n, D, w.vt.data(), w.ldk);
+  // K^T and V^T in panels of kTileW keys, as the forward packs K (see gemm_nt).
+  for (int64_t j = 0; j < n; j += kTileW) {
+    transpose_rows(krows.data() + j, std::min(kTileW, n - j), D, w.kt.data() + j * D, kTileW);
+    transpose_rows(vrows.data() + j, std::min(kTileW, n - j), D, w.vt.data() + j * D, kTileW);
+  }
 }
 
 void transpose_block(const float* src, float* dst) {  // (kBq x kBk) -> (kBk x kBq)
@@ -187,8 +190,8 @@ void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partia
         } else
 #endif
         {
-          gemm_nt(w.q.data(), dp, w.kt.data() + col0, w.ldk, w.s.data(), kBk, rows, D, kBk);
-          gemm_nt(w.dout.data(), dp, w.vt.data() + col0, w.ldk, w.dp.data(), kBk, rows, D, kBk);
+          gemm_nt(w.q.data(), dp, w.kt.data() + col0 * D, kTileW, w.s.data(), kBk, rows, D, kBk, D * kTileW);
+          gemm_nt(w.dout.data(), dp, w.vt.data() + col0 * D, kTileW, w.dp.data(), kBk, rows, D, kBk, D * kTileW);
         }
         for (int64_t r = 0; r < kBq; ++r) {
           float* prow = w.s.data() + r * kBk;

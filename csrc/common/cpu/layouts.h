@@ -2,8 +2,8 @@
 // ISA, like vec.h): rows turned into columns, or pairs of rows / columns
 // interleaved as vdpbf16ps reads them.
 //
-// The transposes go 16 rows x 16 columns at a time through registers on
-// AVX-512 instead of one scalar copy per element; for a few query rows the
+// The transposes go 16 x 16 (AVX-512) or 8 x 8 (AVX2) at a time through
+// registers instead of one scalar copy per element; for a few query rows the
 // scalar copies of the keys cost more than the attention itself, and in the
 // attention backward they were 10-15% of a training step.
 #pragma once
@@ -51,26 +51,58 @@ inline void transpose16(__m512* r) {
     r[i + 1] = _mm512_mask_movehdup_ps(b, 0x5555, a);  // a1 b1 a3 b3 ...
   }
 }
+#elif defined(__AVX2__)
+// In-register transpose of an 8 x 8 tile of fp32: r[i] lane j <-> r[j] lane i.
+inline void transpose8(__m256* r) {
+  __m256 t[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 8; i += 2) {  // interleave row pairs: a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {  // pairs of pairs: a0 b0 c0 d0 | a4 b4 c4 d4
+    const int i = k / 2 * 4 + k % 2;
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 2] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // 128-bit halves of rows i and i + 4
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  // t holds columns 0, 2, 1, 3, 4, 6, 5, 7: the order the shuffles left them.
+  r[0] = t[0], r[1] = t[2], r[2] = t[1], r[3] = t[3];
+  r[4] = t[4], r[5] = t[6], r[6] = t[5], r[7] = t[7];
+}
 #endif
 
+#if defined(__AVX512F__)
+constexpr int kTransposeW = 16;
+inline void transpose_lanes(__m512* r) { transpose16(r); }
+#elif defined(__AVX2__)
+constexpr int kTransposeW = 8;
+inline void transpose_lanes(__m256* r) { transpose8(r); }
+#endif
 
 // dst[c * ld + j] = rows[j][c] widened to fp32, for j < n and c < cols;
-// columns [n, round_up(n, 16)) of dst get zeros (ld must cover them).
+// columns [n, round_up(n, vector width)) of dst get zeros (ld must cover them).
 template <class T>
 void transpose_rows(const T* const* rows, int64_t n, int64_t cols, float* dst, int64_t ld) {
-#if defined(__AVX512F__)
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const int64_t nj = std::min<int64_t>(16, n - j0);
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      const int64_t w = std::min<int64_t>(16, cols - c0);
-      __m512 r[16];
+#if defined(__AVX512F__) || defined(__AVX2__)
+  constexpr int L = kTransposeW;
+  for (int64_t j0 = 0; j0 < n; j0 += L) {
+    const int64_t nj = std::min<int64_t>(L, n - j0);
+    for (int64_t c0 = 0; c0 < cols; c0 += L) {
+      const int64_t w = std::min<int64_t>(L, cols - c0);
+      decltype(Vec::v) r[L];
 #pragma GCC unroll 16
-      for (int jj = 0; jj < 16; ++jj)
-        r[jj] = jj >= nj ? _mm512_setzero_ps() : (w == 16 ? vload(rows[j0 + jj] + c0) : vload_partial(rows[j0 + jj] + c0, w)).v;
-      transpose16(r);
+      for (int jj = 0; jj < L; ++jj)
+        r[jj] = jj >= nj ? vzero().v : (w == L ? vload(rows[j0 + jj] + c0) : vload_partial(rows[j0 + jj] + c0, w)).v;
+      transpose_lanes(r);
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)  // a bound of w here would put r on the stack
-        if (i < w) _mm512_storeu_ps(dst + (c0 + i) * ld + j0, r[i]);
+      for (int i = 0; i < L; ++i)  // a bound of w here would put r on the stack
+        if (i < w) vstore(dst + (c0 + i) * ld + j0, Vec{r[i]});
     }
   }
 #else
@@ -79,17 +111,19 @@ void transpose_rows(const T* const* rows, int64_t n, int64_t cols, float* dst, i
 #endif
 }
 
-// (rows x cols) -> (cols x rows) fp32, both multiples of 16 on AVX-512.
+// (rows x cols) -> (cols x rows) fp32, both multiples of the vector width
+// on AVX-512 and AVX2.
 inline void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
-#if defined(__AVX512F__)
-  for (int64_t r0 = 0; r0 < rows; r0 += 16)
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      __m512 r[16];
+#if defined(__AVX512F__) || defined(__AVX2__)
+  constexpr int L = kTransposeW;
+  for (int64_t r0 = 0; r0 < rows; r0 += L)
+    for (int64_t c0 = 0; c0 < cols; c0 += L) {
+      decltype(Vec::v) r[L];
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (r0 + i) * lds + c0);
-      transpose16(r);
+      for (int i = 0; i < L; ++i) r[i] = vload(src + (r0 + i) * lds + c0).v;
+      transpose_lanes(r);
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (c0 + i) * ldd + r0, r[i]);
+      for (int i = 0; i < L; ++i) vstore(dst + (c0 + i) * ldd + r0, Vec{r[i]});
     }
 #else
   for (int64_t r = 0; r < rows; ++r)
