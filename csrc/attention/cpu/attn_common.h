@@ -17,11 +17,19 @@ namespace torchkiln {
 namespace TK_CPU_NS {
 namespace attn {
 
-constexpr int64_t kBq = 64;                       // query rows per block
+// The fp32 products below run register tiles of kTileRows rows x kTileCols
+// vectors. On AVX2 six rows x two vectors (12 accumulators, 15 of the 16
+// registers) keep both FMA pipes busy through the 4-cycle FMA latency; four
+// rows (8 accumulators) left them idle about a third of the time.
+constexpr int kTileRows = kW >= 16 ? 4 : 6;
+constexpr int64_t kTileCols = kW >= 16 ? 4 : 2;   // vectors per tile row
+constexpr int64_t kTileW = kTileCols * kW;
+// Query rows per block: whole tiles (72 = 12 x 6 rows on AVX2; 64 left a
+// 4-row tile running at two thirds of the rate) and whole 8 x 8 or 16 x 16
+// transposes in the backward.
+constexpr int64_t kBq = kTileRows == 6 ? 72 : 64;
 constexpr int64_t kBk = 64;                       // keys per block
 constexpr int64_t kRows = 4;                      // callers pad row counts to a multiple of this
-constexpr int64_t kTileCols = kW >= 16 ? 4 : 2;   // vectors per tile row (16 ymm registers on AVX2)
-constexpr int64_t kTileW = kTileCols * kW;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -115,13 +123,8 @@ inline void shape_scores(const FlashAttnParams& p, const Sequence& s, int64_t i,
   fill_outside(visible(p, s, i, j0, n), row, -kInf);
 }
 
-// The fp32 products below run register tiles of kTileRows rows x kTileCols
-// vectors. On AVX2 six rows x two vectors (12 accumulators, 15 of the 16
-// registers) keep both FMA pipes busy through the 4-cycle FMA latency; four
-// rows (8 accumulators) left them idle about a third of the time. Callers
-// pad rows to kRows; the last tile of a row count that is not a multiple of
-// kTileRows runs with 4 or 2 rows.
-constexpr int kTileRows = kW >= 16 ? 4 : 6;
+// Callers pad rows to kRows; the last tile of a row count that is not a
+// multiple of kTileRows runs with 4 or 2 rows.
 
 // One tile of gemm_nt / gemm_acc: C[R x kTileW] (+)= A[R x depth] * B[depth x
 // kTileW], B's rows ldb apart, A's lda apart.
