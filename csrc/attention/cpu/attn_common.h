@@ -162,21 +162,31 @@ inline void for_row_tiles(int64_t rows, Tile&& tile) {
 // panel = kTileW for a plain row-major BT, or depth * kTileW for BT packed in
 // column panels, which a tile then reads front to back (a plain BT with a
 // long power-of-two row maps every row of a tile to one L1 set).
+//
+// `seen` (optional, one per row, lo and hi never decreasing down the rows):
+// the columns each row needs. Tiles of columns no row of a register tile
+// needs are skipped and left as they were (a causal diagonal block skips
+// about half its tiles); the caller overwrites those columns.
 inline void gemm_nt(const float* A, int64_t lda, const float* BT, int64_t ldb, float* C, int64_t ldc, int64_t rows,
-                    int64_t depth, int64_t cols, int64_t panel = kTileW) {
+                    int64_t depth, int64_t cols, int64_t panel = kTileW, const KeyRange* seen = nullptr) {
   for_row_tiles(rows, [&](auto R, int64_t r) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kTileW)
+    const int64_t lo = seen ? seen[r].lo : 0, hi = seen ? seen[r + R() - 1].hi : cols;
+    for (int64_t c0 = lo / kTileW * kTileW; c0 < hi; c0 += kTileW)
       gemm_tile<R(), false>(A + r * lda, lda, BT + c0 / kTileW * panel, ldb, C + r * ldc + c0, ldc, depth);
   });
 }
 
 // C[r][x] += sum_{c < depth} A[r][c] * B[c][x] for r < rows (a multiple of
-// kRows) and x < width (a multiple of kTileW).
+// kRows) and x < width (a multiple of kTileW). With `seen` (as in gemm_nt),
+// a register tile sums only over the c some row of it needs: A must be zero
+// outside each row's range.
 inline void gemm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
-                     int64_t depth, int64_t width) {
+                     int64_t depth, int64_t width, const KeyRange* seen = nullptr) {
   for_row_tiles(rows, [&](auto R, int64_t r) {
+    const int64_t lo = seen ? seen[r].lo : 0, hi = seen ? std::min(seen[r + R() - 1].hi, depth) : depth;
+    if (lo >= hi) return;
     for (int64_t x0 = 0; x0 < width; x0 += kTileW)
-      gemm_tile<R(), true>(A + r * lda, lda, B + x0, ldb, C + r * ldc + x0, ldc, depth);
+      gemm_tile<R(), true>(A + r * lda + lo, lda, B + lo * ldb + x0, ldb, C + r * ldc + x0, ldc, hi - lo);
   });
 }
 

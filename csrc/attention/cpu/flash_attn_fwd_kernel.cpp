@@ -30,6 +30,7 @@ using namespace attn;
 // Scratch of one task, reused across its query blocks.
 struct Scratch {
   std::vector<float> kt, v, q, s, o, m, l;
+  std::vector<KeyRange> seen;  // visible columns of the current key block, per row
   std::vector<uint16_t> kt2, v2, qb, pb;  // bf16 dot-product path (see attn_common.h)
   int64_t ldk = 0, dp = 0;  // columns of kt (keys), padded head_dim of v / o
 };
@@ -86,14 +87,22 @@ void softmax_step(float* row, KeyRange keep, float& m, float& l, float* o, int64
     for (int64_t c = 0; c < kBk; ++c) row[c] = 0.0f;
     return;
   }
-  const float alpha = std::exp(m - m_new);  // 0 when m was -inf
+  const float alpha = m_new == m ? 1.0f : std::exp(m - m_new);  // 0 when m was -inf
   const Vec vm = vset1(m_new);
-  for (int64_t c = 0; c < kBk; c += kW) vstore(row + c, vexp(vload(row + c) - vm));
-  // vexp saturates at exp(-87) ~ 1.6e-38 rather than 0: hidden keys are
-  // zeroed explicitly so they stay out of l and O.
-  fill_outside(keep, row, 0.0f);
   Vec sum = vzero();
-  for (int64_t c = 0; c < kBk; c += kW) sum = sum + vload(row + c);
+  if (keep.lo == 0 && keep.hi == kBk) {
+    for (int64_t c = 0; c < kBk; c += kW) {
+      const Vec e = vexp(vload(row + c) - vm);
+      vstore(row + c, e);
+      sum = sum + e;
+    }
+  } else {
+    for (int64_t c = 0; c < kBk; c += kW) vstore(row + c, vexp(vload(row + c) - vm));
+    // vexp saturates at exp(-87) ~ 1.6e-38 rather than 0: hidden keys are
+    // zeroed explicitly so they stay out of l and O.
+    fill_outside(keep, row, 0.0f);
+    for (int64_t c = 0; c < kBk; c += kW) sum = sum + vload(row + c);
+  }
   l = l * alpha + vsum(sum);
   m = m_new;
   if (alpha != 1.0f) {
@@ -124,6 +133,7 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64
   w.q.resize(static_cast<size_t>(kBq * D));
   w.s.resize(static_cast<size_t>(kBq * kBk));
   w.o.resize(static_cast<size_t>(kBq * w.dp));
+  w.seen.resize(kBq);
   w.m.resize(kBq);
   w.l.resize(kBq);
 
@@ -149,17 +159,19 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64
       const int64_t blo = key_range(p, s, i0).lo, bhi = key_range(p, s, i0 + nr - 1).hi;
       for (int64_t j0 = lo + (blo - lo) / kBk * kBk; j0 < bhi; j0 += kBk) {
         const int64_t n = std::min(bhi - j0, kBk);
+        for (int64_t r = 0; r < rows; ++r) w.seen[r] = visible(p, s, i0 + std::min(r, nr - 1), j0, n);
 #if defined(__AVX512BF16__)
         if constexpr (bf16_dot)
           gemm_nt_bf16(w.qb.data(), 2 * pairs, w.kt2.data() + (j0 - lo) * 2, w.ldk, w.s.data(), kBk, rows, pairs, kBk,
                        p.scale);
         else
 #endif
-          gemm_nt(w.q.data(), D, w.kt.data() + (j0 - lo) * D, kTileW, w.s.data(), kBk, rows, D, kBk, D * kTileW);
+          gemm_nt(w.q.data(), D, w.kt.data() + (j0 - lo) * D, kTileW, w.s.data(), kBk, rows, D, kBk, D * kTileW,
+                  w.seen.data());
         for (int64_t r = 0; r < nr; ++r) {
           float* row = w.s.data() + r * kBk;
           shape_scores(p, s, i0 + r, j0, n, slope, row);
-          softmax_step(row, visible(p, s, i0 + r, j0, n), w.m[r], w.l[r], w.o.data() + r * w.dp, w.dp);
+          softmax_step(row, w.seen[r], w.m[r], w.l[r], w.o.data() + r * w.dp, w.dp);
         }
         for (int64_t r = nr; r < rows; ++r) std::fill_n(w.s.data() + r * kBk, kBk, 0.0f);
 #if defined(__AVX512BF16__)
@@ -170,7 +182,8 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64
                         (n + 1) / 2, w.dp);
         } else
 #endif
-          gemm_acc(w.s.data(), kBk, w.v.data() + (j0 - lo) * w.dp, w.dp, w.o.data(), w.dp, rows, n, w.dp);
+          gemm_acc(w.s.data(), kBk, w.v.data() + (j0 - lo) * w.dp, w.dp, w.o.data(), w.dp, rows, n, w.dp,
+                   w.seen.data());
       }
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
