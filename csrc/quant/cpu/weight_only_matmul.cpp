@@ -326,10 +326,97 @@ void tile_4bit_rows(const WeightOnlyParams& p, const StagedX& sx, const TileRows
     for (int i = 0; i < MB; ++i) y[(r0 + r) * MB + i] = vsum(C == 2 ? acc[r][i][0] + acc[r][i][C - 1] : acc[r][i][0]);
 }
 
+// The same product for groups of whole 64-column chunks (int4 g64 / g128,
+// nf4): codes are multiplied with x unscaled and each group's sums scaled
+// once, and int4's zero points come off at the end from x's group sums:
+//   sum_g s_g * (sum_{k in g} q_k x_k) - sum_g s_g z_g X_g.
+// Per 16 weights that drops the scaling FMAs of the loop above, and per
+// chunk its group lookups (two 64-bit divisions and eight scalar loads):
+// int4 M=1 on an AVX2 EPYC, 4096 -> 11008: 2.45 -> 1.26 ms with the weight
+// in cache, 2.7 -> 1.9-2.1 ms from DRAM.
+template <int MB, bool kInt4>
+void tile_4bit_grouped(const WeightOnlyParams& p, const StagedX& sx, const TileRows& t, int r0, int64_t m0,
+                       float* y) {
+  constexpr int W = Vec::kWidth;
+  constexpr int C = MB == 1 ? 2 : 1;  // accumulator chains per (row, x row): low / high half
+  const Table16 tab(code_values(p.format));
+  const uint8_t* const* w = t.codes + r0;
+  const float* const* sc = t.scales + r0;
+  const float* xr[MB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) xr[i] = sx.x.data() + (m0 + i) * sx.kp;
+  Vec total[kSub4][MB];
+#pragma GCC unroll 16
+  for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) total[r][i] = vzero();
+  for (int64_t g = 0, g_col = 0; g < sx.groups; ++g, g_col += p.group_size) {
+    Vec acc[kSub4][MB][C];
+#pragma GCC unroll 16
+    for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) acc[r][i][c] = vzero();
+    for (int64_t col = g_col; col < g_col + p.group_size; col += kNibbleChunk) {
+      for (int j = 0; j < 32; j += W) {
+        Vec xl[MB], xh[MB];
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) {
+          xl[i] = vload(xr[i] + col + j);
+          xh[i] = vload(xr[i] + col + 32 + j);
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < kSub4; ++r) {
+          if (j == 0 && (col / kNibbleChunk) % 2 == 1) prefetch_next_tile(p, w[r] + col / 2);
+          Vec lo, hi;
+          if constexpr (kInt4)
+            decode_int4(w[r] + col / 2 + j, tab, lo, hi);
+          else
+            decode_nibbles(w[r] + col / 2 + j, tab, lo, hi);
+#pragma GCC unroll 16
+          for (int i = 0; i < MB; ++i) {
+            acc[r][i][0] = vfma(lo, xl[i], acc[r][i][0]);
+            acc[r][i][C - 1] = vfma(hi, xh[i], acc[r][i][C - 1]);
+          }
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kSub4; ++r) {
+      const Vec s = vset1(sc[r][g]);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) total[r][i] = vfma(C == 2 ? acc[r][i][0] + acc[r][i][C - 1] : acc[r][i][0], s, total[r][i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) {
+      float zero_term = 0.0f;
+      if constexpr (kInt4) {
+        const float* xs = sx.group_sums.data() + (m0 + i) * sx.groups;
+        const float* zr = t.zeros[r0 + r];
+        Vec zt = vzero();
+        int64_t g = 0;
+        for (; g + W <= sx.groups; g += W) zt = vfma(vload(sc[r] + g) * vload(zr + g), vload(xs + g), zt);
+        zero_term = vsum(zt);
+        for (; g < sx.groups; ++g) zero_term += sc[r][g] * zr[g] * xs[g];
+      }
+      y[(r0 + r) * MB + i] = vsum(total[r][i]) - zero_term;
+    }
+}
+
 template <int MB, bool kInt4>
 void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   const TileRows t(p, sx.groups, row0);
-  for (int r0 = 0; r0 < kTileN; r0 += kSub4) tile_4bit_rows<MB, kInt4>(p, sx, t, r0, m0, y);
+  const bool grouped = p.group_size % kNibbleChunk == 0 && (!kInt4 || p.zeros != nullptr);
+  for (int r0 = 0; r0 < kTileN; r0 += kSub4) {
+    if (grouped)
+      tile_4bit_grouped<MB, kInt4>(p, sx, t, r0, m0, y);
+    else
+      tile_4bit_rows<MB, kInt4>(p, sx, t, r0, m0, y);
+  }
 }
 
 template <int MB>
