@@ -23,6 +23,7 @@
 //    up 32 codes in the codebook rounded to bf16.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "common/cpu/vec.h"
@@ -57,6 +58,27 @@ bool uses_bf16_dot(const WeightOnlyParams& p) {
   (void)p;
   return false;
 #endif
+}
+
+// nf4 below AVX-512 with groups of whole chunks: codes decoded by byte-plane
+// lookups (tile_nf4_planes), which leave each 32-column half in the order of
+// nf4_plane_column; x is staged in that order.
+bool uses_nf4_planes(const WeightOnlyParams& p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  return p.format == WeightFormat::kNf4 && p.group_size % kNibbleChunk == 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+// Column, within a 32-column half chunk, of position i of the plane order:
+// the unpacks in nf4_decode_half give columns 0-3 and 16-19, then 4-7 and
+// 20-23, 8-11 and 24-27, 12-15 and 28-31 (each vector holds 4 columns from
+// each 128-bit lane).
+inline int nf4_plane_column(int i) {
+  const int f = i / 8, e = i % 8;
+  return e < 4 ? 4 * f + e : 16 + 4 * f + (e - 4);
 }
 
 // x in the form the inner loop reads, zero-padded to kp columns.
@@ -96,6 +118,13 @@ void stage_rows(const WeightOnlyParams& p, bool bf16_dot, StagedX& s) {
       int64_t j = 0;
       for (; j + kW <= k; j += kW) vstore(xs + j, vload(row + j));
       for (; j < k; ++j) xs[j] = to_float(row[j]);
+      if (uses_nf4_planes(p)) {
+        float half[32];
+        for (int64_t h = 0; h < s.kp; h += 32) {
+          std::copy(xs + h, xs + h + 32, half);
+          for (int c = 0; c < 32; ++c) xs[h + c] = half[nf4_plane_column(c)];
+        }
+      }
     }
     if (p.format == WeightFormat::kInt4) {
       // The bf16 loop multiplies hi + lo, not x; summing the same values
@@ -304,7 +333,7 @@ void tile_4bit_rows(const WeightOnlyParams& p, const StagedX& sx, const TileRows
       }
 #pragma GCC unroll 16
       for (int r = 0; r < kSub4; ++r) {
-        if (j == 0 && (col / kNibbleChunk) % 2 == 1) prefetch_next_tile(p, w[r] + col / 2);
+        if (j == 0 && (col & kNibbleChunk) != 0) prefetch_next_tile(p, w[r] + col / 2);
         Vec lo, hi;
         if constexpr (kInt4)
           decode_int4(w[r] + col / 2 + j, tab, lo, hi);
@@ -368,7 +397,7 @@ void tile_4bit_grouped(const WeightOnlyParams& p, const StagedX& sx, const TileR
         }
 #pragma GCC unroll 16
         for (int r = 0; r < kSub4; ++r) {
-          if (j == 0 && (col / kNibbleChunk) % 2 == 1) prefetch_next_tile(p, w[r] + col / 2);
+          if (j == 0 && (col & kNibbleChunk) != 0) prefetch_next_tile(p, w[r] + col / 2);
           Vec lo, hi;
           if constexpr (kInt4)
             decode_int4(w[r] + col / 2 + j, tab, lo, hi);
@@ -407,11 +436,107 @@ void tile_4bit_grouped(const WeightOnlyParams& p, const StagedX& sx, const TileR
     }
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// ------------------------------------------------------------ nf4 on AVX2: byte-plane lookups
+// AVX2 has no 16-entry fp32 permute: the lookup16 above costs two permutes,
+// a shift and a blend per 8 codes, and bound nf4 M=1 at 1.7 weights a cycle.
+// vpshufb looks up 32 byte indices at once in a 16-byte table (per 128-bit
+// lane); four tables, one per byte of the fp32 codebook, and two rounds of
+// unpacks give 32 exact fp32 values in 12 shuffles, in the order of
+// nf4_plane_column.
+struct Nf4Planes {
+  __m256i plane[4];
+  Nf4Planes() {
+    for (int b = 0; b < 4; ++b) {
+      alignas(16) uint8_t bytes[16];
+      for (int c = 0; c < 16; ++c) {
+        uint32_t bits;
+        std::memcpy(&bits, &kNf4Codebook[c], 4);
+        bytes[c] = static_cast<uint8_t>(bits >> (8 * b));
+      }
+      plane[b] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes)));
+    }
+  }
+};
+
+// codes: 32 bytes, each a code 0..15 -> out: their 32 values.
+inline void nf4_decode_half(__m256i codes, const Nf4Planes& t, __m256 out[4]) {
+  const __m256i b0 = _mm256_shuffle_epi8(t.plane[0], codes), b1 = _mm256_shuffle_epi8(t.plane[1], codes);
+  const __m256i b2 = _mm256_shuffle_epi8(t.plane[2], codes), b3 = _mm256_shuffle_epi8(t.plane[3], codes);
+  const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+  out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
+  out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+  out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
+  out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
+}
+
+// tile_4bit_grouped for nf4 with x staged in plane order, one weight row at
+// a time: the four plane tables take 4 of the 16 vector registers, and with
+// two rows' accumulators GCC kept them on the stack, a store and a reload in
+// every dependency chain (3.2 weights a cycle, against 5.3 for the shuffles).
+template <int MB>
+void tile_nf4_planes(const WeightOnlyParams& p, const StagedX& sx, const TileRows& t, int r0, int64_t m0, float* y) {
+  constexpr int C = MB == 1 ? 4 : 2;  // accumulator chains per x row
+  static const Nf4Planes planes;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const float* xr[MB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) xr[i] = sx.x.data() + (m0 + i) * sx.kp;
+  for (int r = r0; r < r0 + kSub4; ++r) {
+    const uint8_t* w = t.codes[r];
+    const float* sc = t.scales[r];
+    __m256 total[MB];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) total[i] = _mm256_setzero_ps();
+    for (int64_t g = 0, g_col = 0; g < sx.groups; ++g, g_col += p.group_size) {
+      __m256 acc[MB][C];
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) acc[i][c] = _mm256_setzero_ps();
+      for (int64_t col = g_col; col < g_col + p.group_size; col += kNibbleChunk) {
+        if ((col & kNibbleChunk) != 0) prefetch_next_tile(p, w + col / 2);
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + col / 2));
+#pragma GCC unroll 2
+        for (int half = 0; half < 2; ++half) {
+          __m256 v[4];
+          nf4_decode_half(_mm256_and_si256(half ? _mm256_srli_epi16(b, 4) : b, low4), planes, v);
+#pragma GCC unroll 16
+          for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+            for (int f = 0; f < 4; ++f) {
+              const int c = C == 4 ? half * 2 + f % 2 : half;
+              acc[i][c] = _mm256_fmadd_ps(v[f], _mm256_loadu_ps(xr[i] + col + 32 * half + 8 * f), acc[i][c]);
+            }
+        }
+      }
+      const __m256 s = _mm256_set1_ps(sc[g]);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        __m256 sum = acc[i][0];
+#pragma GCC unroll 4
+        for (int c = 1; c < C; ++c) sum = _mm256_add_ps(sum, acc[i][c]);
+        total[i] = _mm256_fmadd_ps(sum, s, total[i]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) y[r * MB + i] = vsum(Vec{total[i]});
+  }
+}
+#endif
+
 template <int MB, bool kInt4>
 void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   const TileRows t(p, sx.groups, row0);
   const bool grouped = p.group_size % kNibbleChunk == 0 && (!kInt4 || p.zeros != nullptr);
   for (int r0 = 0; r0 < kTileN; r0 += kSub4) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if (!kInt4 && uses_nf4_planes(p)) {
+      tile_nf4_planes<MB>(p, sx, t, r0, m0, y);
+      continue;
+    }
+#endif
     if (grouped)
       tile_4bit_grouped<MB, kInt4>(p, sx, t, r0, m0, y);
     else
