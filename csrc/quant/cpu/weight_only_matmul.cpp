@@ -72,6 +72,22 @@ bool uses_nf4_planes(const WeightOnlyParams& p) {
 #endif
 }
 
+// int4 with bf16 / fp16 x below AVX-512, groups of whole chunks: x is
+// quantised per group to int16 and the codes multiplied with vpmaddwd
+// (tile_int4_i16). The rounding, at most 2^-16 of the group's largest |x|,
+// is far below the half-ulp x already carries in 8 or 11 bits; fp32 x keeps
+// the exact fp32 loop.
+bool uses_int16_x(const WeightOnlyParams& p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // Groups up to 32768 columns keep a group's int32 sums in range (see tile_int4_i16).
+  return p.format == WeightFormat::kInt4 && p.dtype != DType::kFloat32 && p.group_size % kNibbleChunk == 0 &&
+         p.group_size <= 32768 && p.zeros != nullptr;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 // Column, within a 32-column half chunk, of position i of the plane order:
 // the unpacks in nf4_decode_half give columns 0-3 and 16-19, then 4-7 and
 // 20-23, 8-11 and 24-27, 12-15 and 28-31 (each vector holds 4 columns from
@@ -88,7 +104,40 @@ struct StagedX {
   std::vector<uint16_t> hi, lo;   // (m, kp) bf16 bits, x = hi + lo (bf16 loop)
   bool split = false;             // lo is not all zero
   std::vector<float> group_sums;  // (m, groups), int4 zero points
+  std::vector<int16_t> xq;        // (m, kp) x / xq_scale rounded (int16 loop)
+  std::vector<float> xq_scale;    // (m, groups)
 };
+
+// x's rows quantised per group to int16 (uses_int16_x): round(x / scale)
+// with scale = max |x| / 32767 over the group.
+void stage_int16(const WeightOnlyParams& p, StagedX& s) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const int64_t g = p.group_size;
+  for (int64_t i = 0; i < p.m; ++i) {
+    const float* x = s.x.data() + i * s.kp;
+    int16_t* q = s.xq.data() + i * s.kp;
+    for (int64_t gi = 0; gi < s.groups; ++gi) {
+      const float* xg = x + gi * g;
+      __m256 mx = _mm256_setzero_ps();
+      const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+      for (int64_t j = 0; j < g; j += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xg + j), abs_mask));
+      const float m = vhmax(Vec{mx});
+      s.xq_scale[i * s.groups + gi] = m / 32767.0f;
+      const __m256 inv = _mm256_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
+      for (int64_t j = 0; j < g; j += 16) {
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + j), inv));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + j + 8), inv));
+        // packs interleaves 128-bit lanes (a0 b0 a1 b1); the permute restores column order.
+        const __m256i ab = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + gi * g + j), ab);
+      }
+    }
+  }
+#else
+  (void)p;
+  (void)s;
+#endif
+}
 
 // Vector loops: staging is a fixed cost per call (1-3% of an M=1 matmul
 // streamed from DRAM at k = 4096-11008, several times that as scalar code).
@@ -161,6 +210,11 @@ StagedX stage_x(const WeightOnlyParams& p) {
   }
   if (p.format == WeightFormat::kInt4) s.group_sums.assign(p.m * s.groups, 0.0f);
   dispatch_dtype(p.dtype, [&](auto tag) { stage_rows<decltype(tag)>(p, bf16_dot, s); });
+  if (uses_int16_x(p)) {
+    s.xq.assign(p.m * s.kp, 0);
+    s.xq_scale.assign(p.m * s.groups, 0.0f);
+    stage_int16(p, s);
+  }
   return s;
 }
 
@@ -526,6 +580,84 @@ void tile_nf4_planes(const WeightOnlyParams& p, const StagedX& sx, const TileRow
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// ------------------------------------------------------------ int4 x int16 on AVX2
+// vpmaddwd multiplies 16 pairs of int16 and adds each pair: 16 weights per
+// instruction, against 8 per FMA after an int -> float conversion. Codes
+// zero-extended to 16 bits hold (hi << 4 | lo) of one byte, so an AND and a
+// shift give the 16 low-half and 16 high-half codes of 16 bytes. Per group,
+// the int32 sums become fp32 and are scaled by s_w * s_x; zero points as in
+// tile_4bit_grouped. A lane of one half's sum adds group_size / 16 products
+// of at most 15 * 32767, both halves under 2^31 for groups up to 32768.
+template <int MB>
+void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows& t, int r0, int64_t m0, float* y) {
+  const __m256i low4 = _mm256_set1_epi16(0x000F);
+  const uint8_t* const* w = t.codes + r0;
+  const float* const* sc = t.scales + r0;
+  const int16_t* xr[MB];
+  const float* xs[MB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) {
+    xr[i] = sx.xq.data() + (m0 + i) * sx.kp;
+    xs[i] = sx.xq_scale.data() + (m0 + i) * sx.groups;
+  }
+  __m256 total[kSub4][MB];
+#pragma GCC unroll 16
+  for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) total[r][i] = _mm256_setzero_ps();
+  for (int64_t g = 0, g_col = 0; g < sx.groups; ++g, g_col += p.group_size) {
+    __m256i acc[kSub4][MB][2];  // low / high half of each chunk
+#pragma GCC unroll 16
+    for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) acc[r][i][0] = acc[r][i][1] = _mm256_setzero_si256();
+    for (int64_t col = g_col; col < g_col + p.group_size; col += kNibbleChunk) {
+#pragma GCC unroll 2
+      for (int j = 0; j < 32; j += 16) {
+        __m256i xl[MB], xh[MB];
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) {
+          xl[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[i] + col + j));
+          xh[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[i] + col + 32 + j));
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < kSub4; ++r) {
+          if (j == 0 && (col & kNibbleChunk) != 0) prefetch_next_tile(p, w[r] + col / 2);
+          const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + col / 2 + j)));
+          const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_srli_epi16(b, 4);
+#pragma GCC unroll 16
+          for (int i = 0; i < MB; ++i) {
+            acc[r][i][0] = _mm256_add_epi32(acc[r][i][0], _mm256_madd_epi16(lo, xl[i]));
+            acc[r][i][1] = _mm256_add_epi32(acc[r][i][1], _mm256_madd_epi16(hi, xh[i]));
+          }
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(acc[r][i][0], acc[r][i][1]));
+        total[r][i] = _mm256_fmadd_ps(sum, _mm256_set1_ps(sc[r][g] * xs[i][g]), total[r][i]);
+      }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) {
+      const float* gs = sx.group_sums.data() + (m0 + i) * sx.groups;
+      const float* zr = t.zeros[r0 + r];
+      Vec zt = vzero();
+      int64_t g = 0;
+      for (; g + kW <= sx.groups; g += kW) zt = vfma(vload(sc[r] + g) * vload(zr + g), vload(gs + g), zt);
+      float zero_term = vsum(zt);
+      for (; g < sx.groups; ++g) zero_term += sc[r][g] * zr[g] * gs[g];
+      y[(r0 + r) * MB + i] = vsum(Vec{total[r][i]}) - zero_term;
+    }
+}
+#endif
+
 template <int MB, bool kInt4>
 void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   const TileRows t(p, sx.groups, row0);
@@ -534,6 +666,10 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
 #if defined(__AVX2__) && !defined(__AVX512F__)
     if (!kInt4 && uses_nf4_planes(p)) {
       tile_nf4_planes<MB>(p, sx, t, r0, m0, y);
+      continue;
+    }
+    if (kInt4 && uses_int16_x(p)) {
+      tile_int4_i16<MB>(p, sx, t, r0, m0, y);
       continue;
     }
 #endif
