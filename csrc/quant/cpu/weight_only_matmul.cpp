@@ -65,7 +65,7 @@ bool uses_bf16_dot(const WeightOnlyParams& p) {
 // nf4_plane_column; x is staged in that order.
 bool uses_nf4_planes(const WeightOnlyParams& p) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  return p.format == WeightFormat::kNf4 && p.group_size % kNibbleChunk == 0;
+  return p.format == WeightFormat::kNf4 && p.group_size % kNibbleChunk == 0 && p.dtype == DType::kFloat32;
 #else
   (void)p;
   return false;
@@ -77,11 +77,16 @@ bool uses_nf4_planes(const WeightOnlyParams& p) {
 // (tile_int4_i16). The rounding, at most 2^-16 of the group's largest |x|,
 // is far below the half-ulp x already carries in 8 or 11 bits; fp32 x keeps
 // the exact fp32 loop.
+//
+// nf4 takes the same route (tile_nf4_i16) with the codebook as int16 in
+// units of 2^-13 (within 2^-14 of each value, again far below bf16's own
+// rounding of the weight), x staged in the order of nf4_i16_column.
 bool uses_int16_x(const WeightOnlyParams& p) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
+  if (p.dtype == DType::kFloat32 || p.group_size % kNibbleChunk != 0) return false;
+  if (p.format == WeightFormat::kNf4) return true;
   // Groups up to 32768 columns keep a group's int32 sums in range (see tile_int4_i16).
-  return p.format == WeightFormat::kInt4 && p.dtype != DType::kFloat32 && p.group_size % kNibbleChunk == 0 &&
-         p.group_size <= 32768 && p.zeros != nullptr;
+  return p.format == WeightFormat::kInt4 && p.group_size <= 32768 && p.zeros != nullptr;
 #else
   (void)p;
   return false;
@@ -96,6 +101,11 @@ inline int nf4_plane_column(int i) {
   const int f = i / 8, e = i % 8;
   return e < 4 ? 4 * f + e : 16 + 4 * f + (e - 4);
 }
+
+// Column, within a 32-column half chunk, of position i of the order the
+// nf4 int16 lookup leaves: unpacking the low and high bytes of the values
+// gives columns 0-7 and 16-19, then 8-15 and 24-31 (per 128-bit lane).
+inline int nf4_i16_column(int i) { return i < 8 || i >= 24 ? i : i < 16 ? i + 8 : i - 8; }
 
 // x in the form the inner loop reads, zero-padded to kp columns.
 struct StagedX {
@@ -130,6 +140,13 @@ void stage_int16(const WeightOnlyParams& p, StagedX& s) {
         // packs interleaves 128-bit lanes (a0 b0 a1 b1); the permute restores column order.
         const __m256i ab = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + gi * g + j), ab);
+      }
+    }
+    if (p.format == WeightFormat::kNf4) {
+      int16_t half[32];
+      for (int64_t h = 0; h < s.kp; h += 32) {
+        std::copy(q + h, q + h + 32, half);
+        for (int c = 0; c < 32; ++c) q[h + c] = half[nf4_i16_column(c)];
       }
     }
   }
@@ -175,7 +192,7 @@ void stage_rows(const WeightOnlyParams& p, bool bf16_dot, StagedX& s) {
         }
       }
     }
-    if (p.format == WeightFormat::kInt4) {
+    if (!s.group_sums.empty()) {
       // The bf16 loop multiplies hi + lo, not x; summing the same values
       // makes the 128 * sum(x) offset cancel exactly instead of amplifying
       // the split's rounding error.
@@ -208,7 +225,7 @@ StagedX stage_x(const WeightOnlyParams& p) {
   } else {
     s.x.assign(p.m * s.kp, 0.0f);
   }
-  if (p.format == WeightFormat::kInt4) s.group_sums.assign(p.m * s.groups, 0.0f);
+  if (p.format == WeightFormat::kInt4 || uses_int16_x(p)) s.group_sums.assign(p.m * s.groups, 0.0f);
   dispatch_dtype(p.dtype, [&](auto tag) { stage_rows<decltype(tag)>(p, bf16_dot, s); });
   if (uses_int16_x(p)) {
     s.xq.assign(p.m * s.kp, 0);
@@ -658,6 +675,90 @@ void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows&
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// ------------------------------------------------------------ nf4 x int16 on AVX2
+// The codebook as int16 (round(v * 2^13)), its low and high bytes as two
+// vpshufb tables: 4 shuffles look up 32 codes (the fp32 planes take 12).
+struct Nf4Int16 {
+  __m256i lo, hi;
+  Nf4Int16() {
+    alignas(16) uint8_t lb[16], hb[16];
+    for (int c = 0; c < 16; ++c) {
+      const auto v = static_cast<uint16_t>(static_cast<int16_t>(std::lrint(kNf4Codebook[c] * kNf4Int16Unit)));
+      lb[c] = static_cast<uint8_t>(v);
+      hb[c] = static_cast<uint8_t>(v >> 8);
+    }
+    lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lb)));
+    hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hb)));
+  }
+  static constexpr float kNf4Int16Unit = 8192.0f;
+};
+
+// y = sum_g absmax_g * s_x,g / 2^13 * sum_{k in g} c_k x^_k. A chunk's four
+// vpmaddwd sums (at most 4 * 2 * 8192 * 32767 < 2^31 a lane) become fp32
+// once per chunk, so any group size is safe.
+template <int MB>
+void tile_nf4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows& t, int r0, int64_t m0, float* y) {
+  static const Nf4Int16 table;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const uint8_t* const* w = t.codes + r0;
+  const float* const* sc = t.scales + r0;
+  const int16_t* xr[MB];
+  const float* xs[MB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) {
+    xr[i] = sx.xq.data() + (m0 + i) * sx.kp;
+    xs[i] = sx.xq_scale.data() + (m0 + i) * sx.groups;
+  }
+  __m256 total[kSub4][MB];
+#pragma GCC unroll 16
+  for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) total[r][i] = _mm256_setzero_ps();
+  for (int64_t g = 0, g_col = 0; g < sx.groups; ++g, g_col += p.group_size) {
+    __m256 acc[kSub4][MB];
+#pragma GCC unroll 16
+    for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
+    for (int64_t col = g_col; col < g_col + p.group_size; col += kNibbleChunk) {
+#pragma GCC unroll 16
+      for (int r = 0; r < kSub4; ++r) {
+        if ((col & kNibbleChunk) != 0) prefetch_next_tile(p, w[r] + col / 2);
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + col / 2));
+        __m256i sum[MB];
+#pragma GCC unroll 2
+        for (int half = 0; half < 2; ++half) {
+          const __m256i codes = _mm256_and_si256(half ? _mm256_srli_epi16(b, 4) : b, low4);
+          const __m256i vl = _mm256_shuffle_epi8(table.lo, codes), vh = _mm256_shuffle_epi8(table.hi, codes);
+          const __m256i a = _mm256_unpacklo_epi8(vl, vh), c = _mm256_unpackhi_epi8(vl, vh);
+#pragma GCC unroll 16
+          for (int i = 0; i < MB; ++i) {
+            const int16_t* x = xr[i] + col + 32 * half;
+            const __m256i d = _mm256_add_epi32(
+                _mm256_madd_epi16(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                _mm256_madd_epi16(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+            sum[i] = half ? _mm256_add_epi32(sum[i], d) : d;
+          }
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_add_ps(acc[r][i], _mm256_cvtepi32_ps(sum[i]));
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i)
+        total[r][i] = _mm256_fmadd_ps(acc[r][i], _mm256_set1_ps(sc[r][g] * xs[i][g] / Nf4Int16::kNf4Int16Unit),
+                                      total[r][i]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) y[(r0 + r) * MB + i] = vsum(Vec{total[r][i]});
+}
+#endif
+
 template <int MB, bool kInt4>
 void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   const TileRows t(p, sx.groups, row0);
@@ -668,8 +769,11 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
       tile_nf4_planes<MB>(p, sx, t, r0, m0, y);
       continue;
     }
-    if (kInt4 && uses_int16_x(p)) {
-      tile_int4_i16<MB>(p, sx, t, r0, m0, y);
+    if (uses_int16_x(p)) {
+      if constexpr (kInt4)
+        tile_int4_i16<MB>(p, sx, t, r0, m0, y);
+      else
+        tile_nf4_i16<MB>(p, sx, t, r0, m0, y);
       continue;
     }
 #endif
