@@ -78,6 +78,137 @@ void two_key_scores(const float* q, int64_t dp, int64_t D, const T* k0, const T*
   }
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Lane j of the result is the sum of v[j]'s lanes, for 8 vectors at once: a
+// transpose-add tree of 21 operations instead of 8 horizontal sums of 6.
+inline __m256 reduce8(const __m256* v) {
+  __m256 t[4], u[2];
+  for (int i = 0; i < 4; ++i)  // v[2i], v[2i+1]: lanes (0+2, 1+3) of each, interleaved
+    t[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)  // sums of each 128-bit half of v[4i..4i+3]
+    u[i] = _mm256_add_ps(_mm256_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm256_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+}
+
+// two_key_scores for 4 query heads on AVX2 with one joint reduction of the 8
+// chains (the 8 separate horizontal sums cost as much as a third of the FMAs
+// at head_dim 128).
+template <class T>
+void four_head_two_key_scores(const float* q, int64_t dp, int64_t D, const T* k0, const T* k1, float* s0, float* s1) {
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  auto step = [&](int64_t d, int64_t width) {
+    const __m256 kv0 = (width == kW ? vload(k0 + d) : vload_partial(k0 + d, width)).v;
+    const __m256 kv1 = (width == kW ? vload(k1 + d) : vload_partial(k1 + d, width)).v;
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const __m256 qv = _mm256_loadu_ps(q + g * dp + d);  // q rows are zero-padded to dp
+      a[2 * g] = _mm256_fmadd_ps(qv, kv0, a[2 * g]);
+      a[2 * g + 1] = _mm256_fmadd_ps(qv, kv1, a[2 * g + 1]);
+    }
+  };
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) step(d, kW);
+  if (d < D) step(d, D - d);
+  alignas(32) float r[8];
+  _mm256_store_ps(r, reduce8(a));
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    s0[g * kChunk] = r[2 * g];
+    s1[g * kChunk] = r[2 * g + 1];
+  }
+}
+#endif
+
+inline void prefetch_l2(const char* at) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  _mm_prefetch(at, _MM_HINT_T1);
+#else
+  (void)at;
+#endif
+}
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// bf16 K and V on AVX2, widened by unpacking against zero: one shuffle per 8
+// values where vpmovzxwd + vpslld take two, and those two ports were the
+// decode's bottleneck (bf16 16 x 2048: 6.3 GB/s a core). 16 values come out
+// as columns [0-3, 8-11] and [4-7, 12-15]: q is staged in that order for
+// the scores (a dot product does not mind), and P V's accumulators are put
+// back in column order when they go to memory.
+inline void widen_unpacked(const bf16_t* p, __m256& a, __m256& b) {
+  const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), r));
+  b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), r));
+}
+
+// Position of column c within its 16 in the unpacked order.
+inline int64_t unpacked_position(int64_t c) {
+  const int64_t i = c % 16;
+  return c - i + (i < 4 ? i : i < 8 ? i + 4 : i < 12 ? i - 4 : i);
+}
+
+// four_head_two_key_scores for bf16 K with q in unpacked order, D % 16 == 0.
+inline void four_head_two_key_scores_unpacked(const float* q, int64_t dp, int64_t D, const bf16_t* k0,
+                                              const bf16_t* k1, float* s0, float* s1) {
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    __m256 k0a, k0b, k1a, k1b;
+    widen_unpacked(k0 + d, k0a, k0b);
+    widen_unpacked(k1 + d, k1a, k1b);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const __m256 qa = _mm256_loadu_ps(q + g * dp + d), qb = _mm256_loadu_ps(q + g * dp + d + 8);
+      a[2 * g] = _mm256_fmadd_ps(qb, k0b, _mm256_fmadd_ps(qa, k0a, a[2 * g]));
+      a[2 * g + 1] = _mm256_fmadd_ps(qb, k1b, _mm256_fmadd_ps(qa, k1a, a[2 * g + 1]));
+    }
+  }
+  alignas(32) float r[8];
+  _mm256_store_ps(r, reduce8(a));
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    s0[g * kChunk] = r[2 * g];
+    s1[g * kChunk] = r[2 * g + 1];
+  }
+}
+
+// P V for query heads [h0, h0 + 4) of one kv head over a chunk's n keys,
+// head_dim columns [d0, d0 + 16) of bf16 V: each V vector widened once for
+// the 4 heads (pv_registers, one head a pass, widened it 4 times). With
+// kPrefetch, also pulls into L2 the line of the row at vpos[c0] + pf_off
+// that holds these columns, once per 32 columns.
+template <bool kPrefetch>
+void pv_four_heads_unpacked(const float* sc, const bf16_t* const* vpos, int64_t n, int64_t v_off, float* acc,
+                            int64_t dp, int64_t h0, int64_t d0, int64_t pf_off) {
+  __m256 a[4][2];
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m256 x = _mm256_loadu_ps(acc + (h0 + g) * dp + d0), y = _mm256_loadu_ps(acc + (h0 + g) * dp + d0 + 8);
+    a[g][0] = _mm256_permute2f128_ps(x, y, 0x20);  // columns 0-3, 8-11
+    a[g][1] = _mm256_permute2f128_ps(x, y, 0x31);  // 4-7, 12-15
+  }
+  const bool pf = kPrefetch && d0 % 32 == 0;
+  for (int64_t c0 = 0; c0 < n; ++c0) {
+    if (pf) prefetch_l2(reinterpret_cast<const char*>(vpos[c0] + pf_off + d0));
+    __m256 va, vb;
+    widen_unpacked(vpos[c0] + v_off + d0, va, vb);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const __m256 pr = _mm256_broadcast_ss(sc + (h0 + g) * kChunk + c0);
+      a[g][0] = _mm256_fmadd_ps(pr, va, a[g][0]);
+      a[g][1] = _mm256_fmadd_ps(pr, vb, a[g][1]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    _mm256_storeu_ps(acc + (h0 + g) * dp + d0, _mm256_permute2f128_ps(a[g][0], a[g][1], 0x20));
+    _mm256_storeu_ps(acc + (h0 + g) * dp + d0 + 8, _mm256_permute2f128_ps(a[g][0], a[g][1], 0x31));
+  }
+}
+#endif
+
 #if defined(__AVX512F__)
 // Lane j of the result is the sum of v[j]'s lanes, for 16 vectors at once:
 // four rounds of halving (30 shuffles, 15 adds) instead of 16 separate
@@ -192,13 +323,6 @@ void pv_pairs_registers(const uint16_t* pb, int64_t pb_stride, const uint16_t* v
 }
 #endif
 
-inline void prefetch_l2(const char* at) {
-#if defined(__AVX2__) || defined(__AVX512F__)
-  _mm_prefetch(at, _MM_HINT_T1);
-#else
-  (void)at;
-#endif
-}
 
 // Every line of one K or V row into L2 (not L1: what runs ahead, 16
 // positions of K or a kv head's V rows, is about as much as L1 holds).
@@ -285,6 +409,11 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
   // ALiBi slope, looked up per chunk below (no divisions there).
   auto head_of = [&](int64_t v) { return v / vgroup * group + v % group; };
   auto row_of = [&](int64_t v) { return v % vgroup / group; };
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const bool unpack_widen = std::is_same_v<T, bf16_t> && HT == 4 && D % 16 == 0;  // see widen_unpacked
+#else
+  constexpr bool unpack_widen = false;
+#endif
   std::vector<int64_t> diag(static_cast<size_t>(vectors));
   std::vector<float> slope(p.alibi_slopes ? static_cast<size_t>(vectors) : 0);
   for (int64_t v = 0; v < vectors; ++v) {
@@ -295,6 +424,15 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     int64_t d = 0;
     for (; d + kW <= D; d += kW) vstore(q.data() + v * dp + d, vload(qh + d) * vs);
     if (d < D) vstore_partial(q.data() + v * dp + d, vload_partial(qh + d, D - d) * vs, D - d);
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if (unpack_widen) {
+      float row[16];
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        std::copy_n(q.data() + v * dp + d0, 16, row);
+        for (int64_t c = 0; c < 16; ++c) q[v * dp + unpacked_position(d0 + c)] = row[c];
+      }
+    }
+#endif
   }
 
   // bf16 K scored in bf16 dot products when several query rows make the
@@ -337,7 +475,7 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
   constexpr int kPvHeads = kW < 16 ? 1 : (HT == 4 ? 4 : 2);
   constexpr int kSlices = kW < 16 ? 8 : 16 / kPvHeads;
   const int64_t d_reg = D / (kSlices * kW) * (kSlices * kW);
-  const bool pv_in_registers = d_reg > 0 && vgroup % kPvHeads == 0;
+  const bool pv_in_registers = unpack_widen || (d_reg > 0 && vgroup % kPvHeads == 0);
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   // Software prefetches into L2, issued a few at a time between the
   // products rather than in bursts (a burst of more misses than the core
@@ -417,9 +555,24 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
           for (int64_t at = c0; at <= c1; ++at) prefetch_row(vpos[at], row_bytes);
         const T* kr0 = kpos[c0] + hk * c.head_stride;
         const T* kr1 = kpos[c1] + hk * c.head_stride;
-        for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += HT)
+        for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += HT) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+          if constexpr (HT == 4) {
+            if constexpr (std::is_same_v<T, bf16_t>) {
+              if (unpack_widen) {
+                four_head_two_key_scores_unpacked(q.data() + h0 * dp, dp, D, kr0, kr1, sc + h0 * kChunk + c0,
+                                                  pair ? sc + h0 * kChunk + c1 : spill);
+                continue;
+              }
+            }
+            four_head_two_key_scores(q.data() + h0 * dp, dp, D, kr0, kr1, sc + h0 * kChunk + c0,
+                                     pair ? sc + h0 * kChunk + c1 : spill);
+            continue;
+          }
+#endif
           two_key_scores<HT>(q.data() + h0 * dp, dp, D, kr0, kr1, sc + h0 * kChunk + c0,
                              pair ? sc + h0 * kChunk + c1 : spill);
+        }
       }
     }
     // softcap, ALiBi, the rows' own key ranges, then one online-softmax
@@ -509,6 +662,22 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
         }
       } else
 #endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+      if (unpack_widen) {
+        if constexpr (std::is_same_v<T, bf16_t>) {
+          for (int64_t hk = 0; hk < c.heads_k; ++hk) {
+            if (next_known) prefetch_head(kpos_next, vpos_next, 0, std::min(ahead, n_next), hk);
+            const int64_t hs = c.head_stride, next = hk + 1 < c.heads_k ? hk + 1 : hk;
+            for (int64_t d0 = 0; d0 < D; d0 += 16)
+              for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += 4)
+                if (h0 == hk * vgroup)
+                  pv_four_heads_unpacked<true>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
+                else
+                  pv_four_heads_unpacked<false>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
+          }
+        }
+      } else
+#endif
       for (int64_t hk = 0; hk < c.heads_k; ++hk) {
         if (next_known) prefetch_head(kpos_next, vpos_next, 0, std::min(ahead, n_next), hk);
         // The row each key prefetches: the next head's at that key (for the
@@ -522,7 +691,7 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
               pv_registers<kPvHeads, kSlices, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
       }
     }
-    const int64_t d_rest = pv_in_registers ? d_reg : 0;
+    const int64_t d_rest = unpack_widen ? D : pv_in_registers ? d_reg : 0;
     if (d_rest < D)
     for (int64_t c0 = 0; c0 < n; ++c0) {
       for (int64_t hk = 0; hk < c.heads_k; ++hk) {
