@@ -60,12 +60,13 @@ bool uses_bf16_dot(const WeightOnlyParams& p) {
 #endif
 }
 
-// nf4 below AVX-512 with groups of whole chunks: codes decoded by byte-plane
-// lookups (tile_nf4_planes), which leave each 32-column half in the order of
-// nf4_plane_column; x is staged in that order.
-bool uses_nf4_planes(const WeightOnlyParams& p) {
+// nf4 below AVX-512 with groups of whole chunks, when x is not staged as
+// int16 (below): codes decoded by byte-plane lookups (tile_nf4_planes),
+// which leave each 32-column half in the order of nf4_plane_column; x is
+// staged in that order.
+bool nf4_planes_possible(const WeightOnlyParams& p) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  return p.format == WeightFormat::kNf4 && p.group_size % kNibbleChunk == 0 && p.dtype == DType::kFloat32;
+  return p.format == WeightFormat::kNf4 && p.group_size % kNibbleChunk == 0;
 #else
   (void)p;
   return false;
@@ -75,8 +76,9 @@ bool uses_nf4_planes(const WeightOnlyParams& p) {
 // int4 with bf16 / fp16 x below AVX-512, groups of whole chunks: x is
 // quantised per group to int16 and the codes multiplied with vpmaddwd
 // (tile_int4_i16). The rounding, at most 2^-16 of the group's largest |x|,
-// is far below the half-ulp x already carries in 8 or 11 bits; fp32 x keeps
-// the exact fp32 loop.
+// is below the half-ulp x already carries in 8 or 11 bits as long as no
+// element dwarfs its group (see stage_int16; calls whose x has such a group
+// take the exact loops). fp32 x always keeps the exact fp32 loops.
 //
 // nf4 takes the same route (tile_nf4_i16) with the codebook as int16 in
 // units of 2^-13 (within 2^-14 of each value, again far below bf16's own
@@ -113,25 +115,40 @@ struct StagedX {
   std::vector<float> x;           // (m, kp) fp32 (fp32 loop)
   std::vector<uint16_t> hi, lo;   // (m, kp) bf16 bits, x = hi + lo (bf16 loop)
   bool split = false;             // lo is not all zero
+  enum class Loop { kDefault, kNf4Planes, kInt16 } loop = Loop::kDefault;
   std::vector<float> group_sums;  // (m, groups), int4 zero points
   std::vector<int16_t> xq;        // (m, kp) x / xq_scale rounded (int16 loop)
   std::vector<float> xq_scale;    // (m, groups)
 };
 
+// Largest |x| of a group against its mean |x| beyond which int16 staging is
+// refused: the rounding, at most max / 65534, then stays under mean * 2^-10,
+// half of bf16's relative half-ulp for an element of mean size, so the
+// product's error stays below what rounding x to bf16 already costs. LLM
+// activations with outlier channels (a few hundred times the rest) fail it
+// and take the exact loops.
+constexpr float kInt16MaxOverMean = 64.0f;
+
 // x's rows quantised per group to int16 (uses_int16_x): round(x / scale)
-// with scale = max |x| / 32767 over the group.
-void stage_int16(const WeightOnlyParams& p, StagedX& s) {
+// with scale = max |x| / 32767 over the group. False (xq unusable) when a
+// group's largest |x| exceeds kInt16MaxOverMean times its mean.
+bool stage_int16(const WeightOnlyParams& p, StagedX& s) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   const int64_t g = p.group_size;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t i = 0; i < p.m; ++i) {
     const float* x = s.x.data() + i * s.kp;
     int16_t* q = s.xq.data() + i * s.kp;
     for (int64_t gi = 0; gi < s.groups; ++gi) {
       const float* xg = x + gi * g;
-      __m256 mx = _mm256_setzero_ps();
-      const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-      for (int64_t j = 0; j < g; j += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xg + j), abs_mask));
+      __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < g; j += 8) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xg + j), abs_mask);
+        mx = _mm256_max_ps(mx, a);
+        sum = _mm256_add_ps(sum, a);
+      }
       const float m = vhmax(Vec{mx});
+      if (!(m * static_cast<float>(g) <= kInt16MaxOverMean * vsum(Vec{sum}))) return false;  // also NaN / inf
       s.xq_scale[i * s.groups + gi] = m / 32767.0f;
       const __m256 inv = _mm256_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
       for (int64_t j = 0; j < g; j += 16) {
@@ -150,9 +167,11 @@ void stage_int16(const WeightOnlyParams& p, StagedX& s) {
       }
     }
   }
+  return true;
 #else
   (void)p;
   (void)s;
+  return false;
 #endif
 }
 
@@ -184,13 +203,6 @@ void stage_rows(const WeightOnlyParams& p, bool bf16_dot, StagedX& s) {
       int64_t j = 0;
       for (; j + kW <= k; j += kW) vstore(xs + j, vload(row + j));
       for (; j < k; ++j) xs[j] = to_float(row[j]);
-      if (uses_nf4_planes(p)) {
-        float half[32];
-        for (int64_t h = 0; h < s.kp; h += 32) {
-          std::copy(xs + h, xs + h + 32, half);
-          for (int c = 0; c < 32; ++c) xs[h + c] = half[nf4_plane_column(c)];
-        }
-      }
     }
     if (!s.group_sums.empty()) {
       // The bf16 loop multiplies hi + lo, not x; summing the same values
@@ -225,12 +237,28 @@ StagedX stage_x(const WeightOnlyParams& p) {
   } else {
     s.x.assign(p.m * s.kp, 0.0f);
   }
-  if (p.format == WeightFormat::kInt4 || uses_int16_x(p)) s.group_sums.assign(p.m * s.groups, 0.0f);
+  if (p.format == WeightFormat::kInt4) s.group_sums.assign(p.m * s.groups, 0.0f);
   dispatch_dtype(p.dtype, [&](auto tag) { stage_rows<decltype(tag)>(p, bf16_dot, s); });
   if (uses_int16_x(p)) {
     s.xq.assign(p.m * s.kp, 0);
     s.xq_scale.assign(p.m * s.groups, 0.0f);
-    stage_int16(p, s);
+    if (stage_int16(p, s)) {
+      s.loop = StagedX::Loop::kInt16;
+      return s;
+    }
+    s.xq.clear();
+    s.xq_scale.clear();
+  }
+  if (nf4_planes_possible(p)) {
+    for (int64_t i = 0; i < p.m; ++i) {
+      float* xs = s.x.data() + i * s.kp;
+      float half[32];
+      for (int64_t h = 0; h < s.kp; h += 32) {
+        std::copy(xs + h, xs + h + 32, half);
+        for (int c = 0; c < 32; ++c) xs[h + c] = half[nf4_plane_column(c)];
+      }
+    }
+    s.loop = StagedX::Loop::kNf4Planes;
   }
   return s;
 }
@@ -765,11 +793,11 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
   const bool grouped = p.group_size % kNibbleChunk == 0 && (!kInt4 || p.zeros != nullptr);
   for (int r0 = 0; r0 < kTileN; r0 += kSub4) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-    if (!kInt4 && uses_nf4_planes(p)) {
+    if (!kInt4 && sx.loop == StagedX::Loop::kNf4Planes) {
       tile_nf4_planes<MB>(p, sx, t, r0, m0, y);
       continue;
     }
-    if (uses_int16_x(p)) {
+    if (sx.loop == StagedX::Loop::kInt16) {
       if constexpr (kInt4)
         tile_int4_i16<MB>(p, sx, t, r0, m0, y);
       else
