@@ -90,6 +90,17 @@ inline __m256 reduce8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
 }
 
+// The scores of chains a[2g] (head g, first key) and a[2g + 1] (second key).
+inline void store_four_head_two_key_scores(const __m256* a, float* s0, float* s1) {
+  alignas(32) float r[8];
+  _mm256_store_ps(r, reduce8(a));
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    s0[g * kChunk] = r[2 * g];
+    s1[g * kChunk] = r[2 * g + 1];
+  }
+}
+
 // two_key_scores for 4 query heads on AVX2 with one joint reduction of the 8
 // chains (the 8 separate horizontal sums cost as much as a third of the FMAs
 // at head_dim 128).
@@ -111,13 +122,7 @@ void four_head_two_key_scores(const float* q, int64_t dp, int64_t D, const T* k0
   int64_t d = 0;
   for (; d + kW <= D; d += kW) step(d, kW);
   if (d < D) step(d, D - d);
-  alignas(32) float r[8];
-  _mm256_store_ps(r, reduce8(a));
-#pragma GCC unroll 4
-  for (int g = 0; g < 4; ++g) {
-    s0[g * kChunk] = r[2 * g];
-    s1[g * kChunk] = r[2 * g + 1];
-  }
+  store_four_head_two_key_scores(a, s0, s1);
 }
 #endif
 
@@ -165,13 +170,7 @@ inline void four_head_two_key_scores_unpacked(const float* q, int64_t dp, int64_
       a[2 * g + 1] = _mm256_fmadd_ps(qb, k1b, _mm256_fmadd_ps(qa, k1a, a[2 * g + 1]));
     }
   }
-  alignas(32) float r[8];
-  _mm256_store_ps(r, reduce8(a));
-#pragma GCC unroll 4
-  for (int g = 0; g < 4; ++g) {
-    s0[g * kChunk] = r[2 * g];
-    s1[g * kChunk] = r[2 * g + 1];
-  }
+  store_four_head_two_key_scores(a, s0, s1);
 }
 
 // P V for query heads [h0, h0 + 4) of one kv head over a chunk's n keys,

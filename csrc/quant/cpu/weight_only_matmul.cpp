@@ -454,6 +454,19 @@ void tile_4bit_rows(const WeightOnlyParams& p, const StagedX& sx, const TileRows
     for (int i = 0; i < MB; ++i) y[(r0 + r) * MB + i] = vsum(C == 2 ? acc[r][i][0] + acc[r][i][C - 1] : acc[r][i][0]);
 }
 
+// sum_g s_g z_g X_g for one weight row (scales sc, zero points zr) and row
+// x_row of x: the zero points' share of an int4 product whose codes were
+// multiplied unscaled (X_g: the group sums of x).
+inline float int4_zero_term(const StagedX& sx, const float* sc, const float* zr, int64_t x_row) {
+  const float* xs = sx.group_sums.data() + x_row * sx.groups;
+  Vec zt = vzero();
+  int64_t g = 0;
+  for (; g + kW <= sx.groups; g += kW) zt = vfma(vload(sc + g) * vload(zr + g), vload(xs + g), zt);
+  float sum = vsum(zt);
+  for (; g < sx.groups; ++g) sum += sc[g] * zr[g] * xs[g];
+  return sum;
+}
+
 // The same product for groups of whole 64-column chunks (int4 g64 / g128,
 // nf4): codes are multiplied with x unscaled and each group's sums scaled
 // once, and int4's zero points come off at the end from x's group sums:
@@ -521,16 +534,7 @@ void tile_4bit_grouped(const WeightOnlyParams& p, const StagedX& sx, const TileR
   for (int r = 0; r < kSub4; ++r)
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
-      float zero_term = 0.0f;
-      if constexpr (kInt4) {
-        const float* xs = sx.group_sums.data() + (m0 + i) * sx.groups;
-        const float* zr = t.zeros[r0 + r];
-        Vec zt = vzero();
-        int64_t g = 0;
-        for (; g + W <= sx.groups; g += W) zt = vfma(vload(sc[r] + g) * vload(zr + g), vload(xs + g), zt);
-        zero_term = vsum(zt);
-        for (; g < sx.groups; ++g) zero_term += sc[r][g] * zr[g] * xs[g];
-      }
+      const float zero_term = kInt4 ? int4_zero_term(sx, sc[r], t.zeros[r0 + r], m0 + i) : 0.0f;
       y[(r0 + r) * MB + i] = vsum(total[r][i]) - zero_term;
     }
 }
@@ -691,14 +695,7 @@ void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows&
   for (int r = 0; r < kSub4; ++r)
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
-      const float* gs = sx.group_sums.data() + (m0 + i) * sx.groups;
-      const float* zr = t.zeros[r0 + r];
-      Vec zt = vzero();
-      int64_t g = 0;
-      for (; g + kW <= sx.groups; g += kW) zt = vfma(vload(sc[r] + g) * vload(zr + g), vload(gs + g), zt);
-      float zero_term = vsum(zt);
-      for (; g < sx.groups; ++g) zero_term += sc[r][g] * zr[g] * gs[g];
-      y[(r0 + r) * MB + i] = vsum(Vec{total[r][i]}) - zero_term;
+      y[(r0 + r) * MB + i] = vsum(Vec{total[r][i]}) - int4_zero_term(sx, sc[r], t.zeros[r0 + r], m0 + i);
     }
 }
 #endif
