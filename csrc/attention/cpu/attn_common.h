@@ -123,9 +123,6 @@ inline void shape_scores(const FlashAttnParams& p, const Sequence& s, int64_t i,
   fill_outside(visible(p, s, i, j0, n), row, -kInf);
 }
 
-// Callers pad rows to kRows; the last tile of a row count that is not a
-// multiple of kTileRows runs with 4 or 2 rows.
-
 // One tile of gemm_nt / gemm_acc: C[R x kTileW] (+)= A[R x depth] * B[depth x
 // kTileW], B's rows ldb apart, A's lda apart.
 template <int R, bool kAccumulate>
@@ -145,8 +142,9 @@ inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, 
     for (int t = 0; t < kTileCols; ++t) vstore(C + rr * ldc + t * kW, acc[rr][t]);
 }
 
-// Rows [0, rows) (a multiple of 2) of a product, in tiles of kTileRows rows
-// then 4 and 2; `tile(R-tag, r)` runs the rows from r.
+// Rows [0, rows) of a product (callers pad them to kRows), in tiles of
+// kTileRows rows, the last one of 4 or 2 rows when rows is not a multiple of
+// kTileRows; `tile(R-tag, r)` runs the R rows from r.
 template <class Tile>
 inline void for_row_tiles(int64_t rows, Tile&& tile) {
   int64_t r = 0;

@@ -59,9 +59,9 @@ void load_keys_bf16(const FlashAttnParams& p, int64_t b, const Sequence& s, int6
 }
 #endif
 
-// K and V widened into the panels gemm_nt and gemm_acc read front to back:
-// K transposed in panels of kTileW keys (kt: ldk / kTileW panels of D x
-// kTileW), V in panels of kTileW columns (v: dp / kTileW panels of ldk x kTileW).
+// K transposed and widened in panels of kTileW keys, the layout gemm_nt
+// reads front to back (kt: ldk / kTileW panels of D x kTileW), V widened
+// (v: ldk x dp; in panels too it measured no faster).
 template <class T>
 void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t hk, int64_t lo, int64_t hi,
                Scratch& w) {
