@@ -109,6 +109,17 @@ inline int nf4_plane_column(int i) {
 // gives columns 0-7 and 16-19, then 8-15 and 24-31 (per 128-bit lane).
 inline int nf4_i16_column(int i) { return i < 8 || i >= 24 ? i : i < 16 ? i + 8 : i - 8; }
 
+// Each 32-column half chunk of a staged row (kp columns) put in the order a
+// decode leaves the codes: position i takes column column(i).
+template <class T>
+void reorder_halves(T* row, int64_t kp, int (*column)(int)) {
+  T half[32];
+  for (int64_t h = 0; h < kp; h += 32) {
+    std::copy(row + h, row + h + 32, half);
+    for (int c = 0; c < 32; ++c) row[h + c] = half[column(c)];
+  }
+}
+
 // x in the form the inner loop reads, zero-padded to kp columns.
 struct StagedX {
   int64_t kp = 0, groups = 0;
@@ -159,13 +170,7 @@ bool stage_int16(const WeightOnlyParams& p, StagedX& s) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + gi * g + j), ab);
       }
     }
-    if (p.format == WeightFormat::kNf4) {
-      int16_t half[32];
-      for (int64_t h = 0; h < s.kp; h += 32) {
-        std::copy(q + h, q + h + 32, half);
-        for (int c = 0; c < 32; ++c) q[h + c] = half[nf4_i16_column(c)];
-      }
-    }
+    if (p.format == WeightFormat::kNf4) reorder_halves(q, s.kp, nf4_i16_column);
   }
   return true;
 #else
@@ -250,14 +255,7 @@ StagedX stage_x(const WeightOnlyParams& p) {
     s.xq_scale.clear();
   }
   if (nf4_planes_possible(p)) {
-    for (int64_t i = 0; i < p.m; ++i) {
-      float* xs = s.x.data() + i * s.kp;
-      float half[32];
-      for (int64_t h = 0; h < s.kp; h += 32) {
-        std::copy(xs + h, xs + h + 32, half);
-        for (int c = 0; c < 32; ++c) xs[h + c] = half[nf4_plane_column(c)];
-      }
-    }
+    for (int64_t i = 0; i < p.m; ++i) reorder_halves(s.x.data() + i * s.kp, s.kp, nf4_plane_column);
     s.loop = StagedX::Loop::kNf4Planes;
   }
   return s;
