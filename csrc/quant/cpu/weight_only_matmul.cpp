@@ -10,10 +10,17 @@
 //   sum_k x_k * s_g * (q_k - z_g) = s_g * (sum_k x_k q_k - z_g * sum_k x_k)
 // and the per-group sums of x are computed once per call.
 //
-// Three inner loops:
-//  * fp32 (every ISA, every format): codes become fp32 through a 16-entry
-//    table (int4: 0..15, nf4: the codebook) with one permute per 16 codes,
-//    then FMA with x in fp32.
+// Inner loops:
+//  * fp32 (every ISA, every format): codes become fp32 (int4: converted
+//    below AVX-512, else a 16-entry table with one permute per 16 codes; nf4:
+//    the codebook), then FMA with x in fp32. Groups of whole 64-column chunks
+//    (tile_4bit_grouped) sum unscaled and scale once per group; groups of 32
+//    scale every weight (tile_4bit_rows).
+//  * AVX2, 16-bit x (int4, nf4): x quantised per group to int16, codes (nf4:
+//    its codebook as int16) multiplied with vpmaddwd (tile_int4_i16,
+//    tile_nf4_i16), unless an element of x dwarfs its group (stage_int16).
+//  * AVX2, nf4 otherwise: exact fp32 codebook values by byte-plane vpshufb
+//    lookups (tile_nf4_planes).
 //  * bf16 dot products (AVX512_BF16, int4): 0x4300 | q is the bf16 bit
 //    pattern of 128 + q, so one OR turns 32 codes into exact bf16 values and
 //    `vdpbf16ps` multiplies them with x (the offset 128 joins the zero
