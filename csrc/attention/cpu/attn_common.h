@@ -165,13 +165,19 @@ inline void for_row_tiles(int64_t rows, Tile&& tile) {
 // the columns each row needs. Tiles of columns no row of a register tile
 // needs are skipped and left as they were (a causal diagonal block skips
 // about half its tiles); the caller overwrites those columns.
+//
+// Both products walk column tiles outside and row tiles inside, so the
+// kTileW-wide slice of B a tile streams (8 KiB of K^T, 4 KiB of V on AVX2)
+// stays in L1 for every row tile; a whole key block of B is 32 KiB, all of
+// L1, and row tiles outside made it come back from L2 (+3-6% fp32 forward).
 inline void gemm_nt(const float* A, int64_t lda, const float* BT, int64_t ldb, float* C, int64_t ldc, int64_t rows,
                     int64_t depth, int64_t cols, int64_t panel = kTileW, const KeyRange* seen = nullptr) {
-  for_row_tiles(rows, [&](auto R, int64_t r) {
-    const int64_t lo = seen ? seen[r].lo : 0, hi = seen ? seen[r + R() - 1].hi : cols;
-    for (int64_t c0 = lo / kTileW * kTileW; c0 < hi; c0 += kTileW)
+  for (int64_t c0 = 0; c0 < cols; c0 += kTileW)
+    for_row_tiles(rows, [&](auto R, int64_t r) {
+      const int64_t lo = seen ? seen[r].lo : 0, hi = seen ? seen[r + R() - 1].hi : cols;
+      if (c0 + kTileW <= lo || c0 >= hi) return;
       gemm_tile<R(), false>(A + r * lda, lda, BT + c0 / kTileW * panel, ldb, C + r * ldc + c0, ldc, depth);
-  });
+    });
 }
 
 // C[r][x] += sum_{c < depth} A[r][c] * B[c][x] for r < rows (a multiple of
@@ -180,12 +186,12 @@ inline void gemm_nt(const float* A, int64_t lda, const float* BT, int64_t ldb, f
 // outside each row's range.
 inline void gemm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
                      int64_t depth, int64_t width, const KeyRange* seen = nullptr) {
-  for_row_tiles(rows, [&](auto R, int64_t r) {
-    const int64_t lo = seen ? seen[r].lo : 0, hi = seen ? std::min(seen[r + R() - 1].hi, depth) : depth;
-    if (lo >= hi) return;
-    for (int64_t x0 = 0; x0 < width; x0 += kTileW)
+  for (int64_t x0 = 0; x0 < width; x0 += kTileW)
+    for_row_tiles(rows, [&](auto R, int64_t r) {
+      const int64_t lo = seen ? seen[r].lo : 0, hi = seen ? std::min(seen[r + R() - 1].hi, depth) : depth;
+      if (lo >= hi) return;
       gemm_tile<R(), true>(A + r * lda + lo, lda, B + lo * ldb + x0, ldb, C + r * ldc + x0, ldc, hi - lo);
-  });
+    });
 }
 
 #if defined(__AVX512BF16__)
