@@ -94,7 +94,8 @@ def test_paged():
     assert_same(*both_modes(inputs, run))
 
 
-# M past the register-decoding rows (16; nf4: 8) and n past 64 per thread:
+# M past the register-decoding rows (at most 48, quant_ops.cpp) and n past
+# 64 per thread:
 # the dequantise-and-GEMM path, whose tiles run on torch's pool threads.
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
 @pytest.mark.parametrize("m", [1, 17, 64])

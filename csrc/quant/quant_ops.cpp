@@ -30,9 +30,20 @@ WeightFormat parse_format(const char* op, const std::string& f) {
 // dot products (AVX512_BF16, groups of 64 or more) int4 near 28 rows and
 // nf4 near 12; on fp32 FMAs int8 and int4 near 16 (int8 at 4096 -> 11008
 // nearer 14) and nf4, whose table lookups cost more per row, near 8. CUDA:
-// the warp-per-row kernel's limit.
+// the warp-per-row kernel's limit. On the AVX2 Zen 3 (2 cores; dense
+// tiles in fp32, 4096 x 4096 and 11008 -> 4096), 16-bit x: int4 near 48-56
+// rows, int8 near 32-40, nf4 near 16-24; fp32 x: int4 and int8 near 24,
+// nf4 near 12-16. (The Zen 4 figures predate the fp32 dense tiles, which
+// there run 229 GFLOP/s against bf16's 161: their crossovers may now sit a
+// little lower.)
 int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   if (x.is_cuda()) return 8;
+  if (active_cpu_isa() == CpuIsa::kAvx2) {
+    const bool x16 = x.scalar_type() != at::kFloat;
+    if (p.format == WeightFormat::kNf4) return x16 ? 16 : 12;
+    if (p.format == WeightFormat::kInt8) return x16 ? 32 : 24;
+    return x16 ? 48 : 24;
+  }
   const bool bf16_dot = p.format != WeightFormat::kInt8 && p.group_size % kNibbleChunk == 0 &&
                         x.scalar_type() == at::kBFloat16 && active_cpu_isa() == CpuIsa::kAvx512Bf16;
   if (p.format == WeightFormat::kNf4) return bf16_dot ? 12 : 8;
@@ -162,16 +173,24 @@ void dense_tile_matmul(const WeightOnlyParams& p, const at::Tensor& x2, at::Tens
 at::Tensor dense_tiles_matmul(WeightOnlyParams p, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   const int64_t n = p.n, k = p.k, m = x.numel() / k;
   at::Tensor out = at::empty(output_shape(x, n), x.options());
-  const at::Tensor x2 = x.reshape({m, k});
-  at::Tensor out2 = out.view({m, n});
-  p.dtype = kernel_dtype(x, "quant_matmul_weight_only", "x");
-  const int64_t max_rows = std::max<int64_t>(32, kDenseTileBytes / (k * x.element_size()) / 32 * 32);
+  // On CPU the weight is dequantised to fp32 and multiplied in fp32 whatever
+  // x's dtype: ATen's 16-bit CPU GEMMs are slower than its fp32 one even
+  // with AVX512_BF16 (BUILD_NOTES: 161 against 229 GFLOP/s at 4096^3), and
+  // without it far slower (AVX2 Zen 3, 256 x 4096 x 4096: bf16 22, fp16 28,
+  // fp32 137 GFLOP/s). Sums in fp32 then round once, as the GEMV path does.
+  const bool fp32_gemm = !x.is_cuda() && x.scalar_type() != at::kFloat;
+  const at::Tensor x2 = fp32_gemm ? x.reshape({m, k}).to(at::kFloat) : x.reshape({m, k});
+  const std::optional<at::Tensor> bias2 = bias && fp32_gemm ? std::optional<at::Tensor>(bias->to(at::kFloat)) : bias;
+  at::Tensor out2 = fp32_gemm ? at::empty({m, n}, x2.options()) : out.view({m, n});
+  p.dtype = kernel_dtype(x2, "quant_matmul_weight_only", "x");
+  const int64_t max_rows = std::max<int64_t>(32, kDenseTileBytes / (k * x2.element_size()) / 32 * 32);
   const int64_t threads = num_threads();
   if (x.is_cuda() || n < 64 * threads) {
     // One tile after another, each GEMM using every thread (cuBLAS on CUDA).
     const int64_t tile = std::min(n, max_rows);
-    at::Tensor buf = at::empty({tile, k}, x.options());
-    for (int64_t n0 = 0; n0 < n; n0 += tile) dense_tile_matmul(p, x2, out2, bias, buf, n0, std::min(tile, n - n0));
+    at::Tensor buf = at::empty({tile, k}, x2.options());
+    for (int64_t n0 = 0; n0 < n; n0 += tile) dense_tile_matmul(p, x2, out2, bias2, buf, n0, std::min(tile, n - n0));
+    if (fp32_gemm) out.view({m, n}).copy_(out2);
     return out;
   }
   // CPU: each thread dequantises its own tiles into its own buffer and runs a
@@ -194,12 +213,13 @@ at::Tensor dense_tiles_matmul(WeightOnlyParams p, const at::Tensor& x, const std
   const at::ThreadLocalState caller_state;
   parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
-    at::Tensor buf = at::empty({tile, k}, x.options());
+    at::Tensor buf = at::empty({tile, k}, x2.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * tile;
-      if (n0 < n) dense_tile_matmul(p, x2, out2, bias, buf, n0, std::min(tile, n - n0));
+      if (n0 < n) dense_tile_matmul(p, x2, out2, bias2, buf, n0, std::min(tile, n - n0));
     }
   });
+  if (fp32_gemm) out.view({m, n}).copy_(out2);
   return out;
 }
 

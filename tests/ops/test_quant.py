@@ -145,8 +145,9 @@ def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads):
     # Many rows of x and enough output features that each thread dequantises
     # and multiplies its own tiles of weight rows (up to 4 MiB of dense weight
     # each: 256 fp32 rows of 4096 here, so 600 rows make four tiles, the last
-    # one short), with and without bias, fp32 and bf16 x.
-    k, n, m = 4096, 600, 40
+    # one short), with and without bias, fp32 and bf16 x (both multiplied in
+    # fp32 there). 64 rows: above every scheme's register-decode limit.
+    k, n, m = 4096, 600, 64
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=None if scheme == "int8" else 128)
     bias = torch.randn(n)
     previous = torch.get_num_threads()
