@@ -95,8 +95,8 @@ def test_paged():
 
 
 # M past the register-decoding rows (at most 48, quant_ops.cpp) and n past
-# 64 per thread:
-# the dequantise-and-GEMM path, whose tiles run on torch's pool threads.
+# 64 per thread: the dequantise-and-GEMM path, whose tiles run on torch's
+# pool threads.
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
 @pytest.mark.parametrize("m", [1, 17, 64])
 def test_quant_matmul(scheme, m):

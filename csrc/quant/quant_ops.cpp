@@ -23,9 +23,10 @@ WeightFormat parse_format(const char* op, const std::string& f) {
   return WeightFormat::kInt8;  // unreachable
 }
 
-// Above this many rows of x the weight is dequantised (in tiles) to x's
-// dtype and multiplied by ATen's GEMM (cuBLAS on CUDA); up to it the kernel
-// decodes the weight in registers. CPU crossovers measured on the 2-core
+// Above this many rows of x the weight is dequantised (in tiles; to fp32 on
+// CPU, to x's dtype on CUDA) and multiplied by ATen's GEMM (cuBLAS on CUDA;
+// see dense_tiles_matmul); up to it the kernel decodes the weight in
+// registers. CPU crossovers measured on the 2-core
 // Zen 4 with bf16 x (4096 x 4096, 4096 -> 11008, 11008 -> 4096): in bf16
 // dot products (AVX512_BF16, groups of 64 or more) int4 near 28 rows and
 // nf4 near 12; on fp32 FMAs int8 and int4 near 16 (int8 at 4096 -> 11008

@@ -1,9 +1,9 @@
 """Quantised matmul ops (kernels: csrc/quant/): fakes, autograd, wrappers.
 
 The weight is frozen: autograd flows to x and bias only. The gradient of x
-is grad @ W with W dequantised to grad's dtype (CPU: to fp32, the product
-rounded to grad's dtype; for W8A8 the activation
-quantisation is treated as identity, the straight-through estimator).
+is grad @ W with W dequantised to grad's dtype (on CPU to fp32, the product
+rounded to grad's dtype). For W8A8 the activation quantisation is treated
+as identity, the straight-through estimator.
 """
 
 from __future__ import annotations
