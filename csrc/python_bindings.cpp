@@ -11,6 +11,7 @@
 #include <string>
 #include <thread>
 
+#include "common/cpu_gemm_choice.h"
 #include "common/cpu_isa.h"
 #include "common/op_checks.h"
 #include "common/parallel.h"
@@ -56,6 +57,12 @@ void set_cpu_isa(const std::string& name) {
   if (!torchkiln::parse_cpu_isa(name.c_str(), &isa))
     throw std::invalid_argument("unknown CPU ISA '" + name + "': expected avx512bf16, avx512, avx2 or scalar");
   torchkiln::set_active_cpu_isa(isa);  // throws std::invalid_argument if unsupported
+}
+
+at::ScalarType gemm_dtype(const std::string& name) {
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  throw std::invalid_argument("dtype must be 'bfloat16' or 'float16', got '" + name + "'");
 }
 
 // How many distinct threads torchkiln's parallel_for (the path every CPU
@@ -244,6 +251,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "How this extension was built: torch version, CUDA, archs, compiler.");
   m.def("parallel_thread_count", &parallel_thread_count, py::arg("items"),
         "Distinct threads that CPU kernels' parallel_for uses for `items` tasks (a test probe).");
+  m.def(
+      "cpu_gemm_prefers_fp32",
+      [](const std::string& dtype) { return torchkiln::cpu_gemm_prefers_fp32(gemm_dtype(dtype)); },
+      py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
+      "Whether ATen's fp32 CPU GEMM beats its GEMM in dtype ('bfloat16', 'float16') here (measured once).");
+  m.def(
+      "override_cpu_gemm_choice",
+      [](const std::string& dtype, std::optional<bool> prefers_fp32) {
+        torchkiln::override_cpu_gemm_choice(gemm_dtype(dtype), prefers_fp32);
+      },
+      py::arg("dtype"), py::arg("prefers_fp32"),
+      "Tests: force cpu_gemm_prefers_fp32's answer for dtype (None: measure again).");
   bind_block_allocator(m);
   bind_comm(m);
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),

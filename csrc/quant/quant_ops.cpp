@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 
+#include "common/cpu_gemm_choice.h"
 #include "common/op_checks.h"
 #include "common/parallel.h"
 #include "quant/quant_matmul.h"
@@ -23,20 +24,20 @@ WeightFormat parse_format(const char* op, const std::string& f) {
   return WeightFormat::kInt8;  // unreachable
 }
 
-// Above this many rows of x the weight is dequantised (in tiles; to fp32 on
-// CPU, to x's dtype on CUDA) and multiplied by ATen's GEMM (cuBLAS on CUDA;
-// see dense_tiles_matmul); up to it the kernel decodes the weight in
-// registers. CPU crossovers measured on the 2-core
-// Zen 4 with bf16 x (4096 x 4096, 4096 -> 11008, 11008 -> 4096): in bf16
-// dot products (AVX512_BF16, groups of 64 or more) int4 near 28 rows and
-// nf4 near 12; on fp32 FMAs int8 and int4 near 16 (int8 at 4096 -> 11008
-// nearer 14) and nf4, whose table lookups cost more per row, near 8. CUDA:
-// the warp-per-row kernel's limit. On the AVX2 Zen 3 (2 cores; dense
-// tiles in fp32, 4096 x 4096 and 11008 -> 4096), 16-bit x: int4 near 48-56
-// rows, int8 near 32-40, nf4 near 16-24; fp32 x: int4 and int8 near 24,
-// nf4 near 12-16. (The Zen 4 figures predate the fp32 dense tiles, which
-// there run 229 GFLOP/s against bf16's 161: their crossovers may now sit a
-// little lower.)
+// Above this many rows of x the weight is dequantised (in tiles; on CPU to
+// the dtype cpu_gemm_choice.h picks, on CUDA to x's) and multiplied by
+// ATen's GEMM (cuBLAS on CUDA; see dense_tiles_matmul); up to it the kernel
+// decodes the weight in registers. CUDA: the warp-per-row kernel's limit.
+// CPU crossovers, 2 cores, bf16 x unless said (4096 x 4096, 4096 -> 11008,
+// 11008 -> 4096):
+//  * Zen 4 (AVX512_BF16), dense tiles in bf16: in bf16 dot products (groups
+//    of 64 or more) int4 near 28 rows, nf4 near 12; on fp32 FMAs int8 and
+//    int4 near 16 (int8 at 4096 -> 11008 nearer 14), nf4 (table lookups
+//    cost more per row) near 8.
+//  * Zen 5 (AVX512_BF16), dense tiles in bf16: int4 near 20-32, int8 near
+//    16, nf4 near 20-24. nf4 takes 16, between the two machines.
+//  * AVX2 Zen 3, dense tiles in fp32: 16-bit x int4 near 48-56, int8 near
+//    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
 int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   if (x.is_cuda()) return 8;
   if (active_cpu_isa() == CpuIsa::kAvx2) {
@@ -47,7 +48,7 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   }
   const bool bf16_dot = p.format != WeightFormat::kInt8 && p.group_size % kNibbleChunk == 0 &&
                         x.scalar_type() == at::kBFloat16 && active_cpu_isa() == CpuIsa::kAvx512Bf16;
-  if (p.format == WeightFormat::kNf4) return bf16_dot ? 12 : 8;
+  if (p.format == WeightFormat::kNf4) return bf16_dot ? 16 : 8;
   return p.format == WeightFormat::kInt4 && bf16_dot ? 24 : 16;
 }
 
@@ -174,12 +175,11 @@ void dense_tile_matmul(const WeightOnlyParams& p, const at::Tensor& x2, at::Tens
 at::Tensor dense_tiles_matmul(WeightOnlyParams p, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   const int64_t n = p.n, k = p.k, m = x.numel() / k;
   at::Tensor out = at::empty(output_shape(x, n), x.options());
-  // On CPU the weight is dequantised to fp32 and multiplied in fp32 whatever
-  // x's dtype: ATen's 16-bit CPU GEMMs are slower than its fp32 one even
-  // with AVX512_BF16 (BUILD_NOTES: 161 against 229 GFLOP/s at 4096^3), and
-  // without it far slower (AVX2 Zen 3, 256 x 4096 x 4096: bf16 22, fp16 28,
-  // fp32 137 GFLOP/s). Sums in fp32 then round once, as the GEMV path does.
-  const bool fp32_gemm = !x.is_cuda() && x.scalar_type() != at::kFloat;
+  // On CPU, 16-bit x multiplies in whichever of fp32 and x's dtype ATen's
+  // GEMM runs faster on this machine (cpu_gemm_choice.h: 5x apart either way
+  // on some CPUs). In fp32 the weight is dequantised to fp32 and the sums
+  // round once at the end, as the GEMV path does.
+  const bool fp32_gemm = !x.is_cuda() && x.scalar_type() != at::kFloat && cpu_gemm_prefers_fp32(x.scalar_type());
   const at::Tensor x2 = fp32_gemm ? x.reshape({m, k}).to(at::kFloat) : x.reshape({m, k});
   const std::optional<at::Tensor> bias2 = bias && fp32_gemm ? std::optional<at::Tensor>(bias->to(at::kFloat)) : bias;
   at::Tensor out2 = fp32_gemm ? at::empty({m, n}, x2.options()) : out.view({m, n});

@@ -9,6 +9,7 @@ import torch
 import torchkiln
 from quant_reference import dequant_int4, dequant_int8, dequant_nf4
 from reference import poison_allocator
+from torchkiln._ext import _C
 from torchkiln.ops.quant import quantize_rows_ref
 
 ops = torch.ops.torchkiln
@@ -139,21 +140,45 @@ def test_quant_matmul_activation_outliers(cpu_isa, scheme, dtype):
             assert err <= TOL[dtype], f"outlier {outlier} m={m}: relative error {err:.2e}"
 
 
+@pytest.fixture(params=[True, False], ids=["gemm_fp32", "gemm_16bit"])
+def gemm_choice(request):
+    """Both precisions of the CPU dense path for 16-bit x, whichever this
+    machine's measurement picks (csrc/common/cpu_gemm_choice.h)."""
+    for dtype in ("bfloat16", "float16"):
+        _C.override_cpu_gemm_choice(dtype, request.param)
+    yield request.param
+    for dtype in ("bfloat16", "float16"):
+        _C.override_cpu_gemm_choice(dtype, None)
+
+
+def test_cpu_gemm_choice_is_measured_once():
+    for dtype in ("bfloat16", "float16"):
+        _C.override_cpu_gemm_choice(dtype, None)
+        first = _C.cpu_gemm_prefers_fp32(dtype)
+        assert isinstance(first, bool) and _C.cpu_gemm_prefers_fp32(dtype) == first
+        _C.override_cpu_gemm_choice(dtype, not first)
+        assert _C.cpu_gemm_prefers_fp32(dtype) == (not first)
+        _C.override_cpu_gemm_choice(dtype, None)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.cpu_gemm_prefers_fp32("float32")
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
-def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads):
+def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads, gemm_choice):
     # Many rows of x and enough output features that each thread dequantises
     # and multiplies its own tiles of weight rows (up to 4 MiB of dense weight
     # each: 256 fp32 rows of 4096 here, so 600 rows make four tiles, the last
-    # one short), with and without bias, fp32 and bf16 x (both multiplied in
-    # fp32 there). 64 rows: above every scheme's register-decode limit.
+    # one short), with and without bias, fp32 and 16-bit x (the latter in
+    # fp32 or in its own dtype, gemm_choice). 64 rows: above every scheme's
+    # register-decode limit.
     k, n, m = 4096, 600, 64
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=None if scheme == "int8" else 128)
     bias = torch.randn(n)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = torch.randn(m, k).to(dtype)
             for b in (None, bias.to(dtype)):
                 poison_allocator(torch.empty(m, n, dtype=dtype))
@@ -197,7 +222,7 @@ def test_w8a8_per_row_quantisation_is_exact():
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n", [45, 64 * torch.get_num_threads() + 3], ids=["n45", "n_per_thread_tiles"])
-def test_gradients(scheme, dtype, n):
+def test_gradients(scheme, dtype, n, gemm_choice):
     # The second n gives the dense path a tile per pool thread: the GEMMs there
     # run on threads that must carry the caller's autograd state (else addmm
     # with out= raises on a bias that requires grad).

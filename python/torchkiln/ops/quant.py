@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from .._ext import _C  # noqa: F401  (registers the ops)
+from .._ext import _C  # registers the ops
 from ._util import register_fake
 
 if TYPE_CHECKING:
@@ -71,11 +71,12 @@ def _weight_only_setup(ctx, inputs, output) -> None:
 
 
 def _grad_times_weight(grad: Tensor, dense: Callable[[torch.dtype], Tensor]) -> Tensor:
-    """grad @ W, W = dense(dtype). On CPU in fp32 whatever grad's dtype, as
-    the forward's many-row path: ATen's 16-bit CPU GEMMs are slower than its
-    fp32 one (AVX2 Zen 3: bf16 22 against fp32 137 GFLOP/s)."""
+    """grad @ W, W = dense(dtype). A 16-bit grad on CPU multiplies in fp32
+    where ATen's fp32 GEMM is the faster one on this machine, as the forward's
+    many-row path does (csrc/common/cpu_gemm_choice.h)."""
     if grad.device.type == "cpu" and grad.dtype != torch.float32:
-        return (grad.float() @ dense(torch.float32)).to(grad.dtype)
+        if _C.cpu_gemm_prefers_fp32(str(grad.dtype).removeprefix("torch.")):
+            return (grad.float() @ dense(torch.float32)).to(grad.dtype)
     return grad @ dense(grad.dtype)
 
 
