@@ -861,6 +861,23 @@ void tile_int8_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 inline __m512bh load_bh(const uint16_t* p) { return as_bh(_mm512_loadu_si512(p)); }
 
+// The bf16 loops' prefetch: the next tile's rows (one contiguous run of
+// kTileN row strides) swept front to back, lines_per_chunk lines per 64-
+// column chunk of this tile, so the prefetches form one sequential stream
+// rather than kTileN streams a row stride apart. Zen 5, int4 M=1 from DRAM,
+// 2 threads: aten / torchkiln time 0.85-0.93 against 0.81-0.87 (noisy runs).
+struct NextTileSweep {
+  const char* next;
+  int64_t lines_per_chunk;
+  NextTileSweep(const WeightOnlyParams& p, const uint8_t* tile_codes, int64_t chunks)
+      : next(reinterpret_cast<const char*>(tile_codes) + kTileN * p.qweight_row_stride),
+        lines_per_chunk((kTileN * p.qweight_row_stride + 64 * chunks - 1) / (64 * chunks)) {}
+  // Called once per (chunk c, tile row r): spreads a chunk's lines over the rows.
+  void prefetch(int64_t c, int r) const {
+    for (int64_t l = r; l < lines_per_chunk; l += kTileN) _mm_prefetch(next + (c * lines_per_chunk + l) * 64, _MM_HINT_T1);
+  }
+};
+
 template <int MB, bool kSplit>
 void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   const __m512i low4 = _mm512_set1_epi16(0x000F), base = _mm512_set1_epi16(0x4300);  // bf16(128.0)
@@ -880,6 +897,7 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) total[r][i] = _mm512_setzero_ps();
   const int64_t chunks_per_group = p.group_size / kNibbleChunk;
+  const NextTileSweep sweep(p, w[0], sx.kp / kNibbleChunk);
   for (int64_t g = 0; g < sx.groups; ++g) {
     __m512 acc[kTileN][MB];
 #pragma GCC unroll 16
@@ -900,7 +918,7 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
       }
 #pragma GCC unroll 16
       for (int r = 0; r < kTileN; ++r) {
-        if (c & 1) prefetch_next_tile(p, w[r] + o / 2);  // one line per two 32-byte chunks
+        sweep.prefetch(c, r);
         const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
         const __m512bh lo = as_bh(_mm512_ternarylogic_epi32(b, low4, base, 0xEA));  // (b & 15) | base
         const __m512bh hi = as_bh(_mm512_or_si512(_mm512_srli_epi16(b, 4), base));
@@ -974,6 +992,7 @@ void tile_nf4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, i
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) total[r][i] = _mm512_setzero_ps();
   const int64_t chunks = sx.kp / kNibbleChunk, chunks_per_group = p.group_size / kNibbleChunk;
+  const NextTileSweep sweep(p, w[0], chunks);
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t o = c * kNibbleChunk, g = c / chunks_per_group;
     __m512bh x_lo[MB], x_hi[MB];
@@ -984,7 +1003,7 @@ void tile_nf4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, i
     }
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
-      if (c & 1) prefetch_next_tile(p, w[r] + o / 2);
+      sweep.prefetch(c, r);
       const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
       const __m512i q_lo = _mm512_and_si512(b, low4), q_hi = _mm512_srli_epi16(b, 4);
       const __m512bh w_lo = as_bh(_mm512_permutexvar_epi16(q_lo, table));
