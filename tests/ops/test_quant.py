@@ -30,10 +30,12 @@ TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 def _in_features(scheme: str, group: int | None) -> list[int]:
     # odd sizes the scheme allows: 4-bit needs a multiple of the group; 21
-    # groups are more than one 16-group vector of the int4 zero-point sums
+    # groups are more than one 16-group vector of the int4 zero-point sums;
+    # 2500 spans three of the 1024-column x groups of int8's VNNI loop, the
+    # last one partial
     if scheme in ("int4", "nf4"):
         return [group * 3, 2 * 128 + (group if group % 64 else 0), group * 21]
-    return [203, 256]
+    return [203, 256, 2500]
 
 
 def _ref_matmul(x: torch.Tensor, qw, bias=None) -> torch.Tensor:
@@ -115,20 +117,21 @@ def test_quant_matmul_matches_fp64(cpu_isa, scheme, group, sym, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("scheme", ["int4", "nf4"])
+@pytest.mark.parametrize("scheme", ["int4", "nf4", "int8"])
 def test_quant_matmul_activation_outliers(cpu_isa, scheme, dtype):
     # LLM activations carry a few channels hundreds of times larger than the
-    # rest. Below AVX-512, 16-bit x is multiplied as int16 per group only
-    # when no element dwarfs its group; these groups must take the exact
-    # loops and stay within the tolerance (and so must moderate outliers,
-    # which stay on the int16 path).
+    # rest. Below AVX-512 (int4, nf4) and with AVX-512 VNNI (int8, from 5
+    # rows of x), 16-bit x is multiplied as int16 per group only when no
+    # element dwarfs its group; these groups must take the exact loops and
+    # stay within the tolerance (and so must moderate outliers, which stay
+    # on the int16 path).
     # The outlier channels' weights are zero (exactly, after quantisation),
     # so the outputs are the other channels' sums: the error of x's rounding
     # is not hidden behind the outliers' products.
     k, n = 1024, 96
     w = torch.randn(n, k)
     w[:, [7, 300]] = 0.0
-    qw = torchkiln.quantize(w, scheme, group_size=128, symmetric=True)
+    qw = torchkiln.quantize(w, scheme, group_size=None if scheme == "int8" else 128, symmetric=True)
     assert (torchkiln.dequantize(qw)[:, [7, 300]] == 0).all()
     for outlier in (20.0, 2000.0):
         x = torch.randn(5, k)
