@@ -518,6 +518,10 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
                 "aten int8pack" if base == "aten" else "dense bf16")
             all_cases.append(BenchCase("quant", f"{scheme} M=1 vs {label}", shape, bf16,
                                        _quant_matmul_case(1, k, n, scheme, base, bf16), cuda=False))
+        # a decode batch: 16 rows still take the kernels that decode in registers
+        for scheme in ("int4", "int8", "nf4"):
+            all_cases.append(BenchCase("quant", f"{scheme} M=16 vs dense bf16", shape, bf16,
+                                       _quant_matmul_case(16, k, n, scheme, "dense", bf16), cuda=False))
         for scheme in ("int4", "int8", "w8a8"):
             all_cases.append(BenchCase("quant", f"{scheme} M={big_m} vs dense bf16", shape, bf16,
                                        _quant_matmul_case(big_m, k, n, scheme, "dense", bf16), cuda=False))
