@@ -27,8 +27,11 @@
 //    point). x that is not already bf16 is split into hi + lo bf16 parts
 //    (16 significant bits, enough for fp16 exactly and fp32 to 2^-17).
 //  * bf16 dot products (AVX512_BF16, nf4 with bf16 x): one `vpermw` looks
-//    up 32 codes in the codebook rounded to bf16 (3-4 rows of x: in the
-//    codebook times the block's absmax, tile_nf4_bf16_scaled).
+//    up 32 codes in the codebook rounded to bf16.
+//  * 3-4 rows of bf16 x a pass (AVX512_BF16, int4 and nf4): `vpermw` looks
+//    codes up in their values times the group's scale, rounded to bf16 per
+//    (weight row, group), so no per-group work remains per row of x
+//    (tile_4bit_bf16_scaled).
 //  * int16 products (AVX-512 VNNI, int8 with 16-bit x, 5 or more rows of
 //    x): x quantised per 1024 columns to int16 as on AVX2, codes sign-
 //    extended once per tile into an L1 panel, `vpdpwssd` for every row of x
@@ -1081,18 +1084,25 @@ void tile_nf4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, i
     for (int i = 0; i < MB; ++i) y[r * MB + i] = _mm512_reduce_add_ps(total[r][i]);
 }
 
-// nf4 for 3-4 rows of x (one pass of kRowsPerPass): the codebook times each
-// block's absmax, rounded to bf16 once per (weight row, 64 columns), is the
-// table the codes look up, so the dot products of a whole row accumulate in
-// one register and no per-block FMA is paid per row of x. The weight is
-// rounded to bf16 once, as in tile_nf4_bf16. Zen 4, bf16 x, from DRAM,
-// against that loop (two passes of 2 rows): M=3 1.22-1.31x, M=8 1.29-1.34x,
-// M=16 1.35-1.37x faster. For 1-2 rows the multiply and convert per table
-// cost more than the FMAs they save (M=1 3-7% slower), so those keep it.
-template <int MB>
-void tile_nf4_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
-  static_assert(MB > 2 && MB <= kRowsPerPass, "fewer rows take tile_nf4_bf16");
-  const __m512 codebook = _mm512_loadu_ps(kNf4Codebook);
+// 4-bit codes against 3-4 rows of bf16 x (one pass of kRowsPerPass): the
+// code values (nf4: the codebook; int4: q - zero) times the group's scale,
+// rounded to bf16 once per (weight row, group), are the table the codes
+// look up, so a whole row's dot products accumulate in one register: no
+// per-group FMA per row of x, and for int4 no zero-point term and one pass
+// where tile_int4_bf16 takes two (its totals would spill).
+// The weight is rounded to bf16 exactly as dequantize(qw, bf16) rounds it,
+// so the result carries the error of x @ W_bf16.T in plain PyTorch (int4 g128
+// M=16: relative 2.3e-3 where tile_int4_bf16's exact codes give 1.6e-3;
+// both mostly the bf16 output's rounding). Zen 4, from DRAM, against two
+// passes of 2 rows of the loops above: nf4 M=3 1.22-1.31x, M=8 1.29-1.34x,
+// M=16 1.35-1.37x; int4 M=4 1.13-1.24x, M=16 1.07-1.15x faster. For 1-2
+// rows a table per row costs more than the FMAs it saves (nf4 M=1 3-7%
+// slower), so those keep the loops above.
+template <int MB, bool kInt4>
+void tile_4bit_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
+  static_assert(MB > 2 && MB <= kRowsPerPass, "fewer rows take tile_nf4_bf16 / tile_int4_bf16");
+  alignas(64) static constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const __m512 values = _mm512_loadu_ps(kInt4 ? kIota : kNf4Codebook);
   const __m512i low4 = _mm512_set1_epi16(0x000F);
   const TileRows t(p, sx.groups, row0);
   const auto& w = t.codes;
@@ -1108,8 +1118,18 @@ void tile_nf4_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t 
   const int64_t chunks = sx.kp / kNibbleChunk, chunks_per_group = p.group_size / kNibbleChunk;
   const NextTileSweep sweep(p, w[0], chunks);
   NextTileSweep::prefetch_groups(p, row0, sx.groups);
+  __m512i table[kTileN];
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t o = c * kNibbleChunk, g = c / chunks_per_group;
+    if (c % chunks_per_group == 0) {
+#pragma GCC unroll 16
+      for (int r = 0; r < kTileN; ++r) {
+        const __m512 v = kInt4 ? _mm512_sub_ps(values, _mm512_set1_ps(t.zeros[r][g])) : values;
+        // 16 bf16 values in the low half: the codes (0-15) index only those.
+        const __m256bh scaled = _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(sc[r][g])));
+        table[r] = _mm512_castsi256_si512(reinterpret_cast<__m256i>(scaled));
+      }
+    }
     __m512bh x_lo[MB], x_hi[MB];
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
@@ -1119,12 +1139,9 @@ void tile_nf4_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t 
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
       sweep.prefetch(c, r);
-      // 16 bf16 values in the low half: the codes (0-15) index only those.
-      const __m256bh scaled = _mm512_cvtneps_pbh(_mm512_mul_ps(codebook, _mm512_set1_ps(sc[r][g])));
-      const __m512i table = _mm512_castsi256_si512(reinterpret_cast<__m256i>(scaled));
       const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
-      const __m512bh w_lo = as_bh(_mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table));
-      const __m512bh w_hi = as_bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table));
+      const __m512bh w_lo = as_bh(_mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table[r]));
+      const __m512bh w_hi = as_bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table[r]));
 #pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][i], w_lo, x_lo[i]), w_hi, x_hi[i]);
     }
@@ -1142,11 +1159,14 @@ void tile(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0
   if (p.format == WeightFormat::kInt8) return tile_int8_fp32<MB>(p, sx, row0, m0, y);
 #if defined(__AVX512BF16__)
   if (uses_bf16_dot(p)) {
-    if constexpr (MB > 2)
-      if (p.format == WeightFormat::kNf4) return tile_nf4_bf16_scaled<MB>(p, sx, row0, m0, y);
     if constexpr (MB > 2) {
-      // int4's accumulators and per-group totals for more than 2 rows of x
-      // would spill: two passes over the (L1-resident) weight rows instead.
+      if (p.format == WeightFormat::kNf4) return tile_4bit_bf16_scaled<MB, false>(p, sx, row0, m0, y);
+      if (!sx.split) return tile_4bit_bf16_scaled<MB, true>(p, sx, row0, m0, y);
+    }
+    if constexpr (MB > 2) {
+      // int4 with split x (fp32 / fp16): accumulators and per-group totals
+      // for more than 2 rows of x would spill, so two passes over the
+      // (L1-resident) weight rows instead.
       float ya[kTileN * 2], yb[kTileN * (MB - 2)];
       tile<2>(p, sx, row0, m0, ya);
       tile<MB - 2>(p, sx, row0, m0 + 2, yb);
