@@ -1105,8 +1105,6 @@ void tile_4bit_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t
   const __m512 values = _mm512_loadu_ps(kInt4 ? kIota : kNf4Codebook);
   const __m512i low4 = _mm512_set1_epi16(0x000F);
   const TileRows t(p, sx.groups, row0);
-  const auto& w = t.codes;
-  const auto& sc = t.scales;
   const uint16_t* xr[MB];
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) xr[i] = sx.hi.data() + (m0 + i) * sx.kp;
@@ -1115,35 +1113,35 @@ void tile_4bit_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t
   for (int r = 0; r < kTileN; ++r)
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
-  const int64_t chunks = sx.kp / kNibbleChunk, chunks_per_group = p.group_size / kNibbleChunk;
-  const NextTileSweep sweep(p, w[0], chunks);
+  const int64_t chunks_per_group = p.group_size / kNibbleChunk;
+  const NextTileSweep sweep(p, t.codes[0], sx.kp / kNibbleChunk);
   NextTileSweep::prefetch_groups(p, row0, sx.groups);
-  __m512i table[kTileN];
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t o = c * kNibbleChunk, g = c / chunks_per_group;
-    if (c % chunks_per_group == 0) {
-#pragma GCC unroll 16
-      for (int r = 0; r < kTileN; ++r) {
-        const __m512 v = kInt4 ? _mm512_sub_ps(values, _mm512_set1_ps(t.zeros[r][g])) : values;
-        // 16 bf16 values in the low half: the codes (0-15) index only those.
-        const __m256bh scaled = _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(sc[r][g])));
-        table[r] = _mm512_castsi256_si512(reinterpret_cast<__m256i>(scaled));
-      }
-    }
-    __m512bh x_lo[MB], x_hi[MB];
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) {
-      x_lo[i] = load_bh(xr[i] + o);
-      x_hi[i] = load_bh(xr[i] + o + 32);
-    }
+  for (int64_t g = 0; g < sx.groups; ++g) {
+    __m512i table[kTileN];
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
-      sweep.prefetch(c, r);
-      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
-      const __m512bh w_lo = as_bh(_mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table[r]));
-      const __m512bh w_hi = as_bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table[r]));
+      const __m512 v = kInt4 ? _mm512_sub_ps(values, _mm512_set1_ps(t.zeros[r][g])) : values;
+      // 16 bf16 values in the low half: the codes (0-15) index only those.
+      const __m256bh scaled = _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(t.scales[r][g])));
+      table[r] = _mm512_castsi256_si512(reinterpret_cast<__m256i>(scaled));
+    }
+    for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+      const int64_t o = c * kNibbleChunk;
+      __m512bh x_lo[MB], x_hi[MB];
 #pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][i], w_lo, x_lo[i]), w_hi, x_hi[i]);
+      for (int i = 0; i < MB; ++i) {
+        x_lo[i] = load_bh(xr[i] + o);
+        x_hi[i] = load_bh(xr[i] + o + 32);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < kTileN; ++r) {
+        sweep.prefetch(c, r);
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.codes[r] + o / 2)));
+        const __m512bh w_lo = as_bh(_mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table[r]));
+        const __m512bh w_hi = as_bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table[r]));
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][i], w_lo, x_lo[i]), w_hi, x_hi[i]);
+      }
     }
   }
 #pragma GCC unroll 16
