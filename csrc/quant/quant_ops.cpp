@@ -31,11 +31,13 @@ WeightFormat parse_format(const char* op, const std::string& f) {
 // CPU crossovers, 2 cores, bf16 x unless said (4096 x 4096, 4096 -> 11008,
 // 11008 -> 4096):
 //  * Zen 4 (AVX512_BF16), dense tiles in bf16: in bf16 dot products (groups
-//    of 64 or more) int4 near 28 rows, nf4 near 12; on fp32 FMAs int8 and
-//    int4 near 16 (int8 at 4096 -> 11008 nearer 14), nf4 (table lookups
-//    cost more per row) near 8.
-//  * Zen 5 (AVX512_BF16), dense tiles in bf16: int4 near 20-32, int8 near
-//    16, nf4 near 20-24. nf4 takes 16, between the two machines.
+//    of 64 or more; tile_4bit_bf16_scaled from 3 rows) int4 near 48-64
+//    rows (1.06-1.39x at 32), nf4 near 32-48 (1.11-1.18x at 24); on fp32
+//    FMAs int8 and int4 near 16 (int8 at 4096 -> 11008 nearer 14), nf4
+//    (table lookups cost more per row) near 8.
+//  * Zen 5 (AVX512_BF16), dense tiles in bf16 (778 GFLOP/s there), before
+//    the scaled-table loop: int4 near 20-32, int8 near 16, nf4 near 20-24.
+//    int4 takes 32 and nf4 24, where both machines still gain.
 //  * AVX2 Zen 3, dense tiles in fp32: 16-bit x int4 near 48-56, int8 near
 //    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
 int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
@@ -48,8 +50,8 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   }
   const bool bf16_dot = p.format != WeightFormat::kInt8 && p.group_size % kNibbleChunk == 0 &&
                         x.scalar_type() == at::kBFloat16 && active_cpu_isa() == CpuIsa::kAvx512Bf16;
-  if (p.format == WeightFormat::kNf4) return bf16_dot ? 16 : 8;
-  return p.format == WeightFormat::kInt4 && bf16_dot ? 24 : 16;
+  if (p.format == WeightFormat::kNf4) return bf16_dot ? 24 : 8;
+  return p.format == WeightFormat::kInt4 && bf16_dot ? 32 : 16;
 }
 
 void launch_dequantize(const WeightOnlyParams& p, const at::Tensor& dense) {

@@ -103,7 +103,7 @@ def test_quant_matmul_matches_fp64(cpu_isa, scheme, group, sym, dtype):
         w = torch.randn(n, k)
         qw = torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
         bias = torch.randn(n).to(dtype) if bias_flag else None
-        for m in (1, 3, 16, 23, 33, 256):  # 23: int4 with bf16 x still decodes in registers
+        for m in (1, 3, 16, 23, 32, 33, 256):  # 23 (nf4) and 32 (int4): bf16 x still decoded in registers
             if cpu_isa == "scalar" and m == 256 and k > 300:
                 continue  # the scalar path covers the same code at m=33
             x = torch.randn(m, k).to(dtype)
