@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu/vec.h"
@@ -1101,8 +1102,7 @@ void tile_nf4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, i
 template <int MB, bool kInt4>
 void tile_4bit_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   static_assert(MB > 2 && MB <= kRowsPerPass, "fewer rows take tile_nf4_bf16 / tile_int4_bf16");
-  alignas(64) static constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const __m512 values = _mm512_loadu_ps(kInt4 ? kIota : kNf4Codebook);
+  const __m512 values = _mm512_loadu_ps(kInt4 ? kInt4Values : kNf4Codebook);
   const __m512i low4 = _mm512_set1_epi16(0x000F);
   const TileRows t(p, sx.groups, row0);
   const uint16_t* xr[MB];
@@ -1219,8 +1219,56 @@ void matmul_typed(const WeightOnlyParams& p, const StagedX& sx) {
 }
 
 // ------------------------------------------------------------ dequantisation
+#if defined(__AVX512F__)
+// 4-bit codes to a 16-bit T (bf16, fp16) by lookup: per group, the 16 code
+// values (minus the zero point) times the scale, each rounded once to T as
+// the formula below rounds it, make a table that one `vpermw` indexes with
+// 32 codes, in place of a conversion, subtract, multiply and rounding per
+// 16 weights. Zen 4, 2 threads, 4096-column rows into a 4 MiB buffer:
+// int4 -> bf16 19-22 -> 42-53 G weights/s, nf4 22-24 -> 39-51; quant_matmul
+// nf4 M=64 (dequantised tiles + GEMM) 2-4% faster, M=256 unchanged.
+template <class T>
+void dequantize_row_4bit_lookup(const WeightOnlyParams& p, int64_t row, T* dst) {
+  const int64_t groups = p.k / p.group_size;
+  const float* sc = p.scales + row * groups;
+  const float* z = p.zeros ? p.zeros + row * groups : nullptr;
+  const __m512 values = _mm512_loadu_ps(code_values(p.format));
+  auto table = [&](int64_t g) {
+    const __m512 v = z ? _mm512_sub_ps(values, _mm512_set1_ps(z[g])) : values;
+    const Vec t{_mm512_mul_ps(v, _mm512_set1_ps(sc[g]))};
+    // 16 values in the low half: the codes (0-15) index only those.
+    if constexpr (std::is_same_v<T, bf16_t>) return _mm512_castsi256_si512(cvt_bf16(t));
+    else return _mm512_castsi256_si512(cvt_fp16(t));
+  };
+  const __m512i low4 = _mm512_set1_epi16(0x000F);
+  const uint8_t* w = p.qweight + row * p.qweight_row_stride;
+  // Groups are whole 32-column halves, so a group ends only at a half.
+  int64_t g = 0, g_end = p.group_size;
+  __m512i tab = table(0);
+  for (int64_t col = 0; col < p.k; col += kNibbleChunk) {
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + col / 2)));
+    if (col >= g_end) {
+      tab = table(++g);
+      g_end += p.group_size;
+    }
+    _mm512_storeu_si512(dst + col, _mm512_permutexvar_epi16(_mm512_and_si512(b, low4), tab));
+    if (col + 32 >= p.k) break;  // a k of 32 mod 64 leaves the last high half as padding
+    if (col + 32 >= g_end) {
+      tab = table(++g);
+      g_end += p.group_size;
+    }
+    _mm512_storeu_si512(dst + col + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), tab));
+  }
+}
+#endif
+
 template <class T>
 void dequantize_row(const WeightOnlyParams& p, int64_t row, T* dst) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.format != WeightFormat::kInt8) return dequantize_row_4bit_lookup<T>(p, row, dst);
+  }
+#endif
   const float* sc = p.scales + row * (p.k / p.group_size);
   if (p.format == WeightFormat::kInt8) {
     // Vectors of codes times the row's scale: the same product (and one
