@@ -3,6 +3,8 @@ the kernels against fp64 matmuls on every CPU ISA, gradients, opcheck, bad input
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -66,6 +68,26 @@ def test_dequantize_matches_reference_bit_for_bit(cpu_isa, scheme, group, sym):
     assert torch.equal(dense, ref)
     for dtype in (torch.bfloat16, torch.float16):
         assert torch.equal(torchkiln.dequantize(qw, dtype), ref.to(dtype)), dtype
+
+
+@pytest.mark.parametrize("scheme,group,sym", SCHEMES, ids=SCHEME_IDS)
+def test_quantize_in_row_blocks_matches_whole(scheme, group, sym, monkeypatch):
+    """CPU quantize works through blocks of rows; 37 x 4096 in blocks of 16
+    rows (w8a8: one panel) must give what one block gives, bit for bit."""
+    quantize_module = importlib.import_module("torchkiln.quant.quantize")
+    w = torch.randn(37, 4096, dtype=torch.bfloat16) * torch.rand(37, 1, dtype=torch.bfloat16)
+    w[20] = 0
+    whole = torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
+    monkeypatch.setattr(quantize_module, "_BLOCK_WEIGHTS", 16 * 4096)
+    blocked = torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
+    for name in ("qweight", "scales", "zeros", "weight_sums"):
+        a, b = getattr(whole, name), getattr(blocked, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.shape == b.shape and torch.equal(a, b), name
+    w[30, 7] = float("nan")
+    with pytest.raises(ValueError, match="inf or nan"):
+        torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
 
 
 def test_int4_g128_error_on_gaussian_weights():

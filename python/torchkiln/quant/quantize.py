@@ -52,10 +52,6 @@ def _check_weight(weight: Tensor) -> None:
         raise ValueError(f"quantize: weight must not be empty, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"quantize: weight must be floating point, got {weight.dtype}")
-    # A meta weight (a model built on the meta device, to be filled by
-    # load_state_dict) has no values to check; its result has the right shapes.
-    if not weight.is_meta and not torch.isfinite(weight).all():
-        raise ValueError("quantize: weight contains inf or nan")
 
 
 def int8_codes(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,6 +81,10 @@ def int4_codes(w: Tensor, group_size: int, symmetric: bool) -> tuple[Tensor, Ten
     return q.to(torch.uint8).view(n, k), scale, zero
 
 
+# Midpoints between neighbouring NF4 code values, as fp32 numbers.
+_NF4_MIDPOINTS = ((NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2).tolist()
+
+
 def nf4_codes(w: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     """Per block of ``block_size`` input columns: absmax, and the nearest NF4
     code of w / absmax (ties go to the lower code)."""
@@ -92,9 +92,12 @@ def nf4_codes(w: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     wg = w.view(n, k // block_size, block_size)
     absmax = wg.abs().amax(dim=-1)
     normed = wg / _safe(absmax)[..., None]
-    midpoints = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
-    q = torch.bucketize(normed, midpoints.to(w.device))
-    return q.to(torch.uint8).view(n, k), absmax
+    # The code is the number of midpoints below the value (a tie stays
+    # below): torch.bucketize's answer, in 15 compares at 2.6x its speed.
+    q = torch.zeros(normed.shape, dtype=torch.uint8, device=w.device)
+    for m in _NF4_MIDPOINTS:
+        q += normed > m
+    return q.view(n, k), absmax
 
 
 def encode_double_quant(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,6 +118,51 @@ def decode_double_quant(q: Tensor, scale: Tensor, offset: Tensor, out_features: 
     return blocks.reshape(-1)[: out_features * groups].view(out_features, groups).contiguous()
 
 
+# On CPU the rows are quantised a block of about this many weights at a
+# time: every scheme works per row (or per group within a row), and block-
+# sized temporaries stay in cache rather than page-faulting through fresh
+# memory, as did the whole-weight inf / nan check (11008 x 4096 fp32 on the
+# 2-core Zen 4, best of 3: int4 0.46 -> 0.12-0.14 s, nf4 0.81 -> 0.26-0.27,
+# int8 0.39 -> 0.10, w8a8 0.59 -> 0.18).
+_BLOCK_WEIGHTS = 1 << 20
+
+
+def _fp32_rows(weight: Tensor, start: int, stop: int) -> Tensor:
+    rows = weight[start:stop].detach().to(torch.float32)
+    # A meta weight (a model built on the meta device, to be filled by
+    # load_state_dict) has no values to check; its result has the right shapes.
+    if not rows.is_meta and not torch.isfinite(rows).all():
+        raise ValueError("quantize: weight contains inf or nan")
+    return rows
+
+
+def _by_row_blocks(fn, weight: Tensor, *args, multiple: int = 1) -> tuple[Tensor, ...]:
+    """fn(fp32 rows, *args) over blocks of weight's rows (each checked for
+    inf / nan; a multiple of ``multiple`` rows but the last), its outputs
+    joined along their first dimension."""
+    n, k = weight.shape
+    rows = n if weight.device.type != "cpu" else max(1, _BLOCK_WEIGHTS // k // multiple) * multiple
+    if rows >= n:
+        return fn(_fp32_rows(weight, 0, n), *args)
+    parts = [fn(_fp32_rows(weight, i, i + rows), *args) for i in range(0, n, rows)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _int4_packed(w: Tensor, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
+    q, scale, zero = int4_codes(w, group_size, symmetric)
+    return layout.pack_nibbles(q), scale, zero
+
+
+def _w8a8_packed(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    q, scale = int8_codes(w)
+    return (*layout.pack_panels(q), scale)
+
+
+def _nf4_packed(w: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    q, absmax = nf4_codes(w, block_size)
+    return layout.pack_nibbles(q), absmax
+
+
 def quantize(
     weight: Tensor,
     scheme: str,
@@ -133,19 +181,19 @@ def quantize(
     if scheme not in SCHEMES:
         raise ValueError(f"quantize: scheme must be one of {SCHEMES}, got {scheme!r}")
     _check_weight(weight)
-    w = weight.detach().to(torch.float32)
-    n, k = w.shape
+    n, k = weight.shape
     if double_quant and scheme != "nf4":
         raise ValueError(f"quantize: double_quant applies to nf4 only, got scheme {scheme!r}")
     if scheme in ("int8", "w8a8"):
         if group_size not in (None, k):
             raise ValueError(f"quantize: {scheme} has one scale per output row; group_size must be None, got {group_size}")
-        q, scale = int8_codes(w)
         if scheme == "int8":
+            q, scale = _by_row_blocks(int8_codes, weight)
             return QuantizedWeight("int8", k, n, k, True, q.contiguous(), scale.contiguous())
         if k > 65536:
             raise ValueError(f"quantize: w8a8 supports in_features up to 65536, got {k}")
-        panels, sums = layout.pack_panels(q)
+        # blocks of whole 16-row panels: only the last one is padded
+        panels, sums, scale = _by_row_blocks(_w8a8_packed, weight, multiple=layout.PANEL_ROWS)
         return QuantizedWeight("w8a8", k, n, k, True, panels, scale.reshape(n).contiguous(), weight_sums=sums)
     gs = DEFAULT_GROUP_SIZE[scheme] if group_size is None else int(group_size)
     if gs <= 0 or gs % 32 != 0:
@@ -153,12 +201,10 @@ def quantize(
     if k % gs != 0:
         raise ValueError(f"quantize: in_features ({k}) must be divisible by group_size ({gs}) for {scheme}")
     if scheme == "int4":
-        q, scale, zero = int4_codes(w, gs, symmetric)
-        return QuantizedWeight(
-            "int4", k, n, gs, symmetric, layout.pack_nibbles(q), scale.contiguous(), zeros=zero.contiguous()
-        )
-    q, absmax = nf4_codes(w, gs)
-    qw = QuantizedWeight("nf4", k, n, gs, True, layout.pack_nibbles(q), absmax.contiguous())
+        packed, scale, zero = _by_row_blocks(_int4_packed, weight, gs, symmetric)
+        return QuantizedWeight("int4", k, n, gs, symmetric, packed, scale.contiguous(), zeros=zero.contiguous())
+    packed, absmax = _by_row_blocks(_nf4_packed, weight, gs)
+    qw = QuantizedWeight("nf4", k, n, gs, True, packed, absmax.contiguous())
     if double_quant:
         qw.absmax_q, qw.absmax_scales, qw.absmax_offset = encode_double_quant(absmax)
         qw.scales = decode_double_quant(qw.absmax_q, qw.absmax_scales, qw.absmax_offset, n, k // gs)
