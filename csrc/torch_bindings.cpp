@@ -85,6 +85,9 @@ TORCH_LIBRARY(torchkiln, m) {
   m.def(
       "quant_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, str format, int group_size, "
       "int in_features, ScalarType dtype) -> Tensor");
+  // dense weight (out, in) -> (qweight, scales, zeros) in the layouts above (CPU; zeros empty but for
+  // int4), the formulas of python/torchkiln/quant/quantize.py bit for bit
+  m.def("quant_quantize(Tensor weight, str format, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
   // x quantised per row to int8 on the fly; qweight int8 panels (out/16, in/4, 16, 4), scales fp32 (out)
   m.def(
       "quant_matmul_w8a8(Tensor x, Tensor qweight, Tensor scales, Tensor weight_sums, Tensor? bias) -> Tensor");

@@ -79,11 +79,29 @@ struct W8A8Params {
   DType dtype = DType::kFloat32;
 };
 
+// Quantisation of a dense weight (n, k) into the layouts above, with the
+// formulas python/torchkiln/quant/quantize.py defines (same fp32 operations,
+// so the same codes, scales and zeros bit for bit).
+struct QuantizeParams {
+  const void* __restrict__ w = nullptr;  // (n, k) in dtype
+  int64_t w_row_stride = 0;              // elements
+  DType dtype = DType::kFloat32;
+  int64_t n = 0, k = 0;
+  int64_t group_size = 0;  // k for kInt8
+  WeightFormat format = WeightFormat::kInt4;
+  bool symmetric = false;                  // kInt4 only
+  uint8_t* __restrict__ qweight = nullptr;  // kInt8: (n, k) int8; 4-bit: (n, kp / 2)
+  float* __restrict__ scales = nullptr;     // (n, k / group_size)
+  float* __restrict__ zeros = nullptr;      // same; kInt4 only
+  bool* non_finite = nullptr;               // set when a weight is inf or nan
+};
+
 // out = x @ W^T + bias, decoding the weight in registers (few rows of x).
 TK_DECLARE_CPU_KERNEL(void, weight_only_matmul, const WeightOnlyParams&)
 // Writes the dense W (n, k) in p.dtype to `dense` (row stride k); x, bias,
 // out and m are ignored. Each element is (q - zero) * scale rounded once.
 TK_DECLARE_CPU_KERNEL(void, weight_only_dequantize, const WeightOnlyParams&, void* dense)
+TK_DECLARE_CPU_KERNEL(void, quantize_weight, const QuantizeParams&)
 // Quantises each row of x to int8 (scale max|x| / 127, round half to even),
 // multiplies with int8 dot products and int32 accumulation, then scales.
 TK_DECLARE_CPU_KERNEL(void, w8a8_matmul, const W8A8Params&)

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "common/cpu_gemm_choice.h"
 #include "common/op_checks.h"
@@ -149,6 +150,50 @@ at::Tensor quant_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
   p.dtype = kernel_dtype(dense, op, "dtype");
   launch_dequantize(p, dense);
   return dense;
+}
+
+// A dense CPU weight (n, k) quantised into the kernel layouts, as
+// torchkiln.quantize defines each scheme (see quantize_weight).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_quantize(const at::Tensor& weight, const std::string& format,
+                                                              int64_t group_size, bool symmetric) {
+  const char* op = "quant_quantize";
+  QuantizeParams p;
+  p.format = parse_format(op, format);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.numel() > 0, op,
+                    ": weight must be a non-empty 2-D tensor (out_features, in_features), got ", weight.sizes());
+  TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be on the CPU, got ", weight.device());
+  const at::Tensor w = weight.contiguous();
+  p.dtype = kernel_dtype(w, op, "weight");
+  p.n = w.size(0);
+  p.k = w.size(1);
+  p.group_size = group_size;
+  p.symmetric = symmetric;
+  int64_t row_bytes = p.k;
+  if (p.format == WeightFormat::kInt8) {
+    TORCH_CHECK_VALUE(group_size == p.k, op, ": int8 has one scale per output row; group_size must be in_features (",
+                      p.k, "), got ", group_size);
+  } else {
+    TORCH_CHECK_VALUE(group_size > 0 && group_size % 32 == 0 && p.k % group_size == 0, op,
+                      ": group_size must be a positive multiple of 32 dividing in_features (", p.k, "), got ",
+                      group_size);
+    row_bytes = (p.k + kNibbleChunk - 1) / kNibbleChunk * (kNibbleChunk / 2);
+  }
+  const int64_t groups = p.k / group_size;
+  const auto f32 = w.options().dtype(at::kFloat);
+  at::Tensor qweight =
+      at::empty({p.n, row_bytes}, w.options().dtype(p.format == WeightFormat::kInt8 ? at::kChar : at::kByte));
+  at::Tensor scales = at::empty({p.n, groups}, f32);
+  at::Tensor zeros = at::empty({p.format == WeightFormat::kInt4 ? p.n : 0, groups}, f32);
+  p.w = w.data_ptr();
+  p.w_row_stride = p.k;
+  p.qweight = static_cast<uint8_t*>(qweight.data_ptr());
+  p.scales = scales.data_ptr<float>();
+  p.zeros = p.format == WeightFormat::kInt4 ? zeros.data_ptr<float>() : nullptr;
+  bool non_finite = false;
+  p.non_finite = &non_finite;
+  TK_CPU_DISPATCH(quantize_weight, p);
+  TORCH_CHECK_VALUE(!non_finite, op, ": weight contains inf or nan");
+  return {qweight, scales, zeros};
 }
 
 // Many rows of x: dequantise weight rows a tile at a time into a reused
@@ -338,6 +383,7 @@ at::Tensor quant_matmul_w8a8(const at::Tensor& x_arg, const at::Tensor& qweight,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
+  m.impl("quant_quantize", &quant_quantize);
   m.impl("quant_matmul_weight_only", &quant_matmul_weight_only);
   m.impl("quant_dequantize", &quant_dequantize);
   m.impl("quant_matmul_w8a8", &quant_matmul_w8a8);

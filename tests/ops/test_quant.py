@@ -72,10 +72,11 @@ def test_dequantize_matches_reference_bit_for_bit(cpu_isa, scheme, group, sym):
 
 @pytest.mark.parametrize("scheme,group,sym", SCHEMES, ids=SCHEME_IDS)
 def test_quantize_in_row_blocks_matches_whole(scheme, group, sym, monkeypatch):
-    """CPU quantize works through blocks of rows; 37 x 4096 in blocks of 16
-    rows (w8a8: one panel) must give what one block gives, bit for bit."""
+    """The PyTorch quantisers (CPU weights the C++ op does not take, such as
+    fp64) work through blocks of rows; 37 x 4096 in blocks of 16 rows (w8a8:
+    one panel) must give what one block gives, bit for bit."""
     quantize_module = importlib.import_module("torchkiln.quant.quantize")
-    w = torch.randn(37, 4096, dtype=torch.bfloat16) * torch.rand(37, 1, dtype=torch.bfloat16)
+    w = torch.randn(37, 4096, dtype=torch.float64) * torch.rand(37, 1, dtype=torch.float64)
     w[20] = 0
     whole = torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
     monkeypatch.setattr(quantize_module, "_BLOCK_WEIGHTS", 16 * 4096)
@@ -88,6 +89,68 @@ def test_quantize_in_row_blocks_matches_whole(scheme, group, sym, monkeypatch):
     w[30, 7] = float("nan")
     with pytest.raises(ValueError, match="inf or nan"):
         torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
+
+
+def _special_rows(w: torch.Tensor) -> torch.Tensor:
+    w[3] = 0  # scale 0 divides as 1
+    w[5, : w.shape[1] // 2] = 0
+    w[6] = w[6].abs()  # no negative value: the int4 range still includes 0
+    w[7] = -w[7].abs()
+    w[8, 1] = -0.0
+    return w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quantize_op_matches_pytorch_quantisers(cpu_isa, dtype):
+    """quant_quantize (C++, what quantize() runs for CPU weights) against the
+    PyTorch functions that define each scheme: codes, scales and zeros equal
+    bit for bit, on every ISA, including int8 tails (k = 203) and nf4 values
+    exactly on a midpoint between two codes (ties go to the lower code)."""
+    qmod = importlib.import_module("torchkiln.quant.quantize")
+    layout = importlib.import_module("torchkiln.quant.layout")
+    cases = [("int4", 32, False, 160), ("int4", 32, True, 160), ("int4", 128, False, 640), ("int4", 64, True, 640),
+             ("nf4", 64, True, 640), ("nf4", 128, True, 256), ("int8", None, True, 203), ("int8", None, True, 1024)]
+    for fmt, group, sym, k in cases:
+        w = _special_rows((torch.randn(41, k) * torch.rand(41, 1) * 3).to(dtype))
+        if fmt == "nf4":
+            mids = torch.tensor(qmod._NF4_MIDPOINTS)
+            w[9, :15], w[9, 15] = mids.to(dtype), 1.0  # absmax 1: normed values are the midpoints
+            w[10, :15], w[10, 15] = -mids.to(dtype), 1.0
+        gs = group or k
+        q, scales, zeros = torch.ops.torchkiln.quant_quantize(w, fmt, gs, sym)
+        wf = w.float()
+        if fmt == "int4":
+            rq, rs, rz = qmod.int4_codes(wf, gs, sym)
+            assert torch.equal(zeros, rz), (fmt, group, sym, k)
+        elif fmt == "nf4":
+            rq, rs = qmod.nf4_codes(wf, gs)
+            assert zeros.numel() == 0
+        else:
+            rq, rs = qmod.int8_codes(wf)
+        if fmt != "int8":
+            rq = layout.pack_nibbles(rq)
+        assert torch.equal(q, rq) and torch.equal(scales, rs), (fmt, group, sym, k)
+
+
+def test_quantize_op_bad_inputs():
+    op = torch.ops.torchkiln.quant_quantize
+    w = torch.randn(8, 128)
+    with pytest.raises(ValueError, match="group_size"):
+        op(w, "int4", 48, False)
+    with pytest.raises(ValueError, match="group_size"):
+        op(w, "int8", 64, True)
+    with pytest.raises(ValueError, match="format"):
+        op(w, "int3", 32, False)
+    with pytest.raises(TypeError, match="weight"):
+        op(w.to(torch.int32), "int4", 32, False)
+    with pytest.raises(ValueError, match="weight"):
+        op(torch.randn(128), "int4", 32, False)
+    for bad in (float("inf"), float("nan")):
+        v = w.clone()
+        v[5, 77] = bad
+        for fmt, gs in (("int4", 32), ("nf4", 64), ("int8", 128)):
+            with pytest.raises(ValueError, match="inf or nan"):
+                op(v, fmt, gs, False)
 
 
 def test_int4_g128_error_on_gaussian_weights():
@@ -279,6 +342,7 @@ def test_opcheck():
             ops.quant_matmul_weight_only, (x.clone().requires_grad_(), *args, torch.randn(n), scheme, qw.group_size)
         )
         torch.library.opcheck(ops.quant_dequantize, (*args, scheme, qw.group_size, k, torch.bfloat16))
+        torch.library.opcheck(ops.quant_quantize, (torch.randn(n, k, dtype=torch.bfloat16), scheme, qw.group_size, False))
     qw = torchkiln.quantize(torch.randn(n, k), "w8a8")
     torch.library.opcheck(ops.quant_matmul_w8a8, (x, qw.qweight, qw.scales, qw.weight_sums, None))
     torch.library.opcheck(

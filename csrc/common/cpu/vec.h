@@ -144,6 +144,9 @@ inline void stream_fence() { _mm_sfence(); }
 inline Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }  // IEEE, correctly rounded
+// 1.0f where a > b, else 0.0f (false for NaN).
+inline Vec vgt(Vec a, Vec b) { return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ), _mm512_set1_ps(1.0f))}; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }  // a*b+c
 inline Vec vmin(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
 inline Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
@@ -217,6 +220,8 @@ inline void stream_fence() { _mm_sfence(); }
 inline Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline Vec vgt(Vec a, Vec b) { return {_mm256_and_ps(_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ), _mm256_set1_ps(1.0f))}; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vmin(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
 inline Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
@@ -275,6 +280,8 @@ inline void vstore(T* p, Vec a) {
 inline Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
 inline Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
 inline Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
+inline Vec operator/(Vec a, Vec b) { return {a.v / b.v}; }
+inline Vec vgt(Vec a, Vec b) { return {a.v > b.v ? 1.0f : 0.0f}; }
 // Plain multiply-add: without -mfma, std::fma would be a slow libm call.
 inline Vec vfma(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
 inline Vec vmin(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }

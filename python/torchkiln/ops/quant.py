@@ -27,6 +27,14 @@ def dequantize_packed(qw: "QuantizedWeight", dtype: torch.dtype) -> Tensor:
     return _ops.quant_dequantize(qw.qweight, qw.scales, qw.zeros, qw.scheme, qw.group_size, qw.in_features, dtype)
 
 
+def quantize_cpu(weight: Tensor, fmt: str, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(codes, scales, zeros) of a CPU fp32 / bf16 / fp16 weight in the kernel
+    layouts: codes int8 (out, in) for ``"int8"``, packed uint8 for 4-bit;
+    scales (out, groups); zeros for int4 only (else None)."""
+    q, scales, zeros = _ops.quant_quantize(weight.detach(), fmt, group_size, symmetric)
+    return q, scales, zeros if fmt == "int4" else None
+
+
 def quant_matmul(x: Tensor, qw: "QuantizedWeight", bias: Tensor | None = None) -> Tensor:
     """``x @ W.T (+ bias)`` for x (..., in_features) in fp32 / bf16 / fp16 with W
     the quantised weight ``qw``; returns (..., out_features) in x's dtype.
@@ -54,6 +62,16 @@ def _weight_only_fake(x, qweight, scales, zeros, bias, format, group_size):
 @register_fake("torchkiln::quant_dequantize")
 def _dequantize_fake(qweight, scales, zeros, format, group_size, in_features, dtype):
     return qweight.new_empty((qweight.shape[0], in_features), dtype=dtype)
+
+
+@register_fake("torchkiln::quant_quantize")
+def _quantize_fake(weight, format, group_size, symmetric):
+    n, k = weight.shape
+    cols = k if format == "int8" else (k + 63) // 64 * 32
+    codes = weight.new_empty((n, cols), dtype=torch.int8 if format == "int8" else torch.uint8)
+    groups = k // group_size
+    scales = weight.new_empty((n, groups), dtype=torch.float32)
+    return codes, scales, weight.new_empty((n if format == "int4" else 0, groups), dtype=torch.float32)
 
 
 @register_fake("torchkiln::quant_matmul_w8a8")

@@ -2,6 +2,11 @@
 
 Rounding is torch.round (half to even) everywhere; a scale of 0 (an all-zero
 row or group) is replaced by 1 in the division so the codes stay finite.
+fp32 / bf16 / fp16 weights on the CPU go through the C++ op quant_quantize,
+which computes the same formulas in the same fp32 operations (the same
+codes, scales and zeros bit for bit; tests/ops/test_quant.py checks it):
+11008 x 4096 on 2 cores, int4 0.03-0.04 s, nf4 0.05, int8 0.02-0.05, w8a8
+0.07-0.12 (these functions: 0.12-0.27 s in row blocks, 0.39-0.81 s whole).
 """
 
 from __future__ import annotations
@@ -158,6 +163,18 @@ def _w8a8_packed(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (*layout.pack_panels(q), scale)
 
 
+def _native(weight: Tensor) -> bool:
+    """Whether quantize_cpu (C++, the same formulas bit for bit) takes this weight."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _pack_panels_in_blocks(q: Tensor) -> tuple[Tensor, Tensor]:
+    n, k = q.shape
+    rows = max(1, _BLOCK_WEIGHTS // k // layout.PANEL_ROWS) * layout.PANEL_ROWS
+    parts = [layout.pack_panels(q[i : i + rows]) for i in range(0, n, rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def _nf4_packed(w: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     q, absmax = nf4_codes(w, block_size)
     return layout.pack_nibbles(q), absmax
@@ -187,13 +204,19 @@ def quantize(
     if scheme in ("int8", "w8a8"):
         if group_size not in (None, k):
             raise ValueError(f"quantize: {scheme} has one scale per output row; group_size must be None, got {group_size}")
-        if scheme == "int8":
-            q, scale = _by_row_blocks(int8_codes, weight)
-            return QuantizedWeight("int8", k, n, k, True, q.contiguous(), scale.contiguous())
-        if k > 65536:
+        if scheme == "w8a8" and k > 65536:
             raise ValueError(f"quantize: w8a8 supports in_features up to 65536, got {k}")
+        if _native(weight):
+            q, scale, _ = _qops.quantize_cpu(weight, "int8", k, True)
+        elif scheme == "int8":
+            q, scale = _by_row_blocks(int8_codes, weight)
+        if scheme == "int8":
+            return QuantizedWeight("int8", k, n, k, True, q.contiguous(), scale.contiguous())
         # blocks of whole 16-row panels: only the last one is padded
-        panels, sums, scale = _by_row_blocks(_w8a8_packed, weight, multiple=layout.PANEL_ROWS)
+        if _native(weight):
+            panels, sums = _pack_panels_in_blocks(q)
+        else:
+            panels, sums, scale = _by_row_blocks(_w8a8_packed, weight, multiple=layout.PANEL_ROWS)
         return QuantizedWeight("w8a8", k, n, k, True, panels, scale.reshape(n).contiguous(), weight_sums=sums)
     gs = DEFAULT_GROUP_SIZE[scheme] if group_size is None else int(group_size)
     if gs <= 0 or gs % 32 != 0:
@@ -201,9 +224,15 @@ def quantize(
     if k % gs != 0:
         raise ValueError(f"quantize: in_features ({k}) must be divisible by group_size ({gs}) for {scheme}")
     if scheme == "int4":
-        packed, scale, zero = _by_row_blocks(_int4_packed, weight, gs, symmetric)
+        if _native(weight):
+            packed, scale, zero = _qops.quantize_cpu(weight, "int4", gs, symmetric)
+        else:
+            packed, scale, zero = _by_row_blocks(_int4_packed, weight, gs, symmetric)
         return QuantizedWeight("int4", k, n, gs, symmetric, packed, scale.contiguous(), zeros=zero.contiguous())
-    packed, absmax = _by_row_blocks(_nf4_packed, weight, gs)
+    if _native(weight):
+        packed, absmax, _ = _qops.quantize_cpu(weight, "nf4", gs, True)
+    else:
+        packed, absmax = _by_row_blocks(_nf4_packed, weight, gs)
     qw = QuantizedWeight("nf4", k, n, gs, True, packed, absmax.contiguous())
     if double_quant:
         qw.absmax_q, qw.absmax_scales, qw.absmax_offset = encode_double_quant(absmax)
