@@ -415,6 +415,33 @@ def _quant_matmul_case(m, k, n, scheme, baseline, dtype):
     return setup
 
 
+def _quantize_case(k, n, scheme, dtype):
+    """torchkiln.quantize (C++ on CPU) against the same scheme written in plain
+    PyTorch over the whole weight (the definitions in quant/quantize.py)."""
+
+    def setup(device):
+        from ..quant import layout, quantize
+        from ..quant.quantize import int4_codes, nf4_codes
+
+        w = _randn(n, k, dtype=dtype, device=device) * 0.02
+        gs = {"int4": 128, "nf4": 64}[scheme]
+
+        def base():
+            wf = w.to(torch.float32)
+            if not torch.isfinite(wf).all():
+                raise ValueError("weight contains inf or nan")
+            if scheme == "int4":
+                q, s, z = int4_codes(wf, gs, False)
+                return layout.pack_nibbles(q), s, z
+            q, s = nf4_codes(wf, gs)
+            return layout.pack_nibbles(q), s
+
+        out_bytes = n * k // 2 + n * (k // gs) * 4 * (2 if scheme == "int4" else 1)
+        return Prepared(lambda: quantize(w, scheme, group_size=gs), base, w.nbytes + out_bytes)
+
+    return setup
+
+
 def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu") -> list[BenchCase]:
     """The benchmark cases of one family (or all) that run on ``device``.
     ``quick`` shrinks every shape for smoke tests; its timings mean nothing."""
@@ -525,6 +552,11 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
         for scheme in ("int4", "int8", "w8a8"):
             all_cases.append(BenchCase("quant", f"{scheme} M={big_m} vs dense bf16", shape, bf16,
                                        _quant_matmul_case(big_m, k, n, scheme, "dense", bf16), cuda=False))
+    # quantising a model's weights (load time), bf16 weights as checkpoints hold them
+    qk, qn = quant_shapes[-1] if quick else (4096, 11008)
+    for scheme in ("int4", "nf4"):
+        all_cases.append(BenchCase("quant", f"quantize {scheme} vs pytorch", f"{qn}x{qk}", bf16,
+                                   _quantize_case(qk, qn, scheme, bf16), cuda=False))
     # GPU: the issue's H200 shape, int4 g128 against cuBLAS bf16 over decode
     # and prefill batch sizes (the aten int4 baseline is CPU-only).
     gk = 512 if quick else 8192
