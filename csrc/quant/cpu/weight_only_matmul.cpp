@@ -1041,10 +1041,28 @@ __m512i nf4_bf16_table() {
   return _mm512_load_si512(t);
 }
 
+// Columns o..o+63 of MB staged bf16 rows of x: 0-31 to lo, 32-63 to hi.
+template <int MB>
+inline __attribute__((always_inline)) void load_x_chunk(const uint16_t* const* xr, int64_t o, __m512bh* lo,
+                                                         __m512bh* hi) {
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) {
+    lo[i] = load_bh(xr[i] + o);
+    hi[i] = load_bh(xr[i] + o + 32);
+  }
+}
+
+// The 64 codes of a chunk (32 bytes) looked up in a table of 16 bf16 values:
+// columns 0-31 (low nibbles) to lo, 32-63 (high nibbles) to hi.
+inline void lookup_nibbles(const uint8_t* chunk, __m512i table, __m512bh& lo, __m512bh& hi) {
+  const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
+  lo = as_bh(_mm512_permutexvar_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x000F)), table));
+  hi = as_bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table));
+}
+
 template <int MB>
 void tile_nf4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   static const __m512i table = nf4_bf16_table();
-  const __m512i low4 = _mm512_set1_epi16(0x000F);
   const TileRows t(p, sx.groups, row0);
   const auto& w = t.codes;
   const auto& sc = t.scales;
@@ -1061,18 +1079,12 @@ void tile_nf4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, i
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t o = c * kNibbleChunk, g = c / chunks_per_group;
     __m512bh x_lo[MB], x_hi[MB];
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) {
-      x_lo[i] = load_bh(xr[i] + o);
-      x_hi[i] = load_bh(xr[i] + o + 32);
-    }
+    load_x_chunk<MB>(xr, o, x_lo, x_hi);
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
       sweep.prefetch(c, r);
-      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
-      const __m512i q_lo = _mm512_and_si512(b, low4), q_hi = _mm512_srli_epi16(b, 4);
-      const __m512bh w_lo = as_bh(_mm512_permutexvar_epi16(q_lo, table));
-      const __m512bh w_hi = as_bh(_mm512_permutexvar_epi16(q_hi, table));
+      __m512bh w_lo, w_hi;
+      lookup_nibbles(w[r] + o / 2, table, w_lo, w_hi);
       const __m512 s = _mm512_set1_ps(sc[r][g]);
 #pragma GCC unroll 16
       for (int i = 0; i < MB; ++i)
@@ -1103,7 +1115,6 @@ template <int MB, bool kInt4>
 void tile_4bit_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   static_assert(MB > 2 && MB <= kRowsPerPass, "fewer rows take tile_nf4_bf16 / tile_int4_bf16");
   const __m512 values = _mm512_loadu_ps(kInt4 ? kInt4Values : kNf4Codebook);
-  const __m512i low4 = _mm512_set1_epi16(0x000F);
   const TileRows t(p, sx.groups, row0);
   const uint16_t* xr[MB];
 #pragma GCC unroll 16
@@ -1128,17 +1139,12 @@ void tile_4bit_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t
     for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
       const int64_t o = c * kNibbleChunk;
       __m512bh x_lo[MB], x_hi[MB];
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) {
-        x_lo[i] = load_bh(xr[i] + o);
-        x_hi[i] = load_bh(xr[i] + o + 32);
-      }
+      load_x_chunk<MB>(xr, o, x_lo, x_hi);
 #pragma GCC unroll 16
       for (int r = 0; r < kTileN; ++r) {
         sweep.prefetch(c, r);
-        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.codes[r] + o / 2)));
-        const __m512bh w_lo = as_bh(_mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table[r]));
-        const __m512bh w_hi = as_bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table[r]));
+        __m512bh w_lo, w_hi;
+        lookup_nibbles(t.codes[r] + o / 2, table[r], w_lo, w_hi);
 #pragma GCC unroll 16
         for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][i], w_lo, x_lo[i]), w_hi, x_hi[i]);
       }
