@@ -70,13 +70,14 @@ def test_dequantize_matches_reference_bit_for_bit(cpu_isa, scheme, group, sym):
         assert torch.equal(torchkiln.dequantize(qw, dtype), ref.to(dtype)), dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("scheme,group,sym", SCHEMES, ids=SCHEME_IDS)
-def test_quantize_in_row_blocks_matches_whole(scheme, group, sym, monkeypatch):
+def test_quantize_in_row_blocks_matches_whole(scheme, group, sym, dtype, monkeypatch):
     """The PyTorch quantisers (CPU weights the C++ op does not take, such as
-    fp64) work through blocks of rows; 37 x 4096 in blocks of 16 rows (w8a8:
-    one panel) must give what one block gives, bit for bit."""
+    fp64) and w8a8's panel packing work through blocks of rows; 37 x 4096 in
+    blocks of 16 rows (one panel) must give what one block gives, bit for bit."""
     quantize_module = importlib.import_module("torchkiln.quant.quantize")
-    w = torch.randn(37, 4096, dtype=torch.float64) * torch.rand(37, 1, dtype=torch.float64)
+    w = torch.randn(37, 4096, dtype=dtype) * torch.rand(37, 1, dtype=dtype)
     w[20] = 0
     whole = torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
     monkeypatch.setattr(quantize_module, "_BLOCK_WEIGHTS", 16 * 4096)

@@ -123,12 +123,13 @@ def decode_double_quant(q: Tensor, scale: Tensor, offset: Tensor, out_features: 
     return blocks.reshape(-1)[: out_features * groups].view(out_features, groups).contiguous()
 
 
-# On CPU the rows are quantised a block of about this many weights at a
-# time: every scheme works per row (or per group within a row), and block-
-# sized temporaries stay in cache rather than page-faulting through fresh
-# memory, as did the whole-weight inf / nan check (11008 x 4096 fp32 on the
-# 2-core Zen 4, best of 3: int4 0.46 -> 0.12-0.14 s, nf4 0.81 -> 0.26-0.27,
-# int8 0.39 -> 0.10, w8a8 0.59 -> 0.18).
+# CPU weights the C++ op does not take (fp64) are quantised by the functions
+# above a block of about this many weights at a time: every scheme works per
+# row (or per group within a row), and block-sized temporaries stay in cache
+# rather than page-faulting through fresh memory, as did the whole-weight
+# inf / nan check (11008 x 4096 fp32 on the 2-core Zen 4, best of 3: int4
+# 0.46 -> 0.12-0.14 s, nf4 0.81 -> 0.26-0.27, int8 0.39 -> 0.10, w8a8 0.59 ->
+# 0.18).
 _BLOCK_WEIGHTS = 1 << 20
 
 
@@ -169,6 +170,7 @@ def _native(weight: Tensor) -> bool:
 
 
 def _pack_panels_in_blocks(q: Tensor) -> tuple[Tensor, Tensor]:
+    """layout.pack_panels over blocks of whole 16-row panels (only the last one padded)."""
     n, k = q.shape
     rows = max(1, _BLOCK_WEIGHTS // k // layout.PANEL_ROWS) * layout.PANEL_ROWS
     parts = [layout.pack_panels(q[i : i + rows]) for i in range(0, n, rows)]
@@ -208,14 +210,13 @@ def quantize(
             raise ValueError(f"quantize: w8a8 supports in_features up to 65536, got {k}")
         if _native(weight):
             q, scale, _ = _qops.quantize_cpu(weight, "int8", k, True)
+            if scheme == "int8":
+                return QuantizedWeight("int8", k, n, k, True, q, scale)
+            panels, sums = _pack_panels_in_blocks(q)
         elif scheme == "int8":
             q, scale = _by_row_blocks(int8_codes, weight)
-        if scheme == "int8":
             return QuantizedWeight("int8", k, n, k, True, q.contiguous(), scale.contiguous())
-        # blocks of whole 16-row panels: only the last one is padded
-        if _native(weight):
-            panels, sums = _pack_panels_in_blocks(q)
-        else:
+        else:  # blocks of whole 16-row panels: only the last one is padded
             panels, sums, scale = _by_row_blocks(_w8a8_packed, weight, multiple=layout.PANEL_ROWS)
         return QuantizedWeight("w8a8", k, n, k, True, panels, scale.reshape(n).contiguous(), weight_sums=sums)
     gs = DEFAULT_GROUP_SIZE[scheme] if group_size is None else int(group_size)
