@@ -101,6 +101,8 @@ TK_DECLARE_CPU_KERNEL(void, weight_only_matmul, const WeightOnlyParams&)
 // Writes the dense W (n, k) in p.dtype to `dense` (row stride k); x, bias,
 // out and m are ignored. Each element is (q - zero) * scale rounded once.
 TK_DECLARE_CPU_KERNEL(void, weight_only_dequantize, const WeightOnlyParams&, void* dense)
+// Fills qweight, scales and zeros from w (see QuantizeParams); sets
+// *non_finite when w holds an inf or nan (the outputs are then meaningless).
 TK_DECLARE_CPU_KERNEL(void, quantize_weight, const QuantizeParams&)
 // Quantises each row of x to int8 (scale max|x| / 127, round half to even),
 // multiplies with int8 dot products and int32 accumulation, then scales.

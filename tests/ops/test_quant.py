@@ -146,6 +146,10 @@ def test_quantize_op_bad_inputs():
         op(w.to(torch.int32), "int4", 32, False)
     with pytest.raises(ValueError, match="weight"):
         op(torch.randn(128), "int4", 32, False)
+    with pytest.raises(ValueError, match="weight"):
+        op(torch.empty(0, 128), "int4", 32, False)
+    with pytest.raises(ValueError, match="group_size"):
+        op(w, "nf4", 0, False)
     for bad in (float("inf"), float("nan")):
         v = w.clone()
         v[5, 77] = bad
