@@ -101,6 +101,14 @@ TK_DECLARE_CPU_KERNEL(void, weight_only_matmul, const WeightOnlyParams&)
 // Writes the dense W (n, k) in p.dtype to `dense` (row stride k); x, bias,
 // out and m are ignored. Each element is (q - zero) * scale rounded once.
 TK_DECLARE_CPU_KERNEL(void, weight_only_dequantize, const WeightOnlyParams&, void* dense)
+// The same for weight rows [row0, row0 + rows) on the calling thread, row r
+// to dense + r * dense_row_stride (elements).
+TK_DECLARE_CPU_KERNEL(void, weight_only_dequantize_rows, const WeightOnlyParams&, int64_t row0, int64_t rows,
+                      void* dense, int64_t dense_row_stride)
+// out = x @ W^T + bias for bf16 x with an even k, on CPUs with AVX512_BF16
+// (other ISA levels throw): a GEMM that dequantises the weight 8 rows at a
+// time (weight_only_gemm.cpp). For many rows of x.
+TK_DECLARE_CPU_KERNEL(void, weight_only_gemm, const WeightOnlyParams&)
 // Fills qweight, scales and zeros from w (see QuantizeParams); sets
 // *non_finite when w holds an inf or nan (the outputs are then meaningless).
 TK_DECLARE_CPU_KERNEL(void, quantize_weight, const QuantizeParams&)

@@ -25,22 +25,34 @@ WeightFormat parse_format(const char* op, const std::string& f) {
   return WeightFormat::kInt8;  // unreachable
 }
 
-// Above this many rows of x the weight is dequantised (in tiles; on CPU to
-// the dtype cpu_gemm_choice.h picks, on CUDA to x's) and multiplied by
-// ATen's GEMM (cuBLAS on CUDA; see dense_tiles_matmul); up to it the kernel
-// decodes the weight in registers. CUDA: the warp-per-row kernel's limit.
-// CPU crossovers, 2 cores, bf16 x unless said (4096 x 4096, 4096 -> 11008,
-// 11008 -> 4096):
-//  * Zen 4 (AVX512_BF16), dense tiles in bf16: in bf16 dot products (groups
-//    of 64 or more; tile_4bit_bf16_scaled from 3 rows) int4 near 48-64
-//    rows (1.06-1.39x at 32), nf4 near 32-48 (1.11-1.18x at 24); on fp32
-//    FMAs int8 and int4 near 16 (int8 at 4096 -> 11008 nearer 14), nf4
-//    (table lookups cost more per row) near 8.
+// Many rows of bf16 x on AVX512_BF16 CPUs: the GEMM that dequantises 8
+// weight rows at a time (weight_only_gemm.cpp). At M=256 it runs at 92-93%
+// of `vdpbf16ps` peak on Zen 4, 1.0x ATen's bf16 GEMM on a weight
+// dequantised beforehand, where dense tiles gave 0.8-0.95x.
+bool cpu_bf16_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
+  return !x.is_cuda() && x.scalar_type() == at::kBFloat16 && p.k % 2 == 0 &&
+         active_cpu_isa() == CpuIsa::kAvx512Bf16;
+}
+
+// Above this many rows of x the many-rows path takes over from the kernel
+// that decodes the weight in registers: on CPU the GEMM above where it
+// applies, else dense tiles (the weight dequantised in tiles, to the dtype
+// cpu_gemm_choice.h picks, and multiplied by ATen's GEMM); on CUDA the
+// tensor-core GEMM (the warp-per-row kernel's limit). CPU crossovers, 2
+// cores, bf16 x unless said (4096 x 4096, 4096 -> 11008, 11008 -> 4096):
+//  * Zen 4, against the bf16 GEMM (which pads x to 16, 32 or 48 rows a
+//    block, so its time is flat from 17 to 32 rows): int4 and nf4 with
+//    groups of 64 or more (bf16 dot products from 3 rows, see
+//    tile_4bit_bf16_scaled) near 29 rows (in-register 0.79-0.85x its speed
+//    at 24, 1.06-1.12x at 32); int4 with groups of 32 (fp32 FMAs) below 8
+//    (1.32-1.41x at 8); int8 near 40-48 (0.88-0.95x at 40, 1.06-1.16x at 48).
 //  * Zen 5 (AVX512_BF16), dense tiles in bf16 (778 GFLOP/s there), before
-//    the scaled-table loop: int4 near 20-32, int8 near 16, nf4 near 20-24.
-//    int4 takes 32 and nf4 24, where both machines still gain.
+//    the scaled-table loop and the bf16 GEMM: int4 near 20-32, int8 near 16,
+//    nf4 near 20-24.
 //  * AVX2 Zen 3, dense tiles in fp32: 16-bit x int4 near 48-56, int8 near
 //    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
+//  * AVX-512 without BF16, and fp16 / fp32 x: dense tiles; int4 and int8
+//    near 16, nf4 near 8 (measured on Zen 4 with fp32 FMAs).
 int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   if (x.is_cuda()) return 8;
   if (active_cpu_isa() == CpuIsa::kAvx2) {
@@ -49,10 +61,12 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
     if (p.format == WeightFormat::kInt8) return x16 ? 32 : 24;
     return x16 ? 48 : 24;
   }
-  const bool bf16_dot = p.format != WeightFormat::kInt8 && p.group_size % kNibbleChunk == 0 &&
-                        x.scalar_type() == at::kBFloat16 && active_cpu_isa() == CpuIsa::kAvx512Bf16;
-  if (p.format == WeightFormat::kNf4) return bf16_dot ? 24 : 8;
-  return p.format == WeightFormat::kInt4 && bf16_dot ? 32 : 16;
+  const bool four_bit_dot = p.format != WeightFormat::kInt8 && p.group_size % kNibbleChunk == 0;
+  if (cpu_bf16_gemm(x, p)) {
+    if (p.format == WeightFormat::kInt8) return 40;
+    return four_bit_dot ? 28 : p.format == WeightFormat::kInt4 ? 6 : 8;
+  }
+  return p.format == WeightFormat::kNf4 ? 8 : 16;
 }
 
 void launch_dequantize(const WeightOnlyParams& p, const at::Tensor& dense) {
@@ -283,10 +297,12 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& q
   const int64_t m = x.numel() / k;
   check_same_device(x, qweight, op, "x", "qweight");
   // Many rows: CUDA multiplies 16-bit x on tensor cores straight from the
-  // packed weight; fp32 x (and CPU) go through dense tiles and ATen's GEMM.
+  // packed weight; on CPU bf16 x takes weight_only_gemm where the ISA has
+  // it, other x dense tiles and ATen's GEMM (fp32 x on CUDA too).
   // (The GEMM's grid has at most 65535 tiles of 64 rows; more rows take the tile path.)
   const bool cuda_gemm = x.is_cuda() && x.scalar_type() != at::kFloat && m <= int64_t{65535} * 64;
-  if (m > dense_rows_threshold(p, x) && !cuda_gemm) return dense_tiles_matmul(p, x, bias);
+  const bool many_rows = m > dense_rows_threshold(p, x);
+  if (many_rows && !cuda_gemm && !cpu_bf16_gemm(x, p)) return dense_tiles_matmul(p, x, bias);
   at::Tensor out = at::empty(output_shape(x, p.n), x.options());
   if (m == 0) return out;
   p.x = x.data_ptr();
@@ -296,6 +312,10 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& q
   p.out_row_stride = p.n;
   p.m = m;
   p.dtype = kernel_dtype(x, op, "x");
+  if (many_rows && !x.is_cuda()) {
+    TK_CPU_DISPATCH(weight_only_gemm, p);
+    return out;
+  }
 #ifdef TORCHKILN_WITH_CUDA
   if (x.is_cuda()) {
     const c10::DeviceGuard guard(x.device());

@@ -10,6 +10,7 @@ import torch
 
 import torchkiln
 from quant_reference import dequant_int4, dequant_int8, dequant_nf4
+from conftest import isa_supported
 from reference import poison_allocator
 from torchkiln._ext import _C
 from torchkiln.ops.quant import quantize_rows_ref
@@ -194,7 +195,9 @@ def test_quant_matmul_matches_fp64(cpu_isa, scheme, group, sym, dtype):
         w = torch.randn(n, k)
         qw = torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
         bias = torch.randn(n).to(dtype) if bias_flag else None
-        for m in (1, 3, 16, 23, 32, 33, 256):  # 23 (nf4) and 32 (int4): bf16 x still decoded in registers
+        # bf16 x on AVX512_BF16: up to 28 rows (4-bit) and 40 (int8) decoded in
+        # registers, more through the bf16 GEMM (int4 g32 from 7 rows)
+        for m in (1, 3, 16, 28, 29, 40, 41, 256):
             if cpu_isa == "scalar" and m == 256 and k > 300:
                 continue  # the scalar path covers the same code at m=33
             x = torch.randn(m, k).to(dtype)
@@ -279,6 +282,39 @@ def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads, gemm_choice):
                 out = torchkiln.quant_matmul(x, qw, b)
                 err = _rel_err(out, _ref_matmul(x, qw, b))
                 assert err <= TOL[dtype], f"{dtype} bias={b is not None}: relative error {err:.2e}"
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(not isa_supported("avx512bf16"), reason="the bf16 GEMM needs AVX512_BF16")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("scheme,group", [("int4", 128), ("int4", 32), ("nf4", 64), ("int8", None)])
+def test_quant_matmul_bf16_gemm(scheme, group, threads):
+    """The many-rows GEMM for bf16 x (weight_only_gemm.cpp): x in blocks of
+    48 rows and a last block of 16, 32 or 48 (rows past m are padding), 8
+    weight rows a register tile (n = 45: a last tile of 5), 32-column stripes
+    split between threads (n = 200), packed x past one 8 MiB chunk (m =
+    1100 at k = 4096: the weight is decoded once per chunk), x rows with a
+    stride and an odd element offset, bias or none. Each result is within
+    twice the error of PyTorch's bf16 matmul on the dequantised bf16 weight
+    against an fp64 reference."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, n, ms in ((256, 45, (29, 33, 47, 48, 49, 64, 65, 100)), (512, 200, (97,)), (4096, 40, (1100,))):
+            qw = torchkiln.quantize(torch.randn(n, k) * 0.05, scheme, group_size=group)
+            w16 = torchkiln.dequantize(qw, torch.bfloat16)
+            for m in ms:
+                base = torch.randn(m * (k + 6) + 1).to(torch.bfloat16)
+                x = base[1:].view(m, k + 6)[:, 3 : k + 3]  # row stride k + 6, odd offset
+                for bias in (None, torch.randn(n).to(torch.bfloat16)):
+                    poison_allocator(torch.empty(m, n, dtype=torch.bfloat16))
+                    out = torchkiln.quant_matmul(x, qw, bias)
+                    ref = x.double() @ w16.double().T + (bias.double() if bias is not None else 0)
+                    torch_out = torch.nn.functional.linear(x, w16, bias)
+                    err = (out.double() - ref).abs().max().item()
+                    bound = 2 * (torch_out.double() - ref).abs().max().item() + 1e-5
+                    assert err <= bound, f"k={k} n={n} m={m} bias={bias is not None}: {err:.2e} > {bound:.2e}"
     finally:
         torch.set_num_threads(previous)
 

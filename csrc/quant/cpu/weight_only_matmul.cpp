@@ -1421,6 +1421,15 @@ void weight_only_matmul(const WeightOnlyParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) { matmul_typed<decltype(tag)>(p, sx); });
 }
 
+void weight_only_dequantize_rows(const WeightOnlyParams& p, int64_t row0, int64_t rows, void* dense,
+                                 int64_t dense_row_stride) {
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* d = static_cast<T*>(dense);
+    for (int64_t r = 0; r < rows; ++r) dequantize_row<T>(p, row0 + r, d + r * dense_row_stride);
+  });
+}
+
 void weight_only_dequantize(const WeightOnlyParams& p, void* dense) {
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
