@@ -81,6 +81,10 @@ TORCH_LIBRARY(torchkiln, m) {
   m.def(
       "quant_matmul_weight_only(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
       "str format, int group_size) -> Tensor");
+  // the input gradient of quant_matmul_weight_only: grad (..., out) @ W -> (..., in)
+  m.def(
+      "quant_matmul_weight_only_grad_input(Tensor grad, Tensor qweight, Tensor scales, Tensor? zeros, "
+      "str format, int group_size, int in_features) -> Tensor");
   // the dense W (out, in) in dtype
   m.def(
       "quant_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, str format, int group_size, "

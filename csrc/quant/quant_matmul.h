@@ -109,6 +109,9 @@ TK_DECLARE_CPU_KERNEL(void, weight_only_dequantize_rows, const WeightOnlyParams&
 // (other ISA levels throw): a GEMM that dequantises the weight 8 rows at a
 // time (weight_only_gemm.cpp). For many rows of x.
 TK_DECLARE_CPU_KERNEL(void, weight_only_gemm, const WeightOnlyParams&)
+// The input gradient out = x @ W with x (m, n) the output's gradient, out
+// (m, k), no bias; bf16 x and an even n, AVX512_BF16 only (as above).
+TK_DECLARE_CPU_KERNEL(void, weight_only_gemm_grad, const WeightOnlyParams&)
 // Fills qweight, scales and zeros from w (see QuantizeParams); sets
 // *non_finite when w holds an inf or nan (the outputs are then meaningless).
 TK_DECLARE_CPU_KERNEL(void, quantize_weight, const QuantizeParams&)

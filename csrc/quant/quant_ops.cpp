@@ -339,6 +339,46 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& q
   return out;
 }
 
+// grad @ W, the input gradient of quant_matmul_weight_only (the weight is
+// frozen). bf16 grad on AVX512_BF16 CPUs: weight_only_gemm_grad, which
+// dequantises 32 columns of W at a time. Elsewhere the dense W, in fp32 on
+// CPU where ATen's fp32 GEMM is the faster one for 16-bit grad
+// (cpu_gemm_choice.h), else in grad's dtype, and ATen's GEMM.
+at::Tensor quant_matmul_weight_only_grad_input(const at::Tensor& grad_arg, const at::Tensor& qweight,
+                                               const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                                               const std::string& format, int64_t group_size, int64_t in_features) {
+  const char* op = "quant_matmul_weight_only_grad_input";
+  TORCH_CHECK_VALUE(grad_arg.dim() >= 1, op, ": grad must have at least one dimension (..., out_features)");
+  kernel_dtype(grad_arg, op, "grad");
+  WeightOnlyParams p = check_weight(op, qweight, scales, zeros, format, group_size, in_features);
+  TORCH_CHECK_VALUE(grad_arg.size(-1) == p.n, op, ": grad must be (..., ", p.n,
+                    ") to match qweight's out_features, got ", grad_arg.sizes());
+  check_same_device(grad_arg, qweight, op, "grad", "qweight");
+  const at::Tensor grad = with_flat_rows(grad_arg);
+  const int64_t m = grad.numel() / p.n;
+  const std::vector<int64_t> shape = output_shape(grad, p.k);
+  if (!grad.is_cuda() && grad.scalar_type() == at::kBFloat16 && p.n % 2 == 0 &&
+      active_cpu_isa() == CpuIsa::kAvx512Bf16) {
+    at::Tensor out = at::empty(shape, grad.options());
+    if (m == 0) return out;
+    p.x = grad.data_ptr();
+    p.x_row_stride = row_stride(grad, op, "grad");
+    p.out = out.data_ptr();
+    p.out_row_stride = p.k;
+    p.m = m;
+    p.dtype = kernel_dtype(grad, op, "grad");
+    TK_CPU_DISPATCH(weight_only_gemm_grad, p);
+    return out;
+  }
+  const bool fp32_gemm =
+      !grad.is_cuda() && grad.scalar_type() != at::kFloat && cpu_gemm_prefers_fp32(grad.scalar_type());
+  at::Tensor dense = at::empty({p.n, p.k}, qweight.options().dtype(fp32_gemm ? at::kFloat : grad.scalar_type()));
+  p.dtype = kernel_dtype(dense, op, "grad");
+  launch_dequantize(p, dense);
+  const at::Tensor g2 = grad.reshape({m, p.n});
+  return at::mm(fp32_gemm ? g2.to(at::kFloat) : g2, dense).to(grad.scalar_type()).view(shape);
+}
+
 at::Tensor quant_matmul_w8a8(const at::Tensor& x_arg, const at::Tensor& qweight, const at::Tensor& scales,
                              const at::Tensor& weight_sums, const std::optional<at::Tensor>& bias) {
   const char* op = "quant_matmul_w8a8";
@@ -405,6 +445,7 @@ at::Tensor quant_matmul_w8a8(const at::Tensor& x_arg, const at::Tensor& qweight,
 TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
   m.impl("quant_quantize", &quant_quantize);
   m.impl("quant_matmul_weight_only", &quant_matmul_weight_only);
+  m.impl("quant_matmul_weight_only_grad_input", &quant_matmul_weight_only_grad_input);
   m.impl("quant_dequantize", &quant_dequantize);
   m.impl("quant_matmul_w8a8", &quant_matmul_w8a8);
 }
@@ -412,6 +453,7 @@ TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
 #ifdef TORCHKILN_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
   m.impl("quant_matmul_weight_only", &quant_matmul_weight_only);
+  m.impl("quant_matmul_weight_only_grad_input", &quant_matmul_weight_only_grad_input);
   m.impl("quant_dequantize", &quant_dequantize);
   m.impl("quant_matmul_w8a8", &quant_matmul_w8a8);
 }

@@ -351,11 +351,12 @@ def test_w8a8_per_row_quantisation_is_exact():
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("n", [45, 64 * torch.get_num_threads() + 3], ids=["n45", "n_per_thread_tiles"])
+@pytest.mark.parametrize("n", [45, 46, 64 * torch.get_num_threads() + 3], ids=["n45", "n46", "n_per_thread_tiles"])
 def test_gradients(scheme, dtype, n, gemm_choice):
-    # The second n gives the dense path a tile per pool thread: the GEMMs there
+    # The last n gives the dense path a tile per pool thread: the GEMMs there
     # run on threads that must carry the caller's autograd state (else addmm
-    # with out= raises on a bias that requires grad).
+    # with out= raises on a bias that requires grad). An even n lets bf16's
+    # input gradient take the GEMM of weight_only_gemm.cpp on AVX512_BF16.
     k = 192
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=64 if scheme in ("int4", "nf4") else None)
     w = torchkiln.dequantize(qw)
@@ -372,6 +373,46 @@ def test_gradients(scheme, dtype, n, gemm_choice):
         assert _rel_err(b.grad, b64.grad) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scheme,group", [("int4", 128), ("int4", 32), ("nf4", 64), ("int8", None)])
+def test_grad_input_matches_fp64(cpu_isa, scheme, group, dtype):
+    """quant_matmul_weight_only_grad_input, grad @ W: on AVX512_BF16 with
+    bf16 grad and an even out_features the GEMM that dequantises 128 columns
+    of W at a time (slabs of 32 pairs of rows' columns, tiles of 8), else the
+    dequantised W and ATen. Odd in_features (int8), a last slab and tile
+    short of columns, odd out_features (no pairs: the dense path), grad with
+    leading dims and a row stride; the GEMM's error within twice PyTorch's
+    bf16 matmul on the bf16-rounded weight."""
+    op = ops.quant_matmul_weight_only_grad_input
+    for k, n, ms in ((3 * (group or 67), 46, (1, 17, 49)), (2 * 128 + (group or 75), 200, (100,)), (group or 128, 45, (5,))):
+        qw = torchkiln.quantize(torch.randn(n, k) * 0.05, scheme, group_size=group)
+        w = torchkiln.dequantize(qw).double()
+        for m in ms:
+            g = torch.randn(2, m, n + 3).to(dtype)[..., 1 : n + 1]  # rows with a stride
+            poison_allocator(torch.empty(2 * m, k, dtype=dtype))
+            out = op(g, qw.qweight, qw.scales, qw.zeros, qw.scheme, qw.group_size, k)
+            assert out.shape == (2, m, k) and out.dtype == dtype
+            ref = g.double() @ w
+            err = _rel_err(out, ref)
+            assert err <= TOL[dtype], f"k={k} n={n} m={m}: relative error {err:.2e}"
+            if dtype == torch.bfloat16 and n % 2 == 0 and cpu_isa == "avx512bf16":
+                w16 = torchkiln.dequantize(qw, torch.bfloat16)
+                ref16 = g.double() @ w16.double()
+                bound = 2 * ((g @ w16).double() - ref16).abs().max().item() + 1e-5
+                assert (out.double() - ref16).abs().max().item() <= bound, f"k={k} n={n} m={m}"
+
+
+def test_grad_input_has_a_gradient():
+    # grad @ W is linear in grad: its own gradient (double backward of
+    # quant_matmul) is gg @ W.T, the forward op
+    k, n = 128, 40
+    qw = torchkiln.quantize(torch.randn(n, k), "int4", group_size=64)
+    g = torch.randn(3, n, requires_grad=True)
+    v = torch.randn(3, k)
+    (ops.quant_matmul_weight_only_grad_input(g, qw.qweight, qw.scales, qw.zeros, "int4", 64, k) * v).sum().backward()
+    assert _rel_err(g.grad, v.double() @ torchkiln.dequantize(qw).double().T) <= TOL[torch.float32]
+
+
 def test_opcheck():
     k, n = 128, 40
     x = torch.randn(5, k)
@@ -383,6 +424,8 @@ def test_opcheck():
             ops.quant_matmul_weight_only, (x.clone().requires_grad_(), *args, torch.randn(n), scheme, qw.group_size)
         )
         torch.library.opcheck(ops.quant_dequantize, (*args, scheme, qw.group_size, k, torch.bfloat16))
+        for g in (torch.randn(5, n), torch.randn(2, 3, n, dtype=torch.bfloat16, requires_grad=True)):
+            torch.library.opcheck(ops.quant_matmul_weight_only_grad_input, (g, *args, scheme, qw.group_size, k))
         torch.library.opcheck(ops.quant_quantize, (torch.randn(n, k, dtype=torch.bfloat16), scheme, qw.group_size, False))
     qw = torchkiln.quantize(torch.randn(n, k), "w8a8")
     torch.library.opcheck(ops.quant_matmul_w8a8, (x, qw.qweight, qw.scales, qw.weight_sums, None))
@@ -452,6 +495,15 @@ def test_bad_inputs():
         ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros, None, "int4", 0)
     with pytest.raises(ValueError, match="zeros must be None for format nf4"):
         ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros, None, "nf4", 64)
+    grad_input = ops.quant_matmul_weight_only_grad_input
+    with pytest.raises(ValueError, match=r"grad must be \(\.\.\., 16\)"):
+        grad_input(torch.randn(2, 15), qw.qweight, qw.scales, qw.zeros, "int4", 64, 128)
+    with pytest.raises(TypeError, match="grad must be float32, bfloat16 or float16"):
+        grad_input(torch.randn(2, 16).double(), qw.qweight, qw.scales, qw.zeros, "int4", 64, 128)
+    with pytest.raises(ValueError, match="zeros are required for format int4"):
+        grad_input(torch.randn(2, 16), qw.qweight, qw.scales, None, "int4", 64, 128)
+    with pytest.raises(ValueError, match="qweight must have 96 columns for 192 in_features"):
+        grad_input(torch.randn(2, 16), qw.qweight, qw.scales, qw.zeros, "int4", 64, 192)
     q8 = torchkiln.quantize(w, "int8")
     with pytest.raises(ValueError, match="group_size must be in_features"):
         ops.quant_matmul_weight_only(x, q8.qweight, q8.scales, None, None, "int8", 64)

@@ -21,6 +21,13 @@
 
 #include "common/dtype.h"
 
+// For a helper whose only effect is prefetching: GCC (C++ assumes every loop
+// ends, -ffinite-loops) finds such a function free of side effects and
+// deletes each call to it that it did not inline, silently. NextTileSweep::
+// prefetch_groups lost every prefetch that way (none in the object code).
+// After adding a prefetch, count the prefetcht* instructions in the object.
+#define TK_PREFETCH_HELPER inline __attribute__((always_inline))
+
 #ifndef TK_CPU_NS
 #error "vec.h is for per-ISA kernel files; TK_CPU_NS must name the ISA namespace"
 #endif

@@ -128,7 +128,7 @@ void four_head_two_key_scores(const float* q, int64_t dp, int64_t D, const T* k0
 }
 #endif
 
-inline void prefetch_l2(const char* at) {
+TK_PREFETCH_HELPER void prefetch_l2(const char* at) {
 #if defined(__AVX2__) || defined(__AVX512F__)
   _mm_prefetch(at, _MM_HINT_T1);
 #else
@@ -337,7 +337,7 @@ void pv_pairs_registers(const uint16_t* pb, int64_t pb_stride, const uint16_t* v
 // Every line of one K or V row into L2 (not L1: what runs ahead, 16
 // positions of K or a kv head's V rows, is about as much as L1 holds).
 template <class T>
-inline void prefetch_row(const T* row, int64_t row_bytes) {
+TK_PREFETCH_HELPER void prefetch_row(const T* row, int64_t row_bytes) {
   for (int64_t b = 0; b < row_bytes; b += 64) prefetch_l2(reinterpret_cast<const char*>(row) + b);
 }
 

@@ -44,6 +44,7 @@
 
 #include "common/cpu/vec.h"
 #include "common/parallel.h"
+#include "quant/cpu/code_tables.h"
 #include "quant/quant_matmul.h"
 
 namespace torchkiln {
@@ -388,10 +389,6 @@ inline void decode_int4(const uint8_t* p, const Table16&, Vec& lo, Vec& hi) {
 }
 #endif
 
-constexpr float kInt4Values[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-const float* code_values(WeightFormat f) { return f == WeightFormat::kNf4 ? kNf4Codebook : kInt4Values; }
-
 // Row r of the tile starting at row0; a last partial tile repeats the final
 // row (its results are computed but not stored).
 inline int64_t tile_row(const WeightOnlyParams& p, int64_t row0, int r) { return std::min(row0 + r, p.n - 1); }
@@ -419,7 +416,7 @@ struct TileRows {
 // Into L2, not L1: a tile ahead is 8-44 KiB of weights, as much as L1 holds,
 // so T0 prefetches evicted x and the lines about to be read. Measured on the
 // Zen 4, int4 M=1 from DRAM: no prefetch 15 GB/s, T0 19-21, T1 27-30.
-inline void prefetch_next_tile(const WeightOnlyParams& p, const void* at) {
+TK_PREFETCH_HELPER void prefetch_next_tile(const WeightOnlyParams& p, const void* at) {
 #if defined(__AVX2__) || defined(__AVX512F__)
   _mm_prefetch(static_cast<const char*>(at) + kTileN * p.qweight_row_stride, _MM_HINT_T1);
 #else
@@ -924,14 +921,15 @@ struct NextTileSweep {
       : next(reinterpret_cast<const char*>(tile_codes) + kTileN * p.qweight_row_stride),
         lines_per_chunk((kTileN * p.qweight_row_stride + 64 * chunks - 1) / (64 * chunks)) {}
   // Called once per (chunk c, tile row r): spreads a chunk's lines over the rows.
-  void prefetch(int64_t c, int r) const {
+  TK_PREFETCH_HELPER void prefetch(int64_t c, int r) const {
     for (int64_t l = r; l < lines_per_chunk; l += kTileN) _mm_prefetch(next + (c * lines_per_chunk + l) * 64, _MM_HINT_T1);
   }
   // The next tile's scales and zero points (contiguous runs of kTileN rows'
   // groups), once at the start of a tile: left to demand misses, each group
-  // boundary of the first rows waited on DRAM. Zen 4, int4 M=1 from DRAM:
-  // 1.00-1.04x at k = 4096, 1.08-1.09x at k = 11008 (86 groups a row).
-  static void prefetch_groups(const WeightOnlyParams& p, int64_t row0, int64_t groups) {
+  // boundary of the first rows waited on DRAM. Zen 4, int4 M=1 from DRAM,
+  // in-process A/B: 0.95-1.05x at k = 4096, 1.08-1.09x at k = 11008 (86
+  // groups a row). (Until TK_PREFETCH_HELPER, GCC deleted every call.)
+  TK_PREFETCH_HELPER static void prefetch_groups(const WeightOnlyParams& p, int64_t row0, int64_t groups) {
     const int64_t next = (row0 + kTileN) * groups, bytes = kTileN * groups * static_cast<int64_t>(sizeof(float));
     for (const float* a : {p.scales, p.zeros}) {
       if (a == nullptr) continue;
@@ -1131,10 +1129,7 @@ void tile_4bit_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t
     __m512i table[kTileN];
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
-      const __m512 v = kInt4 ? _mm512_sub_ps(values, _mm512_set1_ps(t.zeros[r][g])) : values;
-      // 16 bf16 values in the low half: the codes (0-15) index only those.
-      const __m256bh scaled = _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(t.scales[r][g])));
-      table[r] = _mm512_castsi256_si512(reinterpret_cast<__m256i>(scaled));
+      table[r] = scaled_code_table<bf16_t>(values, t.scales[r][g], kInt4 ? &t.zeros[r][g] : nullptr);
     }
     for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
       const int64_t o = c * kNibbleChunk;
@@ -1239,13 +1234,7 @@ void dequantize_row_4bit_lookup(const WeightOnlyParams& p, int64_t row, T* dst) 
   const float* sc = p.scales + row * groups;
   const float* z = p.zeros ? p.zeros + row * groups : nullptr;
   const __m512 values = _mm512_loadu_ps(code_values(p.format));
-  auto table = [&](int64_t g) {
-    const __m512 v = z ? _mm512_sub_ps(values, _mm512_set1_ps(z[g])) : values;
-    const Vec t{_mm512_mul_ps(v, _mm512_set1_ps(sc[g]))};
-    // 16 values in the low half: the codes (0-15) index only those.
-    if constexpr (std::is_same_v<T, bf16_t>) return _mm512_castsi256_si512(cvt_bf16(t));
-    else return _mm512_castsi256_si512(cvt_fp16(t));
-  };
+  auto table = [&](int64_t g) { return scaled_code_table<T>(values, sc[g], z ? z + g : nullptr); };
   const __m512i low4 = _mm512_set1_epi16(0x000F);
   const uint8_t* w = p.qweight + row * p.qweight_row_stride;
   // Groups are whole 32-column halves, so a group ends only at a half.

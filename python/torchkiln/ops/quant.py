@@ -1,7 +1,9 @@
 """Quantised matmul ops (kernels: csrc/quant/): fakes, autograd, wrappers.
 
 The weight is frozen: autograd flows to x and bias only. The gradient of x
-is grad @ W with W dequantised to grad's dtype (on CPU to fp32, the product
+is grad @ W (quant_matmul_weight_only_grad_input: on AVX512_BF16 CPUs for
+bf16 grad a GEMM that dequantises 32 columns of W at a time; elsewhere W
+dequantised whole, on CPU to fp32 where that GEMM is faster, the product
 rounded to grad's dtype). For W8A8 the activation quantisation is treated
 as identity, the straight-through estimator.
 """
@@ -59,6 +61,11 @@ def _weight_only_fake(x, qweight, scales, zeros, bias, format, group_size):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+@register_fake("torchkiln::quant_matmul_weight_only_grad_input")
+def _weight_only_grad_input_fake(grad, qweight, scales, zeros, format, group_size, in_features):
+    return grad.new_empty((*grad.shape[:-1], in_features))
+
+
 @register_fake("torchkiln::quant_dequantize")
 def _dequantize_fake(qweight, scales, zeros, format, group_size, in_features, dtype):
     return qweight.new_empty((qweight.shape[0], in_features), dtype=dtype)
@@ -102,11 +109,8 @@ def _weight_only_backward(ctx, grad: Tensor):
     qweight, scales, zeros = ctx.saved_tensors
     grad_x = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = _grad_times_weight(
-            grad,
-            lambda dtype: _ops.quant_dequantize(
-                qweight, scales, zeros, ctx.format, ctx.group_size, ctx.in_features, dtype
-            ),
+        grad_x = _ops.quant_matmul_weight_only_grad_input(
+            grad, qweight, scales, zeros, ctx.format, ctx.group_size, ctx.in_features
         )
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
@@ -115,6 +119,26 @@ def _weight_only_backward(ctx, grad: Tensor):
 
 torch.library.register_autograd(
     "torchkiln::quant_matmul_weight_only", _weight_only_backward, setup_context=_weight_only_setup
+)
+
+
+# grad_input is linear in grad: its own gradient is gg @ W.T, the forward op.
+def _grad_input_setup(ctx, inputs, output) -> None:
+    grad, qweight, scales, zeros, format, group_size, in_features = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.format, ctx.group_size = format, group_size
+
+
+def _grad_input_backward(ctx, gg: Tensor):
+    qweight, scales, zeros = ctx.saved_tensors
+    grad_grad = None
+    if ctx.needs_input_grad[0]:
+        grad_grad = _ops.quant_matmul_weight_only(gg, qweight, scales, zeros, None, ctx.format, ctx.group_size)
+    return grad_grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "torchkiln::quant_matmul_weight_only_grad_input", _grad_input_backward, setup_context=_grad_input_setup
 )
 
 
