@@ -415,6 +415,35 @@ def _quant_matmul_case(m, k, n, scheme, baseline, dtype):
     return setup
 
 
+def _quant_grad_case(m, k, n, scheme, dtype):
+    """The input gradient of quant_matmul (QLoRA's backward through a frozen
+    base layer), grad (m, n) @ W, against the dense bf16 weight's grad @ W
+    (what a bf16 nn.Linear's backward computes for its input)."""
+
+    def setup(device):
+        from ..quant import dequantize, quantize
+
+        g = _randn(m, n, dtype=dtype, device=device)
+        gs = {"int4": 128, "nf4": 64}.get(scheme)
+
+        def make():
+            qw = quantize(torch.randn(n, k, device=device) * 0.02, scheme, group_size=gs)
+            return qw, dequantize(qw, dtype)
+
+        qw0 = make()[0]
+        wbytes = sum(t.numel() * t.element_size() for t in (qw0.qweight, qw0.scales, qw0.zeros) if t is not None)
+        next_copy = _rotating(make, wbytes)
+
+        def ours():
+            qw = next_copy()[0]
+            return torch.ops.torchkiln.quant_matmul_weight_only_grad_input(
+                g, qw.qweight, qw.scales, qw.zeros, qw.scheme, qw.group_size, k)
+
+        return Prepared(ours, lambda: g @ next_copy()[1], wbytes + g.nbytes + m * k * g.element_size(), 2 * m * n * k)
+
+    return setup
+
+
 def _quantize_case(k, n, scheme, dtype):
     """torchkiln.quantize (C++ on CPU) against the same scheme written in plain
     PyTorch over the whole weight (the definitions in quant/quantize.py)."""
@@ -552,6 +581,9 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
         for scheme in ("int4", "int8", "w8a8"):
             all_cases.append(BenchCase("quant", f"{scheme} M={big_m} vs dense bf16", shape, bf16,
                                        _quant_matmul_case(big_m, k, n, scheme, "dense", bf16), cuda=False))
+        # QLoRA's backward through a frozen nf4 layer: the input gradient
+        all_cases.append(BenchCase("quant", f"nf4 M={big_m} grad @ W vs dense bf16", shape, bf16,
+                                   _quant_grad_case(big_m, k, n, "nf4", bf16), cuda=False))
     # quantising a model's weights (load time), bf16 weights as checkpoints hold them
     qk, qn = quant_shapes[-1] if quick else (4096, 11008)
     for scheme in ("int4", "nf4"):
