@@ -19,12 +19,13 @@
 // the dequantised weight reaches 76-90% of that peak on these shapes, and
 // dequantising to a buffer first cost 8-10% more.
 //
-// Loops: each thread owns whole 32-column stripes of out (so no cache line of
-// out is written by two threads); for each 8-row tile of its weight rows it
-// dequantises the tile (8 rows x k, at most 176 KiB at k = 11008), then runs
-// it against every block of x. x streams from L3 (3 loads per 24 products,
-// 8 bytes a cycle); past kChunkBytes of packed x the rows go in chunks, each
-// chunk decoding the weight again, so the stream stays in L3.
+// Loops: x is packed a chunk of blocks at a time (kChunkBytes, so the
+// stream stays in L3 and the copy is bounded); each thread owns whole
+// 32-column stripes of out (so no cache line of out is written by two
+// threads), and for each 8-row tile of its weight rows it dequantises the
+// tile (8 rows x k, at most 176 KiB at k = 11008) and runs it against every
+// block of the chunk. x streams from L3 (3 loads per 24 products, 8 bytes a
+// cycle); each further chunk decodes the weight again.
 //
 // The input gradient grad @ W (weight_only_gemm_grad; QLoRA's backward)
 // sums over W's rows, so its broadcast pairs are (W[2j][c], W[2j+1][c]):
@@ -72,36 +73,44 @@ AlignedWords aligned_words(int64_t count) {
 
 // The vector operand (x; grad for the input gradient): m rows of 2 * pairs
 // bf16 rearranged into blocks of kBlockRows rows, each [pair][kBlockRows]
-// 32-bit (bf16, bf16) pairs, rows past m zero.
-struct PackedRows {
-  int64_t m = 0, pairs = 0, blocks = 0, block_words = 0;
-  int64_t chunk_blocks = 0;  // blocks per pass over the weight (kChunkBytes)
-  AlignedWords words;
+// 32-bit (bf16, bf16) pairs, rows past m zero. One chunk of blocks at a time
+// (kChunkBytes), so the copy never grows with m.
+class PackedRows {
+ public:
+  int64_t m = 0, pairs = 0, blocks = 0, chunk_blocks = 0;
 
-  PackedRows(const bf16_t* src, int64_t ld, int64_t m_, int64_t pairs_) : m(m_), pairs(pairs_) {
+  PackedRows(const bf16_t* src, int64_t ld, int64_t m_, int64_t pairs_)
+      : m(m_), pairs(pairs_), src_(src), ld_(ld), block_words_(kBlockRows * pairs_) {
     blocks = (m + kBlockRows - 1) / kBlockRows;
-    block_words = kBlockRows * pairs;
-    chunk_blocks = std::max<int64_t>(1, kChunkBytes / (block_words * 4));
-    words = aligned_words(blocks * block_words);
-    parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) pack_block(src, ld, b);
+    chunk_blocks = std::min(blocks, std::max<int64_t>(1, kChunkBytes / (block_words_ * 4)));
+    words_ = aligned_words(chunk_blocks * block_words_);
+  }
+  // Packs blocks [b0, b1) (at most chunk_blocks), replacing the last chunk.
+  void pack(int64_t b0, int64_t b1) {
+    first_ = b0;
+    parallel_for(b0, b1, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) pack_block(b);
     });
   }
-  const uint32_t* block(int64_t b) const { return words.get() + b * block_words; }
+  const uint32_t* block(int64_t b) const { return words_.get() + (b - first_) * block_words_; }
 
  private:
-  void pack_block(const bf16_t* src, int64_t ld, int64_t b) {
-    uint32_t* dst = words.get() + b * block_words;
+  void pack_block(int64_t b) {
+    uint32_t* dst = words_.get() + (b - first_) * block_words_;
     for (int r = 0; r < kBlockRows; ++r) {
       const int64_t row = b * kBlockRows + r;
       if (row >= m) {
         for (int64_t i = 0; i < pairs; ++i) dst[i * kBlockRows + r] = 0;
         continue;
       }
-      const bf16_t* s = src + row * ld;
+      const bf16_t* s = src_ + row * ld_;
       for (int64_t i = 0; i < pairs; ++i) std::memcpy(dst + i * kBlockRows + r, s + 2 * i, 4);
     }
   }
+
+  const bf16_t* src_;
+  int64_t ld_, block_words_, first_ = 0;
+  AlignedWords words_;
 };
 
 // Where a register tile's results go: out (rows x cols, row stride ld) plus
@@ -264,41 +273,42 @@ void build_slab(const WeightOnlyParams& p, int64_t c0, uint32_t* slab) {
 void weight_only_gemm(const WeightOnlyParams& p) {
   if (p.dtype != DType::kBFloat16 || p.k % 2 != 0)
     throw std::invalid_argument("weight_only_gemm: needs bf16 x and an even k");
-  const PackedRows x(static_cast<const bf16_t*>(p.x), p.x_row_stride, p.m, p.k / 2);
+  PackedRows x(static_cast<const bf16_t*>(p.x), p.x_row_stride, p.m, p.k / 2);
   const OutMatrix o{static_cast<bf16_t*>(p.out), p.out_row_stride, p.m, p.n, static_cast<const bf16_t*>(p.bias)};
   const int64_t w_ld = x.pairs + kRowPadPairs;
-  parallel_for(0, (p.n + kStripe - 1) / kStripe, 1, [&](int64_t lo, int64_t hi) {
-    AlignedWords w = aligned_words(kTileCols * w_ld);
-    const int64_t n_end = std::min(p.n, hi * kStripe);
-    for (int64_t b0 = 0; b0 < x.blocks; b0 += x.chunk_blocks) {
-      const int64_t b1 = std::min(x.blocks, b0 + x.chunk_blocks);
-      for (int64_t n0 = lo * kStripe; n0 < n_end; n0 += kTileCols) {
+  for (int64_t b0 = 0; b0 < x.blocks; b0 += x.chunk_blocks) {
+    const int64_t b1 = std::min(x.blocks, b0 + x.chunk_blocks);
+    x.pack(b0, b1);
+    parallel_for(0, (p.n + kStripe - 1) / kStripe, 1, [&](int64_t lo, int64_t hi) {
+      AlignedWords w = aligned_words(kTileCols * w_ld);
+      for (int64_t n0 = lo * kStripe; n0 < std::min(p.n, hi * kStripe); n0 += kTileCols) {
         const int64_t rows = std::min<int64_t>(kTileCols, p.n - n0);
         weight_only_dequantize_rows(p, n0, rows, w.get(), w_ld * 2);
         if (rows < kTileCols) std::memset(w.get() + rows * w_ld, 0, (kTileCols - rows) * w_ld * 4);
         tile_against_blocks(x, b0, b1, w.get(), w_ld, 1, o, n0);
       }
-    }
-  });
+    });
+  }
 }
 
 void weight_only_gemm_grad(const WeightOnlyParams& p) {
   if (p.dtype != DType::kBFloat16 || p.n % 2 != 0)
     throw std::invalid_argument("weight_only_gemm_grad: needs bf16 grad and an even out_features");
-  const PackedRows g(static_cast<const bf16_t*>(p.x), p.x_row_stride, p.m, p.n / 2);
+  PackedRows g(static_cast<const bf16_t*>(p.x), p.x_row_stride, p.m, p.n / 2);
   const OutMatrix o{static_cast<bf16_t*>(p.out), p.out_row_stride, p.m, p.k, nullptr};
-  parallel_for(0, (p.k + kSlabCols - 1) / kSlabCols, 1, [&](int64_t lo, int64_t hi) {
-    AlignedWords slab = aligned_words(kSlabCols * g.pairs);
-    for (int64_t b0 = 0; b0 < g.blocks; b0 += g.chunk_blocks) {
-      const int64_t b1 = std::min(g.blocks, b0 + g.chunk_blocks);
+  for (int64_t b0 = 0; b0 < g.blocks; b0 += g.chunk_blocks) {
+    const int64_t b1 = std::min(g.blocks, b0 + g.chunk_blocks);
+    g.pack(b0, b1);
+    parallel_for(0, (p.k + kSlabCols - 1) / kSlabCols, 1, [&](int64_t lo, int64_t hi) {
+      AlignedWords slab = aligned_words(kSlabCols * g.pairs);
       for (int64_t s = lo; s < hi; ++s) {
         const int64_t c0 = s * kSlabCols;
         build_slab(p, c0, slab.get());
         for (int64_t t = 0; t < kSlabCols / kTileCols && c0 + t * kTileCols < p.k; ++t)
           tile_against_blocks(g, b0, b1, slab.get() + t * g.pairs * kTileCols, 1, kTileCols, o, c0 + t * kTileCols);
       }
-    }
-  });
+    });
+  }
 }
 
 #else
