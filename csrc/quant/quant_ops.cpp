@@ -341,7 +341,7 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& q
 
 // grad @ W, the input gradient of quant_matmul_weight_only (the weight is
 // frozen). bf16 grad on AVX512_BF16 CPUs: weight_only_gemm_grad, which
-// dequantises 32 columns of W at a time. Elsewhere the dense W, in fp32 on
+// dequantises 128 columns of W at a time. Elsewhere the dense W, in fp32 on
 // CPU where ATen's fp32 GEMM is the faster one for 16-bit grad
 // (cpu_gemm_choice.h), else in grad's dtype, and ATen's GEMM.
 at::Tensor quant_matmul_weight_only_grad_input(const at::Tensor& grad_arg, const at::Tensor& qweight,
@@ -453,6 +453,7 @@ TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
 #ifdef TORCHKILN_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
   m.impl("quant_matmul_weight_only", &quant_matmul_weight_only);
+  m.impl("quant_matmul_weight_only_grad_input", &quant_matmul_weight_only_grad_input);
   m.impl("quant_matmul_weight_only_grad_input", &quant_matmul_weight_only_grad_input);
   m.impl("quant_dequantize", &quant_dequantize);
   m.impl("quant_matmul_w8a8", &quant_matmul_w8a8);

@@ -538,6 +538,12 @@ def test_quant_matmul_cuda(device, scheme, group, sym, dtype):
         assert out.device.type == "cuda" and out.dtype == dtype
         err = _rel_err(out.cpu(), _ref_matmul(x, qw, bias))
         assert err <= TOL[dtype], f"m={m}: relative error {err:.2e}"
+    if scheme != "w8a8":  # the input gradient (dequantise + cuBLAS)
+        g = torch.randn(3, n).to(dtype)
+        grad = ops.quant_matmul_weight_only_grad_input(g.to(device), qw_gpu.qweight, qw_gpu.scales, qw_gpu.zeros,
+                                                       scheme, qw.group_size, k)
+        assert grad.device.type == "cuda" and grad.dtype == dtype
+        assert _rel_err(grad.cpu(), g.double() @ torchkiln.dequantize(qw).double()) <= TOL[dtype]
     with pytest.raises(RuntimeError, match="must be on the same device as (x|qweight)"):
         torchkiln.quant_matmul(x.to(device), qw, bias.to(device))  # weight left on the CPU
 
