@@ -43,9 +43,10 @@ bool cpu_bf16_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //  * Zen 4, against the bf16 GEMM (which pads x to 16, 32 or 48 rows a
 //    block, so its time is flat from 17 to 32 rows): int4 and nf4 with
 //    groups of 64 or more (bf16 dot products from 3 rows, see
-//    tile_4bit_bf16_scaled) near 29 rows (in-register 0.79-0.85x its speed
-//    at 24, 1.06-1.12x at 32); int4 with groups of 32 (fp32 FMAs) below 8
-//    (1.32-1.41x at 8); int8 near 40-48 (0.88-0.95x at 40, 1.06-1.16x at 48).
+//    tile_4bit_bf16_scaled) near 29 rows (in-register time 0.79-0.85x the
+//    GEMM's at 24, 1.06-1.12x at 32); int4 with groups of 32 (fp32 FMAs)
+//    below 8 (1.32-1.41x at 8); int8 near 40-48 (0.88-0.95x at 40,
+//    1.06-1.16x at 48).
 //  * Zen 5 (AVX512_BF16), dense tiles in bf16 (778 GFLOP/s there), before
 //    the scaled-table loop and the bf16 GEMM: int4 near 20-32, int8 near 16,
 //    nf4 near 20-24.

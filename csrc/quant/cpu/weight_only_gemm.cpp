@@ -15,9 +15,11 @@
 // broadcasts and 24 `vdpbf16ps`. In cache this ran at 3.5-3.6 G `vdpbf16ps`
 // a second per Zen 4 core, 98% of the instruction's peak (the fixed-layout
 // alternative, packing the weight into 32-column panels and broadcasting x,
-// reached the same but needs the transpose). ATen's bf16 GEMM (oneDNN) on
-// the dequantised weight reaches 76-90% of that peak on these shapes, and
-// dequantising to a buffer first cost 8-10% more.
+// reached the same but needs the transpose). End to end at M=256 this GEMM
+// runs at 92-94% of the peak (430 GFLOP/s on 2 cores), ATen's bf16 GEMM
+// (oneDNN) on a dense bf16 weight at 65-93% (varying between runs, about
+// the same as ours in the same run); dequantising tiles into a buffer for
+// it cost another 8-10%.
 //
 // Loops: x is packed a chunk of blocks at a time (kChunkBytes, so the
 // stream stays in L3 and the copy is bounded); each thread owns whole
