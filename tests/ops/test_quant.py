@@ -500,6 +500,11 @@ def test_bad_inputs():
         grad_input(torch.randn(2, 15), qw.qweight, qw.scales, qw.zeros, "int4", 64, 128)
     with pytest.raises(TypeError, match="grad must be float32, bfloat16 or float16"):
         grad_input(torch.randn(2, 16).double(), qw.qweight, qw.scales, qw.zeros, "int4", 64, 128)
+    with pytest.raises(ValueError, match="grad must have at least one dimension"):
+        grad_input(torch.tensor(1.0), qw.qweight, qw.scales, qw.zeros, "int4", 64, 128)
+    for dtype in (torch.float32, torch.bfloat16):  # no rows: an empty result on either path
+        empty = grad_input(torch.randn(0, 16).to(dtype), qw.qweight, qw.scales, qw.zeros, "int4", 64, 128)
+        assert empty.shape == (0, 128) and empty.dtype == dtype
     with pytest.raises(ValueError, match="zeros are required for format int4"):
         grad_input(torch.randn(2, 16), qw.qweight, qw.scales, None, "int4", 64, 128)
     with pytest.raises(ValueError, match="qweight must have 96 columns for 192 in_features"):

@@ -237,6 +237,7 @@ class WeightSegment {
 // every 32 columns (about 30% of the run time at 32).
 void build_slab(const WeightOnlyParams& p, int64_t c0, uint32_t* slab) {
   constexpr int kSegments = kSlabCols / 32;
+  static_assert(kSegments == 4, "seg below lists one WeightSegment per 32 columns of a slab");
   int segments = 0;  // 32-column segments that hold columns < k
   while (segments < kSegments && c0 + 32 * segments < p.k) ++segments;
   const WeightSegment seg[kSegments] = {{p, c0}, {p, c0 + 32}, {p, c0 + 64}, {p, c0 + 96}};
