@@ -25,13 +25,15 @@ WeightFormat parse_format(const char* op, const std::string& f) {
   return WeightFormat::kInt8;  // unreachable
 }
 
-// Many rows of bf16 x on AVX512_BF16 CPUs: the GEMM that dequantises 8
-// weight rows at a time (weight_only_gemm.cpp). At M=256 it runs at 92-93%
-// of `vdpbf16ps` peak on Zen 4, 1.0x ATen's bf16 GEMM on a weight
-// dequantised beforehand, where dense tiles gave 0.8-0.95x.
-bool cpu_bf16_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
-  return !x.is_cuda() && x.scalar_type() == at::kBFloat16 && p.k % 2 == 0 &&
-         active_cpu_isa() == CpuIsa::kAvx512Bf16;
+// Many rows of x on AVX512_BF16 CPUs: the GEMM that dequantises 8 weight
+// rows at a time (weight_only_gemm.cpp), with bf16 dot products for bf16 x
+// (an even k) and fp32 FMAs for fp16 / fp32 x. Zen 4, 2 cores, M=256: bf16
+// at 92-93% of `vdpbf16ps` peak, 1.0x ATen's bf16 GEMM on a weight
+// dequantised beforehand, where dense tiles gave 0.8-0.95x; fp16 / fp32 at
+// 205-220 GFLOP/s, where dense tiles and MKL's SGEMM gave 145-190.
+bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
+  if (x.is_cuda() || active_cpu_isa() != CpuIsa::kAvx512Bf16) return false;
+  return x.scalar_type() != at::kBFloat16 || p.k % 2 == 0;
 }
 
 // Above this many rows of x the many-rows path takes over from the kernel
@@ -39,21 +41,27 @@ bool cpu_bf16_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 // applies, else dense tiles (the weight dequantised in tiles, to the dtype
 // cpu_gemm_choice.h picks, and multiplied by ATen's GEMM); on CUDA the
 // tensor-core GEMM (the warp-per-row kernel's limit). CPU crossovers, 2
-// cores, bf16 x unless said (4096 x 4096, 4096 -> 11008, 11008 -> 4096):
-//  * Zen 4, against the bf16 GEMM (which pads x to 16, 32 or 48 rows a
-//    block, so its time is flat from 17 to 32 rows): int4 and nf4 with
-//    groups of 64 or more (bf16 dot products from 3 rows, see
-//    tile_4bit_bf16_scaled) near 29 rows (in-register time 0.79-0.85x the
-//    GEMM's at 24, 1.06-1.12x at 32); int4 with groups of 32 (fp32 FMAs)
-//    below 8 (1.32-1.41x at 8); int8 near 40-48 (0.88-0.95x at 40,
-//    1.06-1.16x at 48).
+// cores (4096 x 4096, 4096 -> 11008, 11008 -> 4096). The GEMM pads x to 16,
+// 32 or 48 rows a block, so its time is flat from 17 to 32 rows.
+//  * Zen 4, bf16 x against the bf16 GEMM: int4 and nf4 with groups of 64 or
+//    more (bf16 dot products from 3 rows, see tile_4bit_bf16_scaled) near
+//    29 rows (in-register time 0.79-0.85x the GEMM's at 24, 1.06-1.12x at
+//    32); int4 with groups of 32 (fp32 FMAs) below 8 (1.32-1.41x at 8);
+//    int8 near 40-48 (0.88-0.95x at 40, 1.06-1.16x at 48).
+//  * Zen 4, fp16 and fp32 x against the fp32 GEMM (in-register time over
+//    the GEMM's): int4 g128 0.64-1.04 at 12, 0.88-1.41 at 16, 0.84-1.24 at
+//    24, 1.15-1.75 at 32; int4 g32 0.87-1.03 at 12, 1.15-1.34 at 16; nf4
+//    0.82-0.90 at 24, 1.05-1.21 at 32; int8 0.58-0.98 up to 48, then
+//    0.77-1.16 at 64-256 (int16-quantised x, see stage_int16, or exact
+//    fp32 when x has outliers: equal there), where the GEMM's products are
+//    exact.
 //  * Zen 5 (AVX512_BF16), dense tiles in bf16 (778 GFLOP/s there), before
 //    the scaled-table loop and the bf16 GEMM: int4 near 20-32, int8 near 16,
 //    nf4 near 20-24.
 //  * AVX2 Zen 3, dense tiles in fp32: 16-bit x int4 near 48-56, int8 near
 //    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
-//  * AVX-512 without BF16, and fp16 / fp32 x: dense tiles; int4 and int8
-//    near 16, nf4 near 8 (measured on Zen 4 with fp32 FMAs).
+//  * AVX-512 without BF16: dense tiles; int4 and int8 near 16, nf4 near 8
+//    (measured on Zen 4 with fp32 FMAs).
 int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   if (x.is_cuda()) return 8;
   if (active_cpu_isa() == CpuIsa::kAvx2) {
@@ -62,9 +70,14 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
     if (p.format == WeightFormat::kInt8) return x16 ? 32 : 24;
     return x16 ? 48 : 24;
   }
-  const bool four_bit_dot = p.format != WeightFormat::kInt8 && p.group_size % kNibbleChunk == 0;
-  if (cpu_bf16_gemm(x, p)) {
+  if (cpu_gemm(x, p)) {
+    if (x.scalar_type() != at::kBFloat16) {  // the fp32 GEMM
+      if (p.format == WeightFormat::kInt8) return 64;
+      if (p.format == WeightFormat::kNf4) return 24;
+      return p.group_size % kNibbleChunk == 0 ? 16 : 12;
+    }
     if (p.format == WeightFormat::kInt8) return 40;
+    const bool four_bit_dot = p.group_size % kNibbleChunk == 0;
     return four_bit_dot ? 28 : p.format == WeightFormat::kInt4 ? 6 : 8;
   }
   return p.format == WeightFormat::kNf4 ? 8 : 16;
@@ -298,12 +311,12 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& q
   const int64_t m = x.numel() / k;
   check_same_device(x, qweight, op, "x", "qweight");
   // Many rows: CUDA multiplies 16-bit x on tensor cores straight from the
-  // packed weight; on CPU bf16 x takes weight_only_gemm where the ISA has
-  // it, other x dense tiles and ATen's GEMM (fp32 x on CUDA too).
+  // packed weight; on CPU x takes weight_only_gemm where the ISA has it,
+  // else dense tiles and ATen's GEMM (fp32 x on CUDA too).
   // (The GEMM's grid has at most 65535 tiles of 64 rows; more rows take the tile path.)
   const bool cuda_gemm = x.is_cuda() && x.scalar_type() != at::kFloat && m <= int64_t{65535} * 64;
   const bool many_rows = m > dense_rows_threshold(p, x);
-  if (many_rows && !cuda_gemm && !cpu_bf16_gemm(x, p)) return dense_tiles_matmul(p, x, bias);
+  if (many_rows && !cuda_gemm && !cpu_gemm(x, p)) return dense_tiles_matmul(p, x, bias);
   at::Tensor out = at::empty(output_shape(x, p.n), x.options());
   if (m == 0) return out;
   p.x = x.data_ptr();
@@ -341,8 +354,10 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& q
 }
 
 // grad @ W, the input gradient of quant_matmul_weight_only (the weight is
-// frozen). bf16 grad on AVX512_BF16 CPUs: weight_only_gemm_grad, which
-// dequantises 128 columns of W at a time. Elsewhere the dense W, in fp32 on
+// frozen). On AVX512_BF16 CPUs weight_only_gemm_grad, which dequantises 128
+// columns of W at a time (bf16 grad with an even out_features in bf16 dot
+// products, fp16 / fp32 grad in fp32 FMAs: Zen 4, M=256, 180-210 GFLOP/s
+// against 105-125 for the dense route). Elsewhere the dense W, in fp32 on
 // CPU where ATen's fp32 GEMM is the faster one for 16-bit grad
 // (cpu_gemm_choice.h), else in grad's dtype, and ATen's GEMM.
 at::Tensor quant_matmul_weight_only_grad_input(const at::Tensor& grad_arg, const at::Tensor& qweight,
@@ -358,8 +373,8 @@ at::Tensor quant_matmul_weight_only_grad_input(const at::Tensor& grad_arg, const
   const at::Tensor grad = with_flat_rows(grad_arg);
   const int64_t m = grad.numel() / p.n;
   const std::vector<int64_t> shape = output_shape(grad, p.k);
-  if (!grad.is_cuda() && grad.scalar_type() == at::kBFloat16 && p.n % 2 == 0 &&
-      active_cpu_isa() == CpuIsa::kAvx512Bf16) {
+  if (!grad.is_cuda() && active_cpu_isa() == CpuIsa::kAvx512Bf16 &&
+      (grad.scalar_type() != at::kBFloat16 || p.n % 2 == 0)) {
     at::Tensor out = at::empty(shape, grad.options());
     if (m == 0) return out;
     p.x = grad.data_ptr();
@@ -454,7 +469,6 @@ TORCH_LIBRARY_IMPL(torchkiln, CPU, m) {
 #ifdef TORCHKILN_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchkiln, CUDA, m) {
   m.impl("quant_matmul_weight_only", &quant_matmul_weight_only);
-  m.impl("quant_matmul_weight_only_grad_input", &quant_matmul_weight_only_grad_input);
   m.impl("quant_matmul_weight_only_grad_input", &quant_matmul_weight_only_grad_input);
   m.impl("quant_dequantize", &quant_dequantize);
   m.impl("quant_matmul_w8a8", &quant_matmul_w8a8);

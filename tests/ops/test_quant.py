@@ -195,9 +195,11 @@ def test_quant_matmul_matches_fp64(cpu_isa, scheme, group, sym, dtype):
         w = torch.randn(n, k)
         qw = torchkiln.quantize(w, scheme, group_size=group, symmetric=sym)
         bias = torch.randn(n).to(dtype) if bias_flag else None
-        # bf16 x on AVX512_BF16: up to 28 rows (4-bit) and 40 (int8) decoded in
-        # registers, more through the bf16 GEMM (int4 g32 from 7 rows)
-        for m in (1, 3, 16, 28, 29, 40, 41, 256):
+        # On AVX512_BF16 bf16 x is decoded in registers up to 28 rows (4-bit)
+        # and 40 (int8), more go through the bf16 GEMM (int4 g32 from 7 rows);
+        # fp16 / fp32 x up to 12 (int4 g32), 16 (int4), 24 (nf4) and 64
+        # (int8), more through the fp32 GEMM.
+        for m in (1, 3, 16, 17, 28, 29, 40, 41, 65, 256):
             if cpu_isa == "scalar" and m == 256 and k > 300:
                 continue  # the scalar path covers the same code at m=33
             x = torch.randn(m, k).to(dtype)
@@ -268,12 +270,16 @@ def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads, gemm_choice):
     # each: 256 fp32 rows of 4096 here, so 600 rows make four tiles, the last
     # one short), with and without bias, fp32 and 16-bit x (the latter in
     # fp32 or in its own dtype, gemm_choice). 64 rows: above every scheme's
-    # register-decode limit.
+    # register-decode limit. AVX512_BF16 CPUs take weight_only_gemm instead,
+    # so there the test runs at the AVX-512 level below it.
     k, n, m = 4096, 600, 64
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=None if scheme == "int8" else 128)
     bias = torch.randn(n)
     previous = torch.get_num_threads()
+    previous_isa = _C.cpu_info()["active_isa"]
     torch.set_num_threads(threads)
+    if previous_isa == "avx512bf16":
+        _C.set_cpu_isa("avx512")
     try:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = torch.randn(m, k).to(dtype)
@@ -284,34 +290,46 @@ def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads, gemm_choice):
                 assert err <= TOL[dtype], f"{dtype} bias={b is not None}: relative error {err:.2e}"
     finally:
         torch.set_num_threads(previous)
+        _C.set_cpu_isa(previous_isa)
 
 
-@pytest.mark.skipif(not isa_supported("avx512bf16"), reason="the bf16 GEMM needs AVX512_BF16")
+@pytest.mark.skipif(not isa_supported("avx512bf16"), reason="the many-rows GEMM needs AVX512_BF16")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("scheme,group", [("int4", 128), ("int4", 32), ("nf4", 64), ("int8", None)])
-def test_quant_matmul_bf16_gemm(scheme, group, threads):
-    """The many-rows GEMM for bf16 x (weight_only_gemm.cpp): x in blocks of
-    48 rows and a last block of 16, 32 or 48 (rows past m are padding), 8
-    weight rows a register tile (n = 45: a last tile of 5), 32-column stripes
-    split between threads (n = 200), packed x past one 8 MiB chunk (m =
-    1100 at k = 4096: the weight is decoded once per chunk), x rows with a
-    stride and an odd element offset, bias or none. Each result is within
-    twice the error of PyTorch's bf16 matmul on the dequantised bf16 weight
-    against an fp64 reference."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+def test_quant_matmul_cpu_gemm(scheme, group, threads, dtype):
+    """The many-rows GEMM (weight_only_gemm.cpp; bf16 dot products for bf16
+    x, fp32 FMAs for fp16 / fp32 x): x in blocks of 48 rows and a last block
+    of 16, 32 or 48 (rows past m are padding), 8 weight rows a register tile
+    (n = 45: a last tile of 5), 32-column stripes split between threads (n =
+    200), packed x past one 8 MiB chunk (m = 1100 at k = 4096: the weight is
+    decoded once per chunk), sums over k = 4096 longer than one 256-word
+    register run, x rows with a stride and an odd element offset, bias or
+    none. Each result is within twice the error of PyTorch's matmul in x's
+    dtype on the weight dequantised to that dtype, against an fp64
+    reference on the weight the kernel multiplies (bf16-rounded for bf16 x,
+    fp32 otherwise)."""
+    if dtype == torch.bfloat16:  # above the in-register path's 28 / 40 rows
+        small_ms = (29, 33, 47, 48, 49, 64, 65, 100)
+    else:  # above its 64 rows (int8; 4-bit from 13-25)
+        small_ms = (65, 80, 95, 96, 97, 112)
+    kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for k, n, ms in ((256, 45, (29, 33, 47, 48, 49, 64, 65, 100)), (512, 200, (97,)), (4096, 40, (1100,))):
+        for k, n, ms in ((256, 45, small_ms), (512, 200, (97,)), (4096, 40, (1100,))):
             qw = torchkiln.quantize(torch.randn(n, k) * 0.05, scheme, group_size=group)
-            w16 = torchkiln.dequantize(qw, torch.bfloat16)
+            w_kernel = torchkiln.dequantize(qw, kernel_dtype).double()
+            w_torch = torchkiln.dequantize(qw, dtype)
             for m in ms:
-                base = torch.randn(m * (k + 6) + 1).to(torch.bfloat16)
+                base = torch.randn(m * (k + 6) + 1).to(dtype)
                 x = base[1:].view(m, k + 6)[:, 3 : k + 3]  # row stride k + 6, odd offset
-                for bias in (None, torch.randn(n).to(torch.bfloat16)):
-                    poison_allocator(torch.empty(m, n, dtype=torch.bfloat16))
+                for bias in (None, torch.randn(n).to(dtype)):
+                    poison_allocator(torch.empty(m, n, dtype=dtype))
                     out = torchkiln.quant_matmul(x, qw, bias)
-                    ref = x.double() @ w16.double().T + (bias.double() if bias is not None else 0)
-                    torch_out = torch.nn.functional.linear(x, w16, bias)
+                    assert out.dtype == dtype
+                    ref = x.double() @ w_kernel.T + (bias.double() if bias is not None else 0)
+                    torch_out = torch.nn.functional.linear(x, w_torch, bias)
                     err = (out.double() - ref).abs().max().item()
                     bound = 2 * (torch_out.double() - ref).abs().max().item() + 1e-5
                     assert err <= bound, f"k={k} n={n} m={m} bias={bias is not None}: {err:.2e} > {bound:.2e}"
@@ -355,8 +373,8 @@ def test_w8a8_per_row_quantisation_is_exact():
 def test_gradients(scheme, dtype, n, gemm_choice):
     # The last n gives the dense path a tile per pool thread: the GEMMs there
     # run on threads that must carry the caller's autograd state (else addmm
-    # with out= raises on a bias that requires grad). An even n lets bf16's
-    # input gradient take the GEMM of weight_only_gemm.cpp on AVX512_BF16.
+    # with out= raises on a bias that requires grad). On AVX512_BF16 the
+    # input gradient takes the GEMM of weight_only_gemm.cpp (bf16: an even n).
     k = 192
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=64 if scheme in ("int4", "nf4") else None)
     w = torchkiln.dequantize(qw)
@@ -376,13 +394,14 @@ def test_gradients(scheme, dtype, n, gemm_choice):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("scheme,group", [("int4", 128), ("int4", 32), ("nf4", 64), ("int8", None)])
 def test_grad_input_matches_fp64(cpu_isa, scheme, group, dtype):
-    """quant_matmul_weight_only_grad_input, grad @ W: on AVX512_BF16 with
-    bf16 grad and an even out_features the GEMM that dequantises 128 columns
-    of W at a time (slabs of 32 pairs of rows' columns, tiles of 8), else the
-    dequantised W and ATen. Odd in_features (int8), a last slab and tile
-    short of columns, odd out_features (no pairs: the dense path), grad with
-    leading dims and a row stride; the GEMM's error within twice PyTorch's
-    bf16 matmul on the bf16-rounded weight."""
+    """quant_matmul_weight_only_grad_input, grad @ W: on AVX512_BF16 the
+    GEMM that dequantises 128 columns of W at a time (slabs of 32 columns,
+    tiles of 8; bf16 grad needs an even out_features, its words pairing two
+    rows of W), else the dequantised W and ATen. Odd in_features (int8), a
+    last slab and tile short of columns, odd out_features (bf16: the dense
+    path), grad with leading dims and a row stride; the GEMM's error within
+    twice PyTorch's matmul in grad's dtype (fp32 for fp16, whose CPU matmul
+    PyTorch runs in fp32 anyway) on the weight dequantised to that dtype."""
     op = ops.quant_matmul_weight_only_grad_input
     for k, n, ms in ((3 * (group or 67), 46, (1, 17, 49)), (2 * 128 + (group or 75), 200, (100,)), (group or 128, 45, (5,))):
         qw = torchkiln.quantize(torch.randn(n, k) * 0.05, scheme, group_size=group)
@@ -395,11 +414,12 @@ def test_grad_input_matches_fp64(cpu_isa, scheme, group, dtype):
             ref = g.double() @ w
             err = _rel_err(out, ref)
             assert err <= TOL[dtype], f"k={k} n={n} m={m}: relative error {err:.2e}"
-            if dtype == torch.bfloat16 and n % 2 == 0 and cpu_isa == "avx512bf16":
-                w16 = torchkiln.dequantize(qw, torch.bfloat16)
-                ref16 = g.double() @ w16.double()
-                bound = 2 * ((g @ w16).double() - ref16).abs().max().item() + 1e-5
-                assert (out.double() - ref16).abs().max().item() <= bound, f"k={k} n={n} m={m}"
+            if cpu_isa == "avx512bf16" and (dtype != torch.bfloat16 or n % 2 == 0):
+                wd = torchkiln.dequantize(qw, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+                ref_d = g.double() @ wd.double()
+                torch_out = g @ wd if dtype != torch.float16 else (g.float() @ wd).to(dtype)
+                bound = 2 * (torch_out.double() - ref_d).abs().max().item() + 1e-5
+                assert (out.double() - ref_d).abs().max().item() <= bound, f"k={k} n={n} m={m}"
 
 
 def test_grad_input_has_a_gradient():

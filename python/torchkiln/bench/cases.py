@@ -584,6 +584,12 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
         # QLoRA's backward through a frozen nf4 layer: the input gradient
         all_cases.append(BenchCase("quant", f"nf4 M={big_m} grad @ W vs dense bf16", shape, bf16,
                                    _quant_grad_case(big_m, k, n, "nf4", bf16), cuda=False))
+        # fp32 activations (the fp32 GEMM of weight_only_gemm.cpp)
+        f32 = torch.float32
+        all_cases.append(BenchCase("quant", f"int4 M={big_m} vs dense fp32", shape, f32,
+                                   _quant_matmul_case(big_m, k, n, "int4", "dense", f32), cuda=False))
+        all_cases.append(BenchCase("quant", f"nf4 M={big_m} grad @ W vs dense fp32", shape, f32,
+                                   _quant_grad_case(big_m, k, n, "nf4", f32), cuda=False))
     # quantising a model's weights (load time), bf16 weights as checkpoints hold them
     qk, qn = quant_shapes[-1] if quick else (4096, 11008)
     for scheme in ("int4", "nf4"):
