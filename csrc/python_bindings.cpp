@@ -19,6 +19,7 @@
 #include "comm/bucket_plan.h"
 #include "comm/overlap_engine.h"
 #include "paged/block_allocator.h"
+#include "quant/gemm_choice.h"
 
 namespace py = pybind11;
 
@@ -63,6 +64,11 @@ at::ScalarType gemm_dtype(const std::string& name) {
   if (name == "bfloat16") return at::kBFloat16;
   if (name == "float16") return at::kHalf;
   throw std::invalid_argument("dtype must be 'bfloat16' or 'float16', got '" + name + "'");
+}
+at::ScalarType quant_gemm_dtype(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16" || name == "float16") return gemm_dtype(name);
+  throw std::invalid_argument("dtype must be 'bfloat16', 'float16' or 'float32', got '" + name + "'");
 }
 
 // How many distinct threads torchkiln's parallel_for (the path every CPU
@@ -263,6 +269,18 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("prefers_fp32"),
       "Tests: force cpu_gemm_prefers_fp32's answer for dtype (None: measure again).");
+  m.def(
+      "cpu_quant_gemm_wins",
+      [](const std::string& dtype) { return torchkiln::cpu_quant_gemm_wins(quant_gemm_dtype(dtype)); },
+      py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
+      "Whether the quantised GEMM for many rows beats ATen's GEMM on a dense weight here (AVX512_BF16 CPUs; "
+      "measured once).");
+  m.def(
+      "override_cpu_quant_gemm_choice",
+      [](const std::string& dtype, std::optional<bool> wins) {
+        torchkiln::override_cpu_quant_gemm_choice(quant_gemm_dtype(dtype), wins);
+      },
+      py::arg("dtype"), py::arg("wins"), "Tests: force cpu_quant_gemm_wins's answer for dtype (None: measure again).");
   bind_block_allocator(m);
   bind_comm(m);
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),

@@ -12,6 +12,7 @@
 #include "common/cpu_gemm_choice.h"
 #include "common/op_checks.h"
 #include "common/parallel.h"
+#include "quant/gemm_choice.h"
 #include "quant/quant_matmul.h"
 
 namespace torchkiln {
@@ -31,9 +32,15 @@ WeightFormat parse_format(const char* op, const std::string& f) {
 // at 92-93% of `vdpbf16ps` peak, 1.0x ATen's bf16 GEMM on a weight
 // dequantised beforehand, where dense tiles gave 0.8-0.95x; fp16 / fp32 at
 // 205-220 GFLOP/s, where dense tiles and MKL's SGEMM gave 145-190.
-bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
+// cpu_gemm_applies says whether the kernel can run; cpu_gemm also asks the
+// once-per-process measurement of gemm_choice.h (AMX CPUs: dense tiles),
+// which only callers with many rows should trigger.
+bool cpu_gemm_applies(const at::Tensor& x, const WeightOnlyParams& p) {
   if (x.is_cuda() || active_cpu_isa() != CpuIsa::kAvx512Bf16) return false;
   return x.scalar_type() != at::kBFloat16 || p.k % 2 == 0;
+}
+bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
+  return cpu_gemm_applies(x, p) && cpu_quant_gemm_wins(x.scalar_type());
 }
 
 // Above this many rows of x the many-rows path takes over from the kernel
@@ -70,7 +77,7 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
     if (p.format == WeightFormat::kInt8) return x16 ? 32 : 24;
     return x16 ? 48 : 24;
   }
-  if (cpu_gemm(x, p)) {
+  if (cpu_gemm_applies(x, p)) {
     if (x.scalar_type() != at::kBFloat16) {  // the fp32 GEMM
       if (p.format == WeightFormat::kInt8) return 64;
       if (p.format == WeightFormat::kNf4) return 24;
@@ -374,7 +381,7 @@ at::Tensor quant_matmul_weight_only_grad_input(const at::Tensor& grad_arg, const
   const int64_t m = grad.numel() / p.n;
   const std::vector<int64_t> shape = output_shape(grad, p.k);
   if (!grad.is_cuda() && active_cpu_isa() == CpuIsa::kAvx512Bf16 &&
-      (grad.scalar_type() != at::kBFloat16 || p.n % 2 == 0)) {
+      (grad.scalar_type() != at::kBFloat16 || p.n % 2 == 0) && cpu_quant_gemm_wins(grad.scalar_type())) {
     at::Tensor out = at::empty(shape, grad.options());
     if (m == 0) return out;
     p.x = grad.data_ptr();

@@ -270,16 +270,15 @@ def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads, gemm_choice):
     # each: 256 fp32 rows of 4096 here, so 600 rows make four tiles, the last
     # one short), with and without bias, fp32 and 16-bit x (the latter in
     # fp32 or in its own dtype, gemm_choice). 64 rows: above every scheme's
-    # register-decode limit. AVX512_BF16 CPUs take weight_only_gemm instead,
-    # so there the test runs at the AVX-512 level below it.
+    # register-decode limit. AVX512_BF16 CPUs would take weight_only_gemm
+    # instead; the test tells them it loses (as measured on AMX CPUs).
     k, n, m = 4096, 600, 64
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=None if scheme == "int8" else 128)
     bias = torch.randn(n)
     previous = torch.get_num_threads()
-    previous_isa = _C.cpu_info()["active_isa"]
     torch.set_num_threads(threads)
-    if previous_isa == "avx512bf16":
-        _C.set_cpu_isa("avx512")
+    for dtype in ("bfloat16", "float16", "float32"):
+        _C.override_cpu_quant_gemm_choice(dtype, False)
     try:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = torch.randn(m, k).to(dtype)
@@ -290,7 +289,25 @@ def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads, gemm_choice):
                 assert err <= TOL[dtype], f"{dtype} bias={b is not None}: relative error {err:.2e}"
     finally:
         torch.set_num_threads(previous)
-        _C.set_cpu_isa(previous_isa)
+        for dtype in ("bfloat16", "float16", "float32"):
+            _C.override_cpu_quant_gemm_choice(dtype, None)
+
+
+def test_cpu_quant_gemm_choice_is_measured_once():
+    # AVX512_BF16 CPUs measure once whether the quantised GEMM beats ATen's
+    # GEMM on a dense weight (AMX CPUs: no); fp16 and fp32 x share the fp32
+    # GEMM's answer.
+    for dtype in ("bfloat16", "float32"):
+        _C.override_cpu_quant_gemm_choice(dtype, None)
+        first = _C.cpu_quant_gemm_wins(dtype)
+        assert isinstance(first, bool) and _C.cpu_quant_gemm_wins(dtype) == first
+        _C.override_cpu_quant_gemm_choice(dtype, not first)
+        assert _C.cpu_quant_gemm_wins(dtype) == (not first)
+        if dtype == "float32":
+            assert _C.cpu_quant_gemm_wins("float16") == (not first)
+        _C.override_cpu_quant_gemm_choice(dtype, None)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.cpu_quant_gemm_wins("int8")
 
 
 @pytest.mark.skipif(not isa_supported("avx512bf16"), reason="the many-rows GEMM needs AVX512_BF16")
@@ -316,6 +333,8 @@ def test_quant_matmul_cpu_gemm(scheme, group, threads, dtype):
     kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    name = str(dtype).removeprefix("torch.")
+    _C.override_cpu_quant_gemm_choice(name, True)  # whatever this CPU measured
     try:
         for k, n, ms in ((256, 45, small_ms), (512, 200, (97,)), (4096, 40, (1100,))):
             qw = torchkiln.quantize(torch.randn(n, k) * 0.05, scheme, group_size=group)
@@ -335,6 +354,7 @@ def test_quant_matmul_cpu_gemm(scheme, group, threads, dtype):
                     assert err <= bound, f"k={k} n={n} m={m} bias={bias is not None}: {err:.2e} > {bound:.2e}"
     finally:
         torch.set_num_threads(previous)
+        _C.override_cpu_quant_gemm_choice(name, None)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
