@@ -198,7 +198,7 @@ def test_quant_matmul_matches_fp64(cpu_isa, scheme, group, sym, dtype):
         # On AVX512_BF16 bf16 x is decoded in registers up to 28 rows (4-bit)
         # and 40 (int8), more go through the bf16 GEMM (int4 g32 from 7 rows);
         # fp16 / fp32 x up to 12 (int4 g32), 16 (int4), 24 (nf4) and 64
-        # (int8), more through the fp32 GEMM.
+        # (int8; fp16 256), more through the fp32 GEMM.
         for m in (1, 3, 16, 17, 28, 29, 40, 41, 65, 256):
             if cpu_isa == "scalar" and m == 256 and k > 300:
                 continue  # the scalar path covers the same code at m=33
@@ -328,8 +328,10 @@ def test_quant_matmul_cpu_gemm(scheme, group, threads, dtype):
     fp32 otherwise)."""
     if dtype == torch.bfloat16:  # above the in-register path's 28 / 40 rows
         small_ms = (29, 33, 47, 48, 49, 64, 65, 100)
-    else:  # above its 64 rows (int8; 4-bit from 13-25)
+    elif dtype == torch.float32:  # above its 64 rows (int8; 4-bit from 13-25)
         small_ms = (65, 80, 95, 96, 97, 112)
+    else:  # fp16: int8 above 256 rows
+        small_ms = (257, 272, 289) if scheme == "int8" else (65, 80, 97)
     kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
