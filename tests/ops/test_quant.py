@@ -250,16 +250,30 @@ def gemm_choice(request):
         _C.override_cpu_gemm_choice(dtype, None)
 
 
-def test_cpu_gemm_choice_is_measured_once():
-    for dtype in ("bfloat16", "float16"):
-        _C.override_cpu_gemm_choice(dtype, None)
-        first = _C.cpu_gemm_prefers_fp32(dtype)
-        assert isinstance(first, bool) and _C.cpu_gemm_prefers_fp32(dtype) == first
-        _C.override_cpu_gemm_choice(dtype, not first)
-        assert _C.cpu_gemm_prefers_fp32(dtype) == (not first)
-        _C.override_cpu_gemm_choice(dtype, None)
+@pytest.mark.parametrize(
+    "query,override,dtypes,bad_dtype",
+    [
+        # ATen's fp32 GEMM against its 16-bit one (the dense route's precision)
+        ("cpu_gemm_prefers_fp32", "override_cpu_gemm_choice", ("bfloat16", "float16"), "float32"),
+        # AVX512_BF16 CPUs: the quantised GEMM against ATen's GEMM on a dense
+        # weight (AMX CPUs: ATen); fp16 shares fp32's answer (one fp32 GEMM)
+        ("cpu_quant_gemm_wins", "override_cpu_quant_gemm_choice", ("bfloat16", "float32"), "int8"),
+    ],
+    ids=["dense_precision", "quant_gemm"],
+)
+def test_cpu_choice_is_measured_once(query, override, dtypes, bad_dtype):
+    query, override = getattr(_C, query), getattr(_C, override)
+    for dtype in dtypes:
+        override(dtype, None)
+        first = query(dtype)
+        assert isinstance(first, bool) and query(dtype) == first
+        override(dtype, not first)
+        assert query(dtype) == (not first)
+        if dtype == "float32":
+            assert query("float16") == (not first)
+        override(dtype, None)
     with pytest.raises(ValueError, match="dtype"):
-        _C.cpu_gemm_prefers_fp32("float32")
+        query(bad_dtype)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -291,23 +305,6 @@ def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads, gemm_choice):
         torch.set_num_threads(previous)
         for dtype in ("bfloat16", "float16", "float32"):
             _C.override_cpu_quant_gemm_choice(dtype, None)
-
-
-def test_cpu_quant_gemm_choice_is_measured_once():
-    # AVX512_BF16 CPUs measure once whether the quantised GEMM beats ATen's
-    # GEMM on a dense weight (AMX CPUs: no); fp16 and fp32 x share the fp32
-    # GEMM's answer.
-    for dtype in ("bfloat16", "float32"):
-        _C.override_cpu_quant_gemm_choice(dtype, None)
-        first = _C.cpu_quant_gemm_wins(dtype)
-        assert isinstance(first, bool) and _C.cpu_quant_gemm_wins(dtype) == first
-        _C.override_cpu_quant_gemm_choice(dtype, not first)
-        assert _C.cpu_quant_gemm_wins(dtype) == (not first)
-        if dtype == "float32":
-            assert _C.cpu_quant_gemm_wins("float16") == (not first)
-        _C.override_cpu_quant_gemm_choice(dtype, None)
-    with pytest.raises(ValueError, match="dtype"):
-        _C.cpu_quant_gemm_wins("int8")
 
 
 @pytest.mark.skipif(not isa_supported("avx512bf16"), reason="the many-rows GEMM needs AVX512_BF16")
