@@ -58,10 +58,11 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //  * Zen 4, fp16 and fp32 x against the fp32 GEMM (in-register time over
 //    the GEMM's): int4 g128 0.64-1.04 at 12, 0.88-1.41 at 16, 0.84-1.24 at
 //    24, 1.15-1.75 at 32; int4 g32 0.87-1.03 at 12, 1.15-1.34 at 16; nf4
-//    0.82-0.90 at 24, 1.05-1.21 at 32; int8 0.58-0.98 up to 48, then fp32
-//    x 0.97-1.16 at 64-256 (the GEMM for its exact products) and fp16 x
-//    0.77-0.84 (int16-quantised x, see stage_int16; with outliers, exact
-//    fp32 and equal; at most 256 rows, as its staging copies all of x).
+//    0.82-0.90 at 24, 1.05-1.21 at 32; int8 at most 0.98 up to 48, then
+//    fp32 x 0.82-0.98 at 56-64 and 0.97-1.16 at 80-256 (the GEMM for its
+//    exact products), fp16 x 0.77-0.89 at 128-256 (int16-quantised x, see
+//    stage_int16; with outliers, exact fp32 and equal; at most 256 rows, as
+//    its staging copies all of x).
 //  * Zen 5 (AVX512_BF16), dense tiles in bf16 (778 GFLOP/s there), before
 //    the scaled-table loop and the bf16 GEMM: int4 near 20-32, int8 near 16,
 //    nf4 near 20-24.
