@@ -70,6 +70,9 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
 //  * AVX-512 without BF16: dense tiles; int4 and int8 near 16, nf4 near 8
 //    (measured on Zen 4 with fp32 FMAs).
+// Where gemm_choice.h hands the many rows to dense tiles (AMX CPUs) the
+// GEMM's thresholds still apply: untimed there, so the probe is not run
+// for calls with few rows.
 int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   if (x.is_cuda()) return 8;
   if (active_cpu_isa() == CpuIsa::kAvx2) {
