@@ -329,13 +329,14 @@ def test_quant_matmul_cpu_gemm(scheme, group, threads, dtype):
         small_ms = (65, 80, 95, 96, 97, 112)
     else:  # fp16: int8 above 256 rows
         small_ms = (257, 272, 289) if scheme == "int8" else (65, 80, 97)
+    threads_m = max(small_ms)  # rows for the stripes split between threads
     kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     name = str(dtype).removeprefix("torch.")
     _C.override_cpu_quant_gemm_choice(name, True)  # whatever this CPU measured
     try:
-        for k, n, ms in ((256, 45, small_ms), (512, 200, (97,)), (4096, 40, (1100,))):
+        for k, n, ms in ((256, 45, small_ms), (512, 200, (threads_m,)), (4096, 40, (1100,))):
             qw = torchkiln.quantize(torch.randn(n, k) * 0.05, scheme, group_size=group)
             w_kernel = torchkiln.dequantize(qw, kernel_dtype).double()
             w_torch = torchkiln.dequantize(qw, dtype)
