@@ -2,10 +2,9 @@
 
 #include <c10/core/InferenceMode.h>
 
-#include <algorithm>
-#include <chrono>
 #include <mutex>
 
+#include "common/best_time.h"
 #include "common/cpu_isa.h"
 #include "quant/quant_matmul.h"
 
@@ -19,18 +18,6 @@ std::optional<bool>& slot(at::ScalarType dtype) {
   TORCH_CHECK_VALUE(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
                     "cpu_quant_gemm_wins: dtype must be bfloat16, float16 or float32, got ", dtype);
   return dtype == at::kBFloat16 ? choice_bf16 : choice_fp32;
-}
-
-template <class F>
-double best_seconds(const F& f) {
-  f();  // warm-up: thread pool, ATen's kernel selection (oneDNN primitives)
-  double best = 1e30;
-  for (int rep = 0; rep < 3; ++rep) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
 }
 
 bool measure(at::ScalarType dtype) {
@@ -60,8 +47,8 @@ bool measure(at::ScalarType dtype) {
   p.k = k;
   p.group_size = k;
   p.dtype = xt == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32;
-  const double ours = best_seconds([&] { TK_CPU_DISPATCH(weight_only_gemm, p); });
-  const double aten = best_seconds([&] { at::mm(x, dense.t()); });
+  const double ours = best_call_seconds([&] { TK_CPU_DISPATCH(weight_only_gemm, p); });
+  const double aten = best_call_seconds([&] { at::mm(x, dense.t()); });
   return aten * 2.0 > ours;
 }
 
