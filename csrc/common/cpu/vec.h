@@ -188,6 +188,21 @@ inline Vec viota() { return {_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
 inline Vec vabs(Vec a) { return {_mm512_abs_ps(a.v)}; }
 // (x0,x1,x2,x3,...) -> (x1,x0,x3,x2,...): partner lanes of interleaved pairs.
 inline Vec vswap_pairs(Vec a) { return {_mm512_permute_ps(a.v, 0xB1)}; }
+#if defined(__AVX512VNNI__)
+// acc + the pair products of a and b summed per int32 lane: int16 x int16
+// (vpdpwssd) and unsigned byte a x signed byte b (vpdpbusd). GCC 12 wraps
+// each VNNI intrinsic in two register moves (the accumulator copied to a
+// spare register and back), doubling the instructions of the int8 inner
+// loops; as asm the instruction accumulates in place. b may come from memory.
+inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
+  return acc;
+}
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
+  return acc;
+}
+#endif
 
 #elif defined(__AVX2__)
 // ------------------------------------------------------------ AVX2 + FMA + F16C

@@ -85,7 +85,7 @@ void tile_dot(const uint8_t* xq, int64_t x_stride, const int8_t* w, int64_t pane
       std::memcpy(&xv, xq + r * x_stride + q4 * 4, 4);
       const __m512i xb = _mm512_set1_epi32(xv);
 #if defined(__AVX512VNNI__)
-      for (int c = 0; c < NP; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xb, wv[c]);
+      for (int c = 0; c < NP; ++c) acc[r][c] = dpbusd(acc[r][c], xb, wv[c]);
 #else
       const __m512i xa = _mm512_abs_epi8(xb);
       const __mmask64 neg = _mm512_movepi8_mask(xb);

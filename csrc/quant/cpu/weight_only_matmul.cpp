@@ -1323,7 +1323,7 @@ void int8_panel_rows(const int16_t* panel, int64_t steps, const StagedX& sx, int
     for (int r = 0; r < kTileN; ++r) {
       const __m512i w = _mm512_load_si512(panel + r * kInt8XGroup + st * 32);
 #pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_dpwssd_epi32(acc[r][i], w, xv[i]);
+      for (int i = 0; i < MB; ++i) acc[r][i] = dpwssd(acc[r][i], w, xv[i]);
     }
   }
 #pragma GCC unroll 16
@@ -1360,14 +1360,20 @@ void matmul_int8_panels(const WeightOnlyParams& p, const StagedX& sx) {
       std::fill(totals.begin(), totals.end(), 0.0f);
       for (int64_t g = 0; g < sx.xq_groups; ++g) {
         const int64_t j0 = g * sx.xq_group, cols = std::min(p.k, j0 + sx.xq_group) - j0, steps = (cols + 31) / 32;
-#pragma GCC unroll 4
         for (int r = 0; r < kTileN; ++r) {
-          for (int64_t st = 0; st < steps; ++st) {
-            if (st % 2 == 0) prefetch_next_tile(p, tr.codes[r] + j0 + st * 32);  // a line of the next tile
-            const int64_t left = cols - st * 32;
+          const uint8_t* src = tr.codes[r] + j0;
+          int16_t* dst = panel + r * kInt8XGroup;
+          int64_t c = 0;
+          for (; c + 64 <= cols; c += 64) {
+            prefetch_next_tile(p, src + c);  // the same line of the next tile
+            _mm512_store_si512(dst + c, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c))));
+            _mm512_store_si512(dst + c + 32, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c + 32))));
+          }
+          for (; c < cols; c += 32) {  // a row may end anywhere: the codes past it are masked off
+            if (c % 64 == 0) prefetch_next_tile(p, src + c);
+            const int64_t left = cols - c;
             const __mmask32 lanes = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1);
-            _mm512_store_si512(panel + r * kInt8XGroup + st * 32,
-                               _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, tr.codes[r] + j0 + st * 32)));
+            _mm512_store_si512(dst + c, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, src + c)));
           }
         }
         int64_t m0 = 0;
