@@ -12,12 +12,14 @@ namespace torchkiln {
 namespace {
 
 std::mutex choice_mutex;
-std::optional<bool> choice_bf16, choice_fp32;
+// [with AVX512_BF16][bf16 x]: the AVX-512 levels compile the fp32 GEMM
+// apart (and only AVX512_BF16 has the bf16 one); tests switch levels.
+std::optional<bool> choices[2][2];
 
-std::optional<bool>& slot(at::ScalarType dtype) {
+std::optional<bool>& slot(at::ScalarType dtype, CpuIsa isa) {
   TORCH_CHECK_VALUE(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
                     "cpu_quant_gemm_wins: dtype must be bfloat16, float16 or float32, got ", dtype);
-  return dtype == at::kBFloat16 ? choice_bf16 : choice_fp32;
+  return choices[isa == CpuIsa::kAvx512Bf16][dtype == at::kBFloat16];
 }
 
 bool measure(at::ScalarType dtype) {
@@ -56,18 +58,18 @@ bool measure(at::ScalarType dtype) {
 
 bool cpu_quant_gemm_wins(at::ScalarType dtype) {
   const std::lock_guard<std::mutex> lock(choice_mutex);
-  std::optional<bool>& s = slot(dtype);
+  const CpuIsa isa = active_cpu_isa();
+  // The kernel needs AVX-512, and AVX512_BF16 for bf16 x (a forced ISA level, or the CPU's own).
+  if (isa != CpuIsa::kAvx512Bf16 && (isa != CpuIsa::kAvx512 || dtype == at::kBFloat16)) return false;
+  std::optional<bool>& s = slot(dtype, isa);
   if (s) return *s;
-  // Below AVX512_BF16 (a forced ISA level, or the CPU's own) the kernel does
-  // not exist; nothing is cached, so a later switch back measures.
-  if (active_cpu_isa() != CpuIsa::kAvx512Bf16) return false;
   s = measure(dtype);
   return *s;
 }
 
 void override_cpu_quant_gemm_choice(at::ScalarType dtype, std::optional<bool> wins) {
   const std::lock_guard<std::mutex> lock(choice_mutex);
-  slot(dtype) = wins;
+  for (CpuIsa isa : {CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) slot(dtype, isa) = wins;
 }
 
 }  // namespace torchkiln

@@ -105,13 +105,13 @@ TK_DECLARE_CPU_KERNEL(void, weight_only_dequantize, const WeightOnlyParams&, voi
 // to dense + r * dense_row_stride (elements).
 TK_DECLARE_CPU_KERNEL(void, weight_only_dequantize_rows, const WeightOnlyParams&, int64_t row0, int64_t rows,
                       void* dense, int64_t dense_row_stride)
-// out = x @ W^T + bias on CPUs with AVX512_BF16 (other ISA levels throw):
-// a GEMM that dequantises the weight 8 rows at a time (weight_only_gemm.cpp),
-// in bf16 dot products for bf16 x (k must be even) and in fp32 FMAs for
-// fp16 / fp32 x. For many rows of x.
+// out = x @ W^T + bias on AVX-512 CPUs (lower ISA levels throw): a GEMM
+// that dequantises the weight 8 rows at a time (weight_only_gemm.cpp), in
+// fp32 FMAs for fp16 / fp32 x and in bf16 dot products for bf16 x (which
+// needs AVX512_BF16 and an even k). For many rows of x.
 TK_DECLARE_CPU_KERNEL(void, weight_only_gemm, const WeightOnlyParams&)
 // The input gradient out = x @ W with x (m, n) the output's gradient, out
-// (m, k), no bias; as above (bf16 x needs an even n), AVX512_BF16 only.
+// (m, k), no bias; as above (bf16 x needs AVX512_BF16 and an even n).
 TK_DECLARE_CPU_KERNEL(void, weight_only_gemm_grad, const WeightOnlyParams&)
 // Fills qweight, scales and zeros from w (see QuantizeParams); sets
 // *non_finite when w holds an inf or nan (the outputs are then meaningless).

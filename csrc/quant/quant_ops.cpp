@@ -26,18 +26,23 @@ WeightFormat parse_format(const char* op, const std::string& f) {
   return WeightFormat::kInt8;  // unreachable
 }
 
-// Many rows of x on AVX512_BF16 CPUs: the GEMM that dequantises 8 weight
-// rows at a time (weight_only_gemm.cpp), with bf16 dot products for bf16 x
-// (an even k) and fp32 FMAs for fp16 / fp32 x. Zen 4, 2 cores, M=256: bf16
-// at 92-93% of `vdpbf16ps` peak, 1.0x ATen's bf16 GEMM on a weight
-// dequantised beforehand, where dense tiles gave 0.8-0.95x; fp16 / fp32 at
-// 205-220 GFLOP/s, where dense tiles and MKL's SGEMM gave 145-190.
+// Many rows of x on AVX-512 CPUs: the GEMM that dequantises 8 weight rows
+// at a time (weight_only_gemm.cpp), with fp32 FMAs for fp16 / fp32 x and,
+// on AVX512_BF16, bf16 dot products for bf16 x (an even k). Zen 4, 2 cores,
+// M=256: bf16 at 92-93% of `vdpbf16ps` peak, 1.0x ATen's bf16 GEMM on a
+// weight dequantised beforehand, where dense tiles gave 0.8-0.95x; fp16 /
+// fp32 at 205-220 GFLOP/s, where dense tiles and MKL's SGEMM gave 145-190
+// (1.2-1.6x at M=32 and 256 with the ISA level forced to AVX-512 without
+// BF16). bf16 x without AVX512_BF16 keeps dense tiles: ATen's bf16 GEMM is
+// the one that knows the CPU (here it ran on Zen 4's BF16 units at 1.9x our
+// fp32 GEMM, which an Ice Lake does not have; untimed there).
 // cpu_gemm_applies says whether the kernel can run; cpu_gemm also asks the
 // once-per-process measurement of gemm_choice.h (AMX CPUs: dense tiles),
 // which only callers with many rows should trigger.
 bool cpu_gemm_applies(const at::Tensor& x, const WeightOnlyParams& p) {
-  if (x.is_cuda() || active_cpu_isa() != CpuIsa::kAvx512Bf16) return false;
-  return x.scalar_type() != at::kBFloat16 || p.k % 2 == 0;
+  if (x.is_cuda()) return false;
+  if (x.scalar_type() != at::kBFloat16) return active_cpu_isa() >= CpuIsa::kAvx512;  // fp32 FMAs
+  return active_cpu_isa() == CpuIsa::kAvx512Bf16 && p.k % 2 == 0;
 }
 bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
   return cpu_gemm_applies(x, p) && cpu_quant_gemm_wins(x.scalar_type());
@@ -68,8 +73,13 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //    nf4 near 20-24.
 //  * AVX2 Zen 3, dense tiles in fp32: 16-bit x int4 near 48-56, int8 near
 //    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
-//  * AVX-512 without BF16: dense tiles; int4 and int8 near 16, nf4 near 8
-//    (measured on Zen 4 with fp32 FMAs).
+//  * Zen 4 with the ISA level forced to AVX-512 without BF16, fp16 and fp32
+//    x against the fp32 GEMM (in-register time over the GEMM's): int4 g128
+//    0.82-0.90 at 24, 1.05-1.09 at 32; int4 g32 0.93-1.05 at 12, 1.08-1.16
+//    at 24; nf4 0.95-1.02 at 16 (fp16 x at 24: 0.88-1.30, and no faster
+//    than dense tiles), 1.25-1.37 at 32-64; int8 0.90-1.00 at 64-96,
+//    0.98-1.05 at 128-160. bf16 x there (dense tiles): int4 and int8 near
+//    16, nf4 near 8.
 // Where gemm_choice.h hands the many rows to dense tiles (AMX CPUs) the
 // GEMM's thresholds still apply: untimed there, so the probe is not run
 // for calls with few rows.
@@ -83,9 +93,11 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   }
   if (cpu_gemm_applies(x, p)) {
     if (x.scalar_type() != at::kBFloat16) {  // the fp32 GEMM
-      if (p.format == WeightFormat::kInt8) return x.scalar_type() == at::kHalf ? 256 : 64;
-      if (p.format == WeightFormat::kNf4) return 24;
-      return p.group_size % kNibbleChunk == 0 ? 16 : 12;
+      const bool bf16_isa = active_cpu_isa() == CpuIsa::kAvx512Bf16;
+      if (p.format == WeightFormat::kInt8) return !bf16_isa ? 96 : x.scalar_type() == at::kHalf ? 256 : 64;
+      if (p.format == WeightFormat::kNf4) return bf16_isa ? 24 : 16;
+      if (p.group_size % kNibbleChunk != 0) return 12;
+      return bf16_isa ? 16 : 28;
     }
     if (p.format == WeightFormat::kInt8) return 40;
     const bool four_bit_dot = p.group_size % kNibbleChunk == 0;
@@ -365,10 +377,10 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& q
 }
 
 // grad @ W, the input gradient of quant_matmul_weight_only (the weight is
-// frozen). On AVX512_BF16 CPUs weight_only_gemm_grad, which dequantises 128
-// columns of W at a time (bf16 grad with an even out_features in bf16 dot
-// products, fp16 / fp32 grad in fp32 FMAs: Zen 4, M=256, 180-210 GFLOP/s
-// against 105-125 for the dense route). Elsewhere the dense W, in fp32 on
+// frozen). On AVX-512 CPUs weight_only_gemm_grad, which dequantises 128
+// columns of W at a time (fp16 / fp32 grad in fp32 FMAs: Zen 4, M=256,
+// 180-210 GFLOP/s against 105-125 for the dense route; with AVX512_BF16,
+// bf16 grad with an even out_features in bf16 dot products). Elsewhere the dense W, in fp32 on
 // CPU where ATen's fp32 GEMM is the faster one for 16-bit grad
 // (cpu_gemm_choice.h), else in grad's dtype, and ATen's GEMM.
 at::Tensor quant_matmul_weight_only_grad_input(const at::Tensor& grad_arg, const at::Tensor& qweight,
@@ -384,8 +396,10 @@ at::Tensor quant_matmul_weight_only_grad_input(const at::Tensor& grad_arg, const
   const at::Tensor grad = with_flat_rows(grad_arg);
   const int64_t m = grad.numel() / p.n;
   const std::vector<int64_t> shape = output_shape(grad, p.k);
-  if (!grad.is_cuda() && active_cpu_isa() == CpuIsa::kAvx512Bf16 &&
-      (grad.scalar_type() != at::kBFloat16 || p.n % 2 == 0) && cpu_quant_gemm_wins(grad.scalar_type())) {
+  const bool gemm_applies = grad.scalar_type() != at::kBFloat16
+                                ? active_cpu_isa() >= CpuIsa::kAvx512
+                                : active_cpu_isa() == CpuIsa::kAvx512Bf16 && p.n % 2 == 0;
+  if (!grad.is_cuda() && gemm_applies && cpu_quant_gemm_wins(grad.scalar_type())) {
     at::Tensor out = at::empty(shape, grad.options());
     if (m == 0) return out;
     p.x = grad.data_ptr();

@@ -198,7 +198,8 @@ def test_quant_matmul_matches_fp64(cpu_isa, scheme, group, sym, dtype):
         # On AVX512_BF16 bf16 x is decoded in registers up to 28 rows (4-bit)
         # and 40 (int8), more go through the bf16 GEMM (int4 g32 from 7 rows);
         # fp16 / fp32 x up to 12 (int4 g32), 16 (int4), 24 (nf4) and 64
-        # (int8; fp16 256), more through the fp32 GEMM.
+        # (int8; fp16 256), more through the fp32 GEMM; on plain AVX-512 up
+        # to 12, 28, 16 and 96 (GEMM_AFTER_ROWS).
         for m in (1, 3, 16, 17, 28, 29, 40, 41, 65, 256):
             if cpu_isa == "scalar" and m == 256 and k > 300:
                 continue  # the scalar path covers the same code at m=33
@@ -255,7 +256,7 @@ def gemm_choice(request):
     [
         # ATen's fp32 GEMM against its 16-bit one (the dense route's precision)
         ("cpu_gemm_prefers_fp32", "override_cpu_gemm_choice", ("bfloat16", "float16"), "float32"),
-        # AVX512_BF16 CPUs: the quantised GEMM against ATen's GEMM on a dense
+        # AVX-512 CPUs: the quantised GEMM against ATen's GEMM on a dense
         # weight (AMX CPUs: ATen); fp16 shares fp32's answer (one fp32 GEMM)
         ("cpu_quant_gemm_wins", "override_cpu_quant_gemm_choice", ("bfloat16", "float32"), "int8"),
     ],
@@ -283,8 +284,8 @@ def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads, gemm_choice):
     # and multiplies its own tiles of weight rows (up to 4 MiB of dense weight
     # each: 256 fp32 rows of 4096 here, so 600 rows make four tiles, the last
     # one short), with and without bias, fp32 and 16-bit x (the latter in
-    # fp32 or in its own dtype, gemm_choice). 64 rows: above every scheme's
-    # register-decode limit. AVX512_BF16 CPUs would take weight_only_gemm
+    # fp32 or in its own dtype, gemm_choice). 64 rows: past most register-
+    # decode limits (GEMM_AFTER_ROWS). AVX-512 CPUs would take weight_only_gemm
     # instead; the test tells them it loses (as measured on AMX CPUs).
     k, n, m = 4096, 600, 64
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=None if scheme == "int8" else 128)
@@ -307,13 +308,31 @@ def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads, gemm_choice):
             _C.override_cpu_quant_gemm_choice(dtype, None)
 
 
-@pytest.mark.skipif(not isa_supported("avx512bf16"), reason="the many-rows GEMM needs AVX512_BF16")
+# Rows of x up to which quant_matmul decodes the weight in registers before
+# the GEMM takes over (dense_rows_threshold in csrc/quant/quant_ops.cpp), by
+# ISA level and x's dtype: (int8, int4 groups of 64 or more, int4 g32, nf4).
+GEMM_AFTER_ROWS = {
+    ("avx512bf16", torch.bfloat16): (40, 28, 6, 28),
+    ("avx512bf16", torch.float32): (64, 16, 12, 24),
+    ("avx512bf16", torch.float16): (256, 16, 12, 24),
+    ("avx512", torch.float32): (96, 28, 12, 16),
+    ("avx512", torch.float16): (96, 28, 12, 16),
+}
+
+
+def _rows_above(limit: int) -> tuple[int, ...]:
+    # the first rows past limit whose last 48-row block of x holds 1, 16, 17,
+    # 32, 33, 47 and 48 rows (one, two and three vectors, full and not)
+    return tuple(limit + 1 + (r - limit - 1) % 48 for r in (1, 16, 17, 32, 33, 47, 48))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("scheme,group", [("int4", 128), ("int4", 32), ("nf4", 64), ("int8", None)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
-def test_quant_matmul_cpu_gemm(scheme, group, threads, dtype):
+@pytest.mark.parametrize("isa,dtype", list(GEMM_AFTER_ROWS), ids=lambda v: str(v).removeprefix("torch."))
+def test_quant_matmul_cpu_gemm(scheme, group, threads, isa, dtype):
     """The many-rows GEMM (weight_only_gemm.cpp; bf16 dot products for bf16
-    x, fp32 FMAs for fp16 / fp32 x): x in blocks of 48 rows and a last block
+    x on AVX512_BF16, fp32 FMAs for fp16 / fp32 x on any AVX-512, forced
+    here to each level): x in blocks of 48 rows and a last block
     of 16, 32 or 48 (rows past m are padding), 8 weight rows a register tile
     (n = 45: a last tile of 5), 32-column stripes split between threads (n =
     200), packed x past one 8 MiB chunk (m = 1100 at k = 4096: the weight is
@@ -323,16 +342,16 @@ def test_quant_matmul_cpu_gemm(scheme, group, threads, dtype):
     dtype on the weight dequantised to that dtype, against an fp64
     reference on the weight the kernel multiplies (bf16-rounded for bf16 x,
     fp32 otherwise)."""
-    if dtype == torch.bfloat16:  # above the in-register path's 28 / 40 rows
-        small_ms = (29, 33, 47, 48, 49, 64, 65, 100)
-    elif dtype == torch.float32:  # above its 64 rows (int8; 4-bit from 13-25)
-        small_ms = (65, 80, 95, 96, 97, 112)
-    else:  # fp16: int8 above 256 rows
-        small_ms = (257, 272, 289) if scheme == "int8" else (65, 80, 97)
+    if not isa_supported(isa):
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    int8_rows, int4_rows, int4_g32_rows, nf4_rows = GEMM_AFTER_ROWS[(isa, dtype)]
+    limit = {"int8": int8_rows, "nf4": nf4_rows}.get(scheme, int4_g32_rows if group == 32 else int4_rows)
+    small_ms = _rows_above(limit)
     threads_m = max(small_ms)  # rows for the stripes split between threads
     kernel_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    previous = torch.get_num_threads()
+    previous, before = torch.get_num_threads(), _C.cpu_info()["active_isa"]
     torch.set_num_threads(threads)
+    _C.set_cpu_isa(isa)
     name = str(dtype).removeprefix("torch.")
     _C.override_cpu_quant_gemm_choice(name, True)  # whatever this CPU measured
     try:
@@ -354,6 +373,7 @@ def test_quant_matmul_cpu_gemm(scheme, group, threads, dtype):
                     assert err <= bound, f"k={k} n={n} m={m} bias={bias is not None}: {err:.2e} > {bound:.2e}"
     finally:
         torch.set_num_threads(previous)
+        _C.set_cpu_isa(before)
         _C.override_cpu_quant_gemm_choice(name, None)
 
 
@@ -393,8 +413,9 @@ def test_w8a8_per_row_quantisation_is_exact():
 def test_gradients(scheme, dtype, n, gemm_choice):
     # The last n gives the dense path a tile per pool thread: the GEMMs there
     # run on threads that must carry the caller's autograd state (else addmm
-    # with out= raises on a bias that requires grad). On AVX512_BF16 the
-    # input gradient takes the GEMM of weight_only_gemm.cpp (bf16: an even n).
+    # with out= raises on a bias that requires grad). On AVX-512 the input
+    # gradient takes the GEMM of weight_only_gemm.cpp (bf16: AVX512_BF16 and
+    # an even n).
     k = 192
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=64 if scheme in ("int4", "nf4") else None)
     w = torchkiln.dequantize(qw)
@@ -414,10 +435,10 @@ def test_gradients(scheme, dtype, n, gemm_choice):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("scheme,group", [("int4", 128), ("int4", 32), ("nf4", 64), ("int8", None)])
 def test_grad_input_matches_fp64(cpu_isa, scheme, group, dtype):
-    """quant_matmul_weight_only_grad_input, grad @ W: on AVX512_BF16 the
-    GEMM that dequantises 128 columns of W at a time (slabs of 32 columns,
-    tiles of 8; bf16 grad needs an even out_features, its words pairing two
-    rows of W), else the dequantised W and ATen. Odd in_features (int8), a
+    """quant_matmul_weight_only_grad_input, grad @ W: on AVX-512 the GEMM
+    that dequantises 128 columns of W at a time (slabs of 32 columns, tiles
+    of 8; bf16 grad needs AVX512_BF16 and an even out_features, its words
+    pairing two rows of W), else the dequantised W and ATen. Odd in_features (int8), a
     last slab and tile short of columns, odd out_features (bf16: the dense
     path), grad with leading dims and a row stride; the GEMM's error within
     twice PyTorch's matmul in grad's dtype (fp32 for fp16, whose CPU matmul
@@ -434,7 +455,8 @@ def test_grad_input_matches_fp64(cpu_isa, scheme, group, dtype):
             ref = g.double() @ w
             err = _rel_err(out, ref)
             assert err <= TOL[dtype], f"k={k} n={n} m={m}: relative error {err:.2e}"
-            if cpu_isa == "avx512bf16" and (dtype != torch.bfloat16 or n % 2 == 0):
+            gemm = cpu_isa == "avx512bf16" if dtype == torch.bfloat16 else cpu_isa.startswith("avx512")
+            if gemm and (dtype != torch.bfloat16 or n % 2 == 0):
                 wd = torchkiln.dequantize(qw, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
                 ref_d = g.double() @ wd.double()
                 torch_out = g @ wd if dtype != torch.float16 else (g.float() @ wd).to(dtype)

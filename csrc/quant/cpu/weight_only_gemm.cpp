@@ -1,9 +1,10 @@
 // Weight-only quantised matmul for many rows of x (prefill), and its input
-// gradient, on AVX512_BF16: GEMMs whose weight operand is dequantised a few
-// rows (or columns) at a time, never as a whole. bf16 x multiplies in bf16
-// dot products (Bf16Pairs, described first); fp16 and fp32 x in fp32 FMAs
-// (Fp32Values) through the same loops, with 32-bit words holding one fp32
-// value where the bf16 kind holds a pair.
+// gradient, on AVX-512: GEMMs whose weight operand is dequantised a few rows
+// (or columns) at a time, never as a whole. bf16 x multiplies in bf16 dot
+// products (Bf16Pairs, described first; AVX512_BF16 only); fp16 and fp32 x
+// in fp32 FMAs (Fp32Values, any AVX-512 CPU: also Skylake and Ice Lake)
+// through the same loops, with 32-bit words holding one fp32 value where the
+// bf16 kind holds a pair.
 //
 // The operands trade the usual roles. `vdpbf16ps` multiplies a vector of 16
 // (bf16 pair) lanes by a broadcast pair; here the vectors hold 16 rows of x
@@ -63,7 +64,7 @@
 namespace torchkiln {
 namespace TK_CPU_NS {
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 namespace {
 
 constexpr int kTileCols = 8;      // broadcast operands (output columns) per register tile
@@ -143,6 +144,7 @@ class PackedRows {
 // with `vdpbf16ps` (2 columns of k per word), fp32 values with FMAs (1).
 // Zen 4 retires one 512-bit instruction of either kind a cycle, so the bf16
 // GEMM has twice the fp32 one's peak.
+#if defined(__AVX512BF16__)
 struct Bf16Pairs {
   static constexpr int kPerWord = 2;
   static constexpr DType kWeightDType = DType::kBFloat16;
@@ -151,6 +153,7 @@ struct Bf16Pairs {
                             reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(w))));
   }
 };
+#endif
 struct Fp32Values {
   static constexpr int kPerWord = 1;
   static constexpr DType kWeightDType = DType::kFloat32;
@@ -261,6 +264,7 @@ class WeightSegment {
   const float* scale(int64_t r) const { return p_.scales + r * groups_ + g_; }
   const float* zero(int64_t r) const { return p_.zeros ? p_.zeros + r * groups_ + g_ : nullptr; }
 
+#if defined(__AVX512BF16__)
   // bf16: all 32 columns in one vector.
   __m512i row_bf16(int64_t r) const {
     if (p_.format == WeightFormat::kInt8) {
@@ -271,6 +275,7 @@ class WeightSegment {
     const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes(r))));
     return _mm512_permutexvar_epi16(nibbles(bytes), scaled_code_table<bf16_t>(values_, *scale(r), zero(r)));
   }
+#endif
   // fp32: columns 0-15 in lo, 16-31 in hi.
   void row_fp32(int64_t r, __m512& lo, __m512& hi) const {
     const uint8_t* w = codes(r);
@@ -342,6 +347,7 @@ void build_slab(const WeightOnlyParams& p, int64_t c0, uint32_t* slab) {
       if (p.zeros) _mm_prefetch(reinterpret_cast<const char*>(seg[0].zero(r)), _MM_HINT_T1);
     }
     for (int q = 0; q < segments; ++q) {
+#if defined(__AVX512BF16__)
       if constexpr (Kind::kPerWord == 2) {
         // Lane 2i takes column i of row 2j (a), lane 2i + 1 column i of row 2j + 1 (b).
         const __m512i pair_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39,
@@ -349,11 +355,12 @@ void build_slab(const WeightOnlyParams& p, int64_t c0, uint32_t* slab) {
         const __m512i pair_hi = _mm512_add_epi16(pair_lo, _mm512_set1_epi16(16));
         const __m512i a = seg[q].row_bf16(row), b = seg[q].row_bf16(row + 1);
         store(q, j, _mm512_permutex2var_epi16(a, pair_lo, b), _mm512_permutex2var_epi16(a, pair_hi, b));
-      } else {
-        __m512 lo, hi;
-        seg[q].row_fp32(row, lo, hi);
-        store(q, j, _mm512_castps_si512(lo), _mm512_castps_si512(hi));
+        continue;
       }
+#endif
+      __m512 lo, hi;
+      seg[q].row_fp32(row, lo, hi);
+      store(q, j, _mm512_castps_si512(lo), _mm512_castps_si512(hi));
     }
   }
 }
@@ -406,23 +413,31 @@ void gemm_grad(const WeightOnlyParams& p) {
 
 void weight_only_gemm(const WeightOnlyParams& p) {
   if (p.dtype != DType::kBFloat16) return gemm<Fp32Values>(p);
+#if defined(__AVX512BF16__)
   if (p.k % 2 != 0) throw std::invalid_argument("weight_only_gemm: bf16 x needs an even k");
   gemm<Bf16Pairs>(p);
+#else
+  throw std::invalid_argument("weight_only_gemm: bf16 x needs AVX512_BF16");
+#endif
 }
 
 void weight_only_gemm_grad(const WeightOnlyParams& p) {
   if (p.dtype != DType::kBFloat16) return gemm_grad<Fp32Values>(p);
+#if defined(__AVX512BF16__)
   if (p.n % 2 != 0) throw std::invalid_argument("weight_only_gemm_grad: bf16 grad needs an even out_features");
   gemm_grad<Bf16Pairs>(p);
+#else
+  throw std::invalid_argument("weight_only_gemm_grad: bf16 grad needs AVX512_BF16");
+#endif
 }
 
 #else
 
 void weight_only_gemm(const WeightOnlyParams&) {
-  throw std::logic_error("weight_only_gemm: this build of the kernel has no AVX512_BF16");
+  throw std::logic_error("weight_only_gemm: this build of the kernel has no AVX-512");
 }
 void weight_only_gemm_grad(const WeightOnlyParams&) {
-  throw std::logic_error("weight_only_gemm_grad: this build of the kernel has no AVX512_BF16");
+  throw std::logic_error("weight_only_gemm_grad: this build of the kernel has no AVX-512");
 }
 
 #endif

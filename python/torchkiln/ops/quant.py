@@ -1,8 +1,9 @@
 """Quantised matmul ops (kernels: csrc/quant/): fakes, autograd, wrappers.
 
 The weight is frozen: autograd flows to x and bias only. The gradient of x
-is grad @ W (quant_matmul_weight_only_grad_input: on AVX512_BF16 CPUs for
-bf16 grad a GEMM that dequantises 128 columns of W at a time; elsewhere W
+is grad @ W (quant_matmul_weight_only_grad_input: on AVX-512 CPUs a GEMM
+that dequantises 128 columns of W at a time, for bf16 grad only with
+AVX512_BF16; elsewhere W
 dequantised whole, on CPU to fp32 where that GEMM is faster, the product
 rounded to grad's dtype). For W8A8 the activation quantisation is treated
 as identity, the straight-through estimator.
