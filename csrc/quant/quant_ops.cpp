@@ -73,6 +73,9 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //    nf4 near 20-24.
 //  * AVX2 Zen 3, dense tiles in fp32: 16-bit x int4 near 48-56, int8 near
 //    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
+//    16-bit x int8 was measured before its int16 loop (matmul_int8_panels,
+//    1.45-1.6x the fp32 loop at 8-32 rows on the Zen 4 forced to AVX2), so
+//    its crossover now lies higher; kept at 32, unmeasured on an AVX2 CPU.
 //  * Zen 4 with the ISA level forced to AVX-512 without BF16, fp16 and fp32
 //    x against the fp32 GEMM (in-register time over the GEMM's): int4 g128
 //    0.82-0.90 at 24, 1.05-1.09 at 32; int4 g32 0.93-1.05 at 12, 1.08-1.16

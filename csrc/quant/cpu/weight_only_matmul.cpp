@@ -32,10 +32,10 @@
 //    codes up in their values times the group's scale, rounded to bf16 per
 //    (weight row, group), so no per-group work remains per row of x
 //    (tile_4bit_bf16_scaled).
-//  * int16 products (AVX-512 VNNI, int8 with 16-bit x, 5 or more rows of
-//    x): x quantised per 1024 columns to int16 as on AVX2, codes sign-
-//    extended once per tile into an L1 panel, `vpdpwssd` for every row of x
-//    (matmul_int8_panels).
+//  * int16 products (int8 with 16-bit x, 5 or more rows of x on AVX-512
+//    VNNI, 3 or more on AVX2): x quantised per 1024 columns to int16 as
+//    above, codes sign-extended once per tile into an L1 panel, `vpdpwssd`
+//    (AVX2: `vpmaddwd`) for every row of x (matmul_int8_panels).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -102,11 +102,17 @@ bool nf4_planes_possible(const WeightOnlyParams& p) {
 // rounding of the weight), x staged in the order of nf4_i16_column.
 //
 // int8 with bf16 / fp16 x and more than kRowsPerPass rows of it, on AVX-512
-// VNNI: x staged the same way in groups of kInt8XGroup columns, multiplied
-// by the codes sign-extended to int16 with `vpdpwssd` (matmul_int8_panels).
+// VNNI and on AVX2: x staged the same way in groups of kInt8XGroup columns,
+// multiplied by the codes sign-extended to int16 with `vpdpwssd` (AVX2:
+// `vpmaddwd`; matmul_int8_panels). AVX2 (forced on the Zen 4), bf16 / fp16
+// x, the fp32 loop's time over this one's on the three bench shapes: M=3
+// 1.10-1.31, M=4 1.00-1.24, M=6 1.14-1.33, M=8 1.09-1.38; M=16 146-149 ->
+// 234-241 GFLOP/s.
 bool uses_int16_x(const WeightOnlyParams& p) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  if (p.dtype == DType::kFloat32 || p.group_size % kNibbleChunk != 0) return false;
+  if (p.dtype == DType::kFloat32) return false;
+  if (p.format == WeightFormat::kInt8) return p.m > kRowsPerPass;  // matmul_int8_panels
+  if (p.group_size % kNibbleChunk != 0) return false;
   if (p.format == WeightFormat::kNf4) return true;
   // Groups up to 32768 columns keep a group's int32 sums in range (see tile_int4_i16).
   return p.format == WeightFormat::kInt4 && p.group_size <= 32768 && p.zeros != nullptr;
@@ -202,29 +208,30 @@ bool stage_int16(const WeightOnlyParams& p, StagedX& s) {
   }
   return true;
 #elif defined(__AVX2__) && !defined(__AVX512F__)
-  const int64_t g = p.group_size;
+  // Groups of xq_group columns, the last one ending at k (int8); s.x is
+  // zero-padded to kp, a multiple of 32.
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t i = 0; i < p.m; ++i) {
     const float* x = s.x.data() + i * s.kp;
     int16_t* q = s.xq.data() + i * s.kp;
-    for (int64_t gi = 0; gi < s.groups; ++gi) {
-      const float* xg = x + gi * g;
+    for (int64_t gi = 0; gi < s.xq_groups; ++gi) {
+      const int64_t j0 = gi * s.xq_group, j1 = std::min(p.k, j0 + s.xq_group);
       __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-      for (int64_t j = 0; j < g; j += 8) {
-        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xg + j), abs_mask);
+      for (int64_t j = j0; j < j1; j += 8) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + j), abs_mask);
         mx = _mm256_max_ps(mx, a);
         sum = _mm256_add_ps(sum, a);
       }
       const float m = vhmax(Vec{mx});
-      if (!(m * static_cast<float>(g) <= kInt16MaxOverMean * vsum(Vec{sum}))) return false;  // also NaN / inf
-      s.xq_scale[i * s.groups + gi] = m / 32767.0f;
+      if (!(m * static_cast<float>(j1 - j0) <= kInt16MaxOverMean * vsum(Vec{sum}))) return false;  // also NaN / inf
+      s.xq_scale[i * s.xq_groups + gi] = m / 32767.0f;
       const __m256 inv = _mm256_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
-      for (int64_t j = 0; j < g; j += 16) {
-        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + j), inv));
-        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + j + 8), inv));
+      for (int64_t j = j0; j < j1; j += 16) {
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j), inv));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8), inv));
         // packs interleaves 128-bit lanes (a0 b0 a1 b1); the permute restores column order.
         const __m256i ab = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + gi * g + j), ab);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j), ab);
       }
     }
     if (p.format == WeightFormat::kNf4) reorder_halves(q, s.kp, nf4_i16_column);
@@ -1299,104 +1306,149 @@ void dequantize_row(const WeightOnlyParams& p, int64_t row, T* dst) {
   }
 }
 
+#if defined(__AVX512VNNI__) || (defined(__AVX2__) && !defined(__AVX512F__))
+// ------------------------------------------------------------ int8 x int16 panels (many rows of x)
+// The int16 products of one ISA level: AVX-512 VNNI sums 32 a `vpdpwssd` in
+// place; AVX2 sums 16 with `vpmaddwd` and adds them (same pairs per lane, so
+// the int32 range argument of kInt8XGroup holds for both).
 #if defined(__AVX512VNNI__)
-// ------------------------------------------------------------ int8 x int16 panels (VNNI, many rows of x)
+struct Int16Dot {
+  using V = __m512i;
+  static constexpr int kLanes = 32;   // int16 per vector: columns a step
+  static constexpr int kMaxRows = 4;  // rows of x a pass: 16 accumulators
+  static V zero() { return _mm512_setzero_si512(); }
+  static V load(const int16_t* p) { return _mm512_loadu_si512(p); }
+  static V dot(V acc, V w, V x) { return dpwssd(acc, w, x); }
+  // n (<= kLanes) codes widened to int16, the rest zero.
+  static V widen(const uint8_t* codes, int64_t n) {
+    const __mmask32 lanes = n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, codes));
+  }
+  static V widen_full(const uint8_t* codes) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
+  }
+  static void store(int16_t* p, V v) { _mm512_store_si512(p, v); }
+  // t[0..16) += float(acc) * scale
+  static void add_scaled(float* t, V acc, float scale) {
+    _mm512_storeu_ps(t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(scale), _mm512_loadu_ps(t)));
+  }
+  static float sum(const float* t) { return _mm512_reduce_add_ps(_mm512_loadu_ps(t)); }
+};
+#else
+struct Int16Dot {
+  using V = __m256i;
+  static constexpr int kLanes = 16;
+  static constexpr int kMaxRows = 2;  // 8 accumulators of the 16 registers
+  static V zero() { return _mm256_setzero_si256(); }
+  static V load(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static V dot(V acc, V w, V x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
+  static V widen(const uint8_t* codes, int64_t n) {
+    alignas(16) uint8_t b[16] = {};
+    std::memcpy(b, codes, static_cast<size_t>(std::min<int64_t>(n, 16)));
+    return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
+  }
+  static V widen_full(const uint8_t* codes) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  }
+  static void store(int16_t* p, V v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+  static void add_scaled(float* t, V acc, float scale) {
+    _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(scale), _mm256_loadu_ps(t)));
+  }
+  static float sum(const float* t) { return vsum(Vec{_mm256_loadu_ps(t)}); }
+};
+#endif
+constexpr int kTotalLanes = Int16Dot::kLanes / 2;  // int32 sums per (weight row, row of x)
+
 // MB rows of x from m0 against a tile's x group: the codes come decoded
-// from the panel (L1), 32 columns a step; the group's exact int32 sums are
-// scaled by x's group scale into totals[(r * m + row of x) * 16 ...].
+// from the panel (L1), Int16Dot::kLanes columns a step; the group's exact
+// int32 sums are scaled by x's group scale into
+// totals[(r * m + row of x) * kTotalLanes ...].
 template <int MB>
 void int8_panel_rows(const int16_t* panel, int64_t steps, const StagedX& sx, int64_t m, int64_t m0, int64_t g,
                      float* totals) {
+  using D = Int16Dot;
   const int16_t* xr[MB];
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) xr[i] = sx.xq.data() + (m0 + i) * sx.kp + g * sx.xq_group;
-  __m512i acc[kTileN][MB];
+  D::V acc[kTileN][MB];
 #pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r)
 #pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_si512();
+    for (int i = 0; i < MB; ++i) acc[r][i] = D::zero();
   for (int64_t st = 0; st < steps; ++st) {
-    __m512i xv[MB];
+    D::V xv[MB];
 #pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_si512(xr[i] + st * 32);
+    for (int i = 0; i < MB; ++i) xv[i] = D::load(xr[i] + st * D::kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
-      const __m512i w = _mm512_load_si512(panel + r * kInt8XGroup + st * 32);
+      const D::V w = D::load(panel + r * kInt8XGroup + st * D::kLanes);
 #pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) acc[r][i] = dpwssd(acc[r][i], w, xv[i]);
+      for (int i = 0; i < MB; ++i) acc[r][i] = D::dot(acc[r][i], w, xv[i]);
     }
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) {
-    const __m512 xs = _mm512_set1_ps(sx.xq_scale[(m0 + i) * sx.xq_groups + g]);
+    const float xs = sx.xq_scale[(m0 + i) * sx.xq_groups + g];
 #pragma GCC unroll 16
-    for (int r = 0; r < kTileN; ++r) {
-      float* t = totals + (r * m + m0 + i) * 16;
-      _mm512_storeu_ps(t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][i]), xs, _mm512_loadu_ps(t)));
-    }
+    for (int r = 0; r < kTileN; ++r) D::add_scaled(totals + (r * m + m0 + i) * kTotalLanes, acc[r][i], xs);
   }
 }
 
 // int8 codes times x staged as int16 (stage_int16), for more rows of x than
 // one pass takes: each x group of a tile's weight rows is sign-extended to
 // int16 once into a panel in L1, which every row of x then multiplies with
-// `vpdpwssd` (32 products an instruction, twice the fp32 FMA rate). Decoding
-// in the inner loop instead, once per pass over 2 rows of x, ran no faster
-// than the fp32 FMA loop. Zen 4, bf16 x, against ATen's int8 kernel in the
-// same process (weights from DRAM): M=8 1.32-1.44x -> 1.41-1.67x, M=16
-// 1.24-1.69x -> 1.43-1.94x; in cache 1.1-1.3x the fp32 loop. Past k the
-// codes are masked off (a row may end anywhere) and x is zero.
+// int16 dot products (`vpdpwssd`: 32 products an instruction, twice the
+// fp32 FMA rate; AVX2 `vpmaddwd` + `vpaddd`: 16). Decoding in the inner
+// loop instead, once per pass over 2 rows of x, ran no faster than the fp32
+// FMA loop. Zen 4, bf16 x, against ATen's int8 kernel in the same process
+// (weights from DRAM): M=8 1.32-1.44x -> 1.41-1.67x, M=16 1.24-1.69x ->
+// 1.43-1.94x; in cache 1.1-1.3x the fp32 loop. AVX2: see uses_int16_x.
+// Past k the codes are zero (a row may end anywhere) and so is x.
 template <class T>
 void matmul_int8_panels(const WeightOnlyParams& p, const StagedX& sx) {
+  using D = Int16Dot;
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
   const int64_t tiles = (p.n + kTileN - 1) / kTileN;
   parallel_for(0, tiles, 1, [&](int64_t lo, int64_t hi) {
     alignas(64) int16_t panel[kTileN * kInt8XGroup];
-    std::vector<float> totals(static_cast<size_t>(kTileN * p.m * 16));
+    std::vector<float> totals(static_cast<size_t>(kTileN * p.m * kTotalLanes));
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t row0 = t * kTileN;
       const TileRows tr(p, 1, row0);
       std::fill(totals.begin(), totals.end(), 0.0f);
       for (int64_t g = 0; g < sx.xq_groups; ++g) {
-        const int64_t j0 = g * sx.xq_group, cols = std::min(p.k, j0 + sx.xq_group) - j0, steps = (cols + 31) / 32;
+        const int64_t j0 = g * sx.xq_group, cols = std::min(p.k, j0 + sx.xq_group) - j0;
+        const int64_t steps = (cols + D::kLanes - 1) / D::kLanes;
         for (int r = 0; r < kTileN; ++r) {
           const uint8_t* src = tr.codes[r] + j0;
           int16_t* dst = panel + r * kInt8XGroup;
           int64_t c = 0;
           for (; c + 64 <= cols; c += 64) {
             prefetch_next_tile(p, src + c);  // the same line of the next tile
-            _mm512_store_si512(dst + c, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c))));
-            _mm512_store_si512(dst + c + 32, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c + 32))));
+#pragma GCC unroll 4
+            for (int64_t v = 0; v < 64; v += D::kLanes) D::store(dst + c + v, D::widen_full(src + c + v));
           }
-          for (; c < cols; c += 32) {  // a row may end anywhere: the codes past it are masked off
+          for (; c < cols; c += D::kLanes) {  // a row may end anywhere: the codes past it are zero
             if (c % 64 == 0) prefetch_next_tile(p, src + c);
-            const int64_t left = cols - c;
-            const __mmask32 lanes = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1);
-            _mm512_store_si512(dst + c, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, src + c)));
+            D::store(dst + c, D::widen(src + c, cols - c));
           }
         }
         int64_t m0 = 0;
-        for (; m0 + 4 <= p.m; m0 += 4) int8_panel_rows<4>(panel, steps, sx, p.m, m0, g, totals.data());
-        switch (p.m - m0) {
-          case 3:
+        if constexpr (D::kMaxRows == 4) {
+          for (; m0 + 4 <= p.m; m0 += 4) int8_panel_rows<4>(panel, steps, sx, p.m, m0, g, totals.data());
+          if (p.m - m0 == 3) {
             int8_panel_rows<3>(panel, steps, sx, p.m, m0, g, totals.data());
-            break;
-          case 2:
-            int8_panel_rows<2>(panel, steps, sx, p.m, m0, g, totals.data());
-            break;
-          case 1:
-            int8_panel_rows<1>(panel, steps, sx, p.m, m0, g, totals.data());
-            break;
-          default:
-            break;
+            m0 += 3;
+          }
         }
+        for (; m0 + 2 <= p.m; m0 += 2) int8_panel_rows<2>(panel, steps, sx, p.m, m0, g, totals.data());
+        if (m0 < p.m) int8_panel_rows<1>(panel, steps, sx, p.m, m0, g, totals.data());
       }
       for (int r = 0; r < kTileN && row0 + r < p.n; ++r) {
         const float s = tr.scales[r][0], b = bias ? to_float(bias[row0 + r]) : 0.0f;
         for (int64_t i = 0; i < p.m; ++i)
-          out[i * p.out_row_stride + row0 + r] =
-              from_float<T>(_mm512_reduce_add_ps(_mm512_loadu_ps(totals.data() + (r * p.m + i) * 16)) * s + b);
+          out[i * p.out_row_stride + row0 + r] = from_float<T>(D::sum(totals.data() + (r * p.m + i) * kTotalLanes) * s + b);
       }
     }
   });
@@ -1407,7 +1459,7 @@ void matmul_int8_panels(const WeightOnlyParams& p, const StagedX& sx) {
 
 void weight_only_matmul(const WeightOnlyParams& p) {
   const StagedX sx = stage_x(p);
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__) || (defined(__AVX2__) && !defined(__AVX512F__))
   if (p.format == WeightFormat::kInt8 && sx.loop == StagedX::Loop::kInt16) {
     dispatch_dtype(p.dtype, [&](auto tag) { matmul_int8_panels<decltype(tag)>(p, sx); });
     return;
