@@ -39,10 +39,14 @@ WeightFormat parse_format(const char* op, const std::string& f) {
 // cpu_gemm_applies says whether the kernel can run; cpu_gemm also asks the
 // once-per-process measurement of gemm_choice.h (AMX CPUs: dense tiles),
 // which only callers with many rows should trigger.
+// paired: the length of the summed dimension (k forward, n for grad @ W),
+// which bf16 words pair up.
+bool cpu_gemm_level_applies(at::ScalarType dtype, int64_t paired) {
+  if (dtype != at::kBFloat16) return active_cpu_isa() >= CpuIsa::kAvx512;  // fp32 FMAs
+  return active_cpu_isa() == CpuIsa::kAvx512Bf16 && paired % 2 == 0;
+}
 bool cpu_gemm_applies(const at::Tensor& x, const WeightOnlyParams& p) {
-  if (x.is_cuda()) return false;
-  if (x.scalar_type() != at::kBFloat16) return active_cpu_isa() >= CpuIsa::kAvx512;  // fp32 FMAs
-  return active_cpu_isa() == CpuIsa::kAvx512Bf16 && p.k % 2 == 0;
+  return !x.is_cuda() && cpu_gemm_level_applies(x.scalar_type(), p.k);
 }
 bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
   return cpu_gemm_applies(x, p) && cpu_quant_gemm_wins(x.scalar_type());
@@ -383,9 +387,9 @@ at::Tensor quant_matmul_weight_only(const at::Tensor& x_arg, const at::Tensor& q
 // frozen). On AVX-512 CPUs weight_only_gemm_grad, which dequantises 128
 // columns of W at a time (fp16 / fp32 grad in fp32 FMAs: Zen 4, M=256,
 // 180-210 GFLOP/s against 105-125 for the dense route; with AVX512_BF16,
-// bf16 grad with an even out_features in bf16 dot products). Elsewhere the dense W, in fp32 on
-// CPU where ATen's fp32 GEMM is the faster one for 16-bit grad
-// (cpu_gemm_choice.h), else in grad's dtype, and ATen's GEMM.
+// bf16 grad with an even out_features in bf16 dot products). Elsewhere
+// the dense W, in fp32 on CPU where ATen's fp32 GEMM is the faster one for
+// 16-bit grad (cpu_gemm_choice.h), else in grad's dtype, and ATen's GEMM.
 at::Tensor quant_matmul_weight_only_grad_input(const at::Tensor& grad_arg, const at::Tensor& qweight,
                                                const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                                                const std::string& format, int64_t group_size, int64_t in_features) {
@@ -399,10 +403,8 @@ at::Tensor quant_matmul_weight_only_grad_input(const at::Tensor& grad_arg, const
   const at::Tensor grad = with_flat_rows(grad_arg);
   const int64_t m = grad.numel() / p.n;
   const std::vector<int64_t> shape = output_shape(grad, p.k);
-  const bool gemm_applies = grad.scalar_type() != at::kBFloat16
-                                ? active_cpu_isa() >= CpuIsa::kAvx512
-                                : active_cpu_isa() == CpuIsa::kAvx512Bf16 && p.n % 2 == 0;
-  if (!grad.is_cuda() && gemm_applies && cpu_quant_gemm_wins(grad.scalar_type())) {
+  if (!grad.is_cuda() && cpu_gemm_level_applies(grad.scalar_type(), p.n) &&
+      cpu_quant_gemm_wins(grad.scalar_type())) {
     at::Tensor out = at::empty(shape, grad.options());
     if (m == 0) return out;
     p.x = grad.data_ptr();

@@ -1319,7 +1319,7 @@ struct Int16Dot {
   static V zero() { return _mm512_setzero_si512(); }
   static V load(const int16_t* p) { return _mm512_loadu_si512(p); }
   static V dot(V acc, V w, V x) { return dpwssd(acc, w, x); }
-  // n (<= kLanes) codes widened to int16, the rest zero.
+  // The first min(n, kLanes) codes widened to int16, the rest zero.
   static V widen(const uint8_t* codes, int64_t n) {
     const __mmask32 lanes = n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
     return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, codes));
