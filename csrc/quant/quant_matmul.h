@@ -10,7 +10,9 @@
 //          consecutive columns per nibble and x needs no shuffling.
 //                                                   W[n,k] = scale[n,g] * (q - zero[n,g])
 //   kNf4   same nibble layout.                      W[n,k] = scale[n,g] * kNf4Codebook[q]
-//   with g = k / group_size; scales and zeros are fp32 (n, k / group_size).
+//   with g = k / group_size; scales are fp32 (n, k / group_size), zeros
+//   the same shape in uint8 (every scheme's zero point is a whole number, so
+//   one byte holds it exactly: int4 g128 then streams 69 bytes a group, not 72).
 //   W8A8   (n16/16, k4/4, 16, 4) int8: panels of 16 output rows, each k-quad
 //          of the panel one 64-byte line (16 rows x 4 columns), which is one
 //          VNNI `vpdpbusd` operand. n16 = n rounded up to 16, k4 = k rounded
@@ -56,7 +58,7 @@ struct WeightOnlyParams {
   const uint8_t* __restrict__ qweight = nullptr;  // layout above, rows contiguous
   int64_t qweight_row_stride = 0;                 // bytes
   const float* __restrict__ scales = nullptr;     // (n, k / group_size) contiguous
-  const float* __restrict__ zeros = nullptr;      // same shape; kInt4 only
+  const uint8_t* __restrict__ zeros = nullptr;    // same shape; kInt4 only
   const void* __restrict__ bias = nullptr;        // (n) in dtype, or null
   void* __restrict__ out = nullptr;               // (m, n), rows contiguous
   int64_t out_row_stride = 0;
@@ -92,7 +94,7 @@ struct QuantizeParams {
   bool symmetric = false;                  // kInt4 only
   uint8_t* __restrict__ qweight = nullptr;  // kInt8: (n, k) int8; 4-bit: (n, kp / 2)
   float* __restrict__ scales = nullptr;     // (n, k / group_size)
-  float* __restrict__ zeros = nullptr;      // same; kInt4 only
+  uint8_t* __restrict__ zeros = nullptr;    // same shape; kInt4 only
   bool* non_finite = nullptr;               // set when a weight is inf or nan
 };
 

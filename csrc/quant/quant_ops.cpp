@@ -124,9 +124,10 @@ void launch_dequantize(const WeightOnlyParams& p, const at::Tensor& dense) {
   TK_CPU_DISPATCH(weight_only_dequantize, p, dense.data_ptr());
 }
 
-void check_fp32_matrix(const char* op, const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
-                       const at::Tensor& qweight) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+void check_group_matrix(const char* op, const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t rows,
+                        int64_t cols, const at::Tensor& qweight) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype == at::kFloat ? "float32" : "uint8",
+                   ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name, " must be (", rows,
                     ", ", cols, "), got ", t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
@@ -171,11 +172,11 @@ WeightOnlyParams check_weight(const char* op, const at::Tensor& qweight, const a
   TORCH_CHECK_VALUE(qweight.size(1) == row_bytes, op, ": qweight must have ", row_bytes, " columns for ", k,
                     " in_features in format ", format, ", got ", qweight.size(1));
   const int64_t groups = k / group_size;
-  check_fp32_matrix(op, scales, "scales", n, groups, qweight);
+  check_group_matrix(op, scales, "scales", at::kFloat, n, groups, qweight);
   if (p.format == WeightFormat::kInt4) {
     TORCH_CHECK_VALUE(zeros.has_value(), op, ": zeros are required for format int4");
-    check_fp32_matrix(op, *zeros, "zeros", n, groups, qweight);
-    p.zeros = zeros->data_ptr<float>();
+    check_group_matrix(op, *zeros, "zeros", at::kByte, n, groups, qweight);
+    p.zeros = zeros->data_ptr<uint8_t>();
   } else {
     TORCH_CHECK_VALUE(!zeros.has_value(), op, ": zeros must be None for format ", format);
   }
@@ -241,12 +242,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_quantize(const at::Tensor& 
   at::Tensor qweight =
       at::empty({p.n, row_bytes}, w.options().dtype(p.format == WeightFormat::kInt8 ? at::kChar : at::kByte));
   at::Tensor scales = at::empty({p.n, groups}, f32);
-  at::Tensor zeros = at::empty({p.format == WeightFormat::kInt4 ? p.n : 0, groups}, f32);
+  at::Tensor zeros = at::empty({p.format == WeightFormat::kInt4 ? p.n : 0, groups}, w.options().dtype(at::kByte));
   p.w = w.data_ptr();
   p.w_row_stride = p.k;
   p.qweight = static_cast<uint8_t*>(qweight.data_ptr());
   p.scales = scales.data_ptr<float>();
-  p.zeros = p.format == WeightFormat::kInt4 ? zeros.data_ptr<float>() : nullptr;
+  p.zeros = p.format == WeightFormat::kInt4 ? zeros.data_ptr<uint8_t>() : nullptr;
   bool non_finite = false;
   p.non_finite = &non_finite;
   TK_CPU_DISPATCH(quantize_weight, p);

@@ -387,7 +387,8 @@ void run_quant() {
   const int64_t m = cfg("m"), n = cfg("n"), k = cfg("k");
   std::vector<T> x = to_dtype<T>(read_array<float>("x")), bias, out = poisoned<T>(m * n), dense = poisoned<T>(n * k);
   std::vector<uint8_t> qweight = read_array<uint8_t>("qweight");
-  std::vector<float> scales = read_array<float>("scales"), zeros;
+  std::vector<float> scales = read_array<float>("scales");
+  std::vector<uint8_t> zeros;
   // x_offset > 0: x starts that many elements into its buffer (a sliced,
   // not 16-byte aligned x: the kernels' narrow-load path).
   const int64_t x_offset = cfg_or("x_offset", 0);
@@ -400,7 +401,7 @@ void run_quant() {
   p.scales = scales.data();
   p.format = static_cast<WeightFormat>(cfg("format"));
   if (p.format == WeightFormat::kInt4) {
-    zeros = read_array<float>("zeros");
+    zeros = read_array<uint8_t>("zeros");
     p.zeros = zeros.data();
   }
   if (cfg("bias") != 0) {

@@ -565,7 +565,7 @@ def test_weight_only_matmul(emulator, tmp_path, scheme, group, m, n, k, dtype, b
     qweight = qw.qweight.view(torch.uint8) if qw.qweight.dtype == torch.int8 else qw.qweight
     arrays = dict(x=x, qweight=qweight, scales=qw.scales.float(), bias=b)
     if scheme == "int4":
-        arrays["zeros"] = qw.zeros.float()
+        arrays["zeros"] = qw.zeros
     cfg = {"op_quant": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k, "format": fmt,
            "group_size": qw.group_size if scheme != "int8" else k, "bias": int(bias), "gemm": int(m > 8)}
     out = run(emulator, tmp_path, cfg, arrays)
@@ -594,7 +594,7 @@ def test_weight_only_gemm_split_k(emulator, tmp_path, scheme, group, m, n, k, dt
     qweight = qw.qweight.view(torch.uint8) if qw.qweight.dtype == torch.int8 else qw.qweight
     arrays = dict(x=x, qweight=qweight, scales=qw.scales.float(), bias=b)
     if scheme == "int4":
-        arrays["zeros"] = qw.zeros.float()
+        arrays["zeros"] = qw.zeros
     cfg = {"op_quant": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k,
            "format": {"int8": 0, "int4": 1, "nf4": 2}[scheme], "group_size": qw.group_size if scheme != "int8" else k,
            "bias": 1, "gemm": 1}
@@ -619,7 +619,7 @@ def test_weight_only_gemv_unaligned_x(emulator, tmp_path, scheme, dtype):
     qweight = qw.qweight.view(torch.uint8) if qw.qweight.dtype == torch.int8 else qw.qweight
     arrays = dict(x=x, qweight=qweight, scales=qw.scales.float())
     if scheme == "int4":
-        arrays["zeros"] = qw.zeros.float()
+        arrays["zeros"] = qw.zeros
     cfg = {"op_quant": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k,
            "format": {"int8": 0, "int4": 1, "nf4": 2}[scheme], "group_size": qw.group_size if scheme != "int8" else k,
            "bias": 0, "gemm": 0, "x_offset": 1}
@@ -652,7 +652,7 @@ def test_gemv_4bit_tensor_cores(emulator, tmp_path, scheme, group, m, n, k, dtyp
     b = torch.randn(n).to(dtype)
     arrays = dict(x=x, qweight=qw.qweight, scales=qw.scales.float(), bias=b)
     if scheme == "int4":
-        arrays["zeros"] = qw.zeros.float()
+        arrays["zeros"] = qw.zeros
     cfg = {"op_quant": 1, "dtype": DTYPE_CODE[dtype], "m": m, "n": n, "k": k, "format": {"int4": 1, "nf4": 2}[scheme],
            "group_size": group, "bias": int(bias), "gemm": 0, "gemv_4bit": 1, "x_offset": x_offset}
     out = run(emulator, tmp_path, cfg, arrays, sms=sms)

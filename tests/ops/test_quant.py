@@ -551,6 +551,10 @@ def test_bad_inputs():
         ops.quant_matmul_weight_only(x, qw.qweight, qw.scales[:, :1].contiguous(), qw.zeros, None, "int4", 64)
     with pytest.raises(TypeError, match="scales must be float32"):
         ops.quant_matmul_weight_only(x, qw.qweight, qw.scales.half(), qw.zeros, None, "int4", 64)
+    with pytest.raises(TypeError, match="zeros must be uint8"):
+        ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros.float(), None, "int4", 64)
+    with pytest.raises(ValueError, match=r"zeros must be \(16, 2\)"):
+        ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros[:, :1].contiguous(), None, "int4", 64)
     with pytest.raises(ValueError, match="format must be 'int8', 'int4' or 'nf4'"):
         ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros, None, "int5", 64)
     with pytest.raises(ValueError, match="group_size must be a positive multiple of 32"):

@@ -116,6 +116,27 @@ def test_save_load_act_order(tmp_path):
     assert torch.equal(torchkiln.dequantize(back), torchkiln.dequantize(qw))
 
 
+def test_load_version_1_fp32_zeros(tmp_path):
+    """Files written before version 2 hold int4 zero points as fp32; they load
+    into uint8 exactly, and zero points that are not whole numbers are refused."""
+    from safetensors.torch import save_file
+
+    qw = torchkiln.quantize(torch.randn(24, 256), "int4", group_size=64)
+    assert qw.zeros.dtype == torch.uint8
+    # 64 codes (32 bytes) + an fp32 scale + a one-byte zero per group
+    assert qw.nbytes() == 24 * 128 + 24 * 4 * (4 + 1)
+    v1 = {**qw.metadata(), "version": "1"}
+    tensors = {**qw.tensors(), "zeros": qw.zeros.to(torch.float32)}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=v1)
+    back = torchkiln.QuantizedWeight.load(str(tmp_path / "v1.safetensors"))
+    assert back.zeros.dtype == torch.uint8 and torch.equal(back.zeros, qw.zeros)
+    assert torch.equal(torchkiln.dequantize(back), torchkiln.dequantize(qw))
+    tensors["zeros"] = tensors["zeros"] + 0.5
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=v1)
+    with pytest.raises(ValueError, match="zeros must be whole numbers"):
+        torchkiln.QuantizedWeight.load(str(tmp_path / "bad.safetensors"))
+
+
 def test_weight_object_bad_inputs():
     qw = torchkiln.quantize(torch.randn(8, 64), "int4", group_size=32)
     with pytest.raises(ValueError, match="scheme must be one of"):

@@ -21,8 +21,8 @@ inline const float* code_values(WeightFormat f) { return f == WeightFormat::kNf4
 // in the low half of a vector: `vpermw` with codes 0-15 as indices turns 32
 // codes into 32 dequantised weights.
 template <class T>
-inline __m512i scaled_code_table(__m512 values, float scale, const float* zero) {
-  const __m512 v = zero ? _mm512_sub_ps(values, _mm512_set1_ps(*zero)) : values;
+inline __m512i scaled_code_table(__m512 values, float scale, const uint8_t* zero) {
+  const __m512 v = zero ? _mm512_sub_ps(values, _mm512_set1_ps(static_cast<float>(*zero))) : values;
   const Vec t{_mm512_mul_ps(v, _mm512_set1_ps(scale))};
   if constexpr (std::is_same_v<T, bf16_t>) return _mm512_castsi256_si512(cvt_bf16(t));
   else return _mm512_castsi256_si512(cvt_fp16(t));

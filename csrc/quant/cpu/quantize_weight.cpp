@@ -61,7 +61,7 @@ void int4_group(const QuantizeParams& p, const T* w, int64_t len, int64_t row, i
     lo_clip = vset1(-zero);  // round(w / s) + zero clamped to [0, 15]
     hi_clip = vset1(15.0f - zero);
   }
-  p.zeros[row * groups + g] = zero;
+  p.zeros[row * groups + g] = static_cast<uint8_t>(zero);
   const Vec d = vset1(divisor), z = vset1(zero);
   alignas(64) float q[kW];
   for (int64_t j = 0; j < len; j += kW) {

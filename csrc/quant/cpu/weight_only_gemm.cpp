@@ -262,7 +262,7 @@ class WeightSegment {
   // What row r reads: its codes, scale and zero point (4-bit: the group's).
   const uint8_t* codes(int64_t r) const { return p_.qweight + r * p_.qweight_row_stride + byte_offset_; }
   const float* scale(int64_t r) const { return p_.scales + r * groups_ + g_; }
-  const float* zero(int64_t r) const { return p_.zeros ? p_.zeros + r * groups_ + g_ : nullptr; }
+  const uint8_t* zero(int64_t r) const { return p_.zeros ? p_.zeros + r * groups_ + g_ : nullptr; }
 
 #if defined(__AVX512BF16__)
   // bf16: all 32 columns in one vector.
@@ -287,8 +287,8 @@ class WeightSegment {
       return;
     }
     // The group's 16 values as (value - zero) * scale: dequantize's fp32 formula.
-    const float* z = zero(r);
-    const __m512 v = z ? _mm512_sub_ps(values_, _mm512_set1_ps(*z)) : values_;
+    const uint8_t* z = zero(r);
+    const __m512 v = z ? _mm512_sub_ps(values_, _mm512_set1_ps(static_cast<float>(*z))) : values_;
     const __m512 table = _mm512_mul_ps(v, _mm512_set1_ps(*scale(r)));
     const __m128i* b = reinterpret_cast<const __m128i*>(w);
     lo = _mm512_permutexvar_ps(nibbles(_mm512_cvtepu8_epi32(_mm_loadu_si128(b))), table);

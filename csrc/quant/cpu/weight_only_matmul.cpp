@@ -330,7 +330,7 @@ StagedX stage_x(const WeightOnlyParams& p) {
 // ------------------------------------------------------------ code decoding
 // decode_nibbles: Vec::kWidth bytes at p -> the low-nibble values (columns
 // j..j+W of the chunk) and the high-nibble values (columns 32+j..32+j+W).
-// decode_int8: Vec::kWidth int8 codes -> fp32.
+// decode_int8 / decode_uint8: Vec::kWidth int8 / uint8 values -> fp32.
 #if defined(__AVX512F__)
 struct Table16 {
   __m512 t;
@@ -345,6 +345,9 @@ inline void decode_nibbles(const uint8_t* p, const Table16& tab, Vec& lo, Vec& h
 }
 inline Vec decode_int8(const int8_t* p) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+inline Vec decode_uint8(const uint8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
 #elif defined(__AVX2__)
 struct Table16 {
@@ -365,6 +368,9 @@ inline void decode_nibbles(const uint8_t* p, const Table16& tab, Vec& lo, Vec& h
 inline Vec decode_int8(const int8_t* p) {
   return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
 }
+inline Vec decode_uint8(const uint8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
 #else
 struct Table16 {
   const float* t;
@@ -375,6 +381,7 @@ inline void decode_nibbles(const uint8_t* p, const Table16& tab, Vec& lo, Vec& h
   hi.v = tab.t[*p >> 4];
 }
 inline Vec decode_int8(const int8_t* p) { return {static_cast<float>(*p)}; }
+inline Vec decode_uint8(const uint8_t* p) { return {static_cast<float>(*p)}; }
 #endif
 
 // int4 codes are their own values: below AVX-512, converting the nibble
@@ -405,7 +412,7 @@ inline int64_t tile_row(const WeightOnlyParams& p, int64_t row0, int r) { return
 struct TileRows {
   const uint8_t* codes[kTileN];
   const float* scales[kTileN];
-  const float* zeros[kTileN];  // null without zero points
+  const uint8_t* zeros[kTileN];  // null without zero points
   TileRows(const WeightOnlyParams& p, int64_t groups, int64_t row0) {
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
@@ -460,7 +467,7 @@ void tile_4bit_rows(const WeightOnlyParams& p, const StagedX& sx, const TileRows
   const bool has_zero = p.format == WeightFormat::kInt4;
   const uint8_t* const* w = t.codes + r0;
   const float* const* sc = t.scales + r0;
-  const float* const* zr = t.zeros + r0;
+  const uint8_t* const* zr = t.zeros + r0;
   const float* xr[MB];
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) xr[i] = sx.x.data() + (m0 + i) * sx.kp;
@@ -480,8 +487,8 @@ void tile_4bit_rows(const WeightOnlyParams& p, const StagedX& sx, const TileRows
     for (int r = 0; r < kSub4; ++r) {
       s_lo[r] = vset1(sc[r][g_lo]);
       s_hi[r] = vset1(sc[r][g_hi]);
-      b_lo[r] = vset1(has_zero ? -zr[r][g_lo] * sc[r][g_lo] : 0.0f);
-      b_hi[r] = vset1(has_zero ? -zr[r][g_hi] * sc[r][g_hi] : 0.0f);
+      b_lo[r] = vset1(has_zero ? -static_cast<float>(zr[r][g_lo]) * sc[r][g_lo] : 0.0f);
+      b_hi[r] = vset1(has_zero ? -static_cast<float>(zr[r][g_hi]) * sc[r][g_hi] : 0.0f);
     }
     for (int j = 0; j < 32; j += W) {
       Vec xl[MB], xh[MB];
@@ -517,13 +524,13 @@ void tile_4bit_rows(const WeightOnlyParams& p, const StagedX& sx, const TileRows
 // sum_g s_g z_g X_g for one weight row (scales sc, zero points zr) and row
 // x_row of x: the zero points' share of an int4 product whose codes were
 // multiplied unscaled (X_g: the group sums of x).
-inline float int4_zero_term(const StagedX& sx, const float* sc, const float* zr, int64_t x_row) {
+inline float int4_zero_term(const StagedX& sx, const float* sc, const uint8_t* zr, int64_t x_row) {
   const float* xs = sx.group_sums.data() + x_row * sx.groups;
   Vec zt = vzero();
   int64_t g = 0;
-  for (; g + kW <= sx.groups; g += kW) zt = vfma(vload(sc + g) * vload(zr + g), vload(xs + g), zt);
+  for (; g + kW <= sx.groups; g += kW) zt = vfma(vload(sc + g) * decode_uint8(zr + g), vload(xs + g), zt);
   float sum = vsum(zt);
-  for (; g < sx.groups; ++g) sum += sc[g] * zr[g] * xs[g];
+  for (; g < sx.groups; ++g) sum += sc[g] * static_cast<float>(zr[g]) * xs[g];
   return sum;
 }
 
@@ -938,12 +945,12 @@ struct NextTileSweep {
   // groups a row). (Until TK_PREFETCH_HELPER, GCC deleted every call.)
   TK_PREFETCH_HELPER static void prefetch_groups(const WeightOnlyParams& p, int64_t row0, int64_t groups) {
     const int64_t next = (row0 + kTileN) * groups, bytes = kTileN * groups * static_cast<int64_t>(sizeof(float));
-    for (const float* a : {p.scales, p.zeros}) {
-      if (a == nullptr) continue;
-      // Past the last tile this points beyond the array; prefetches never fault.
-      const char* base = reinterpret_cast<const char*>(a + next);
-      for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(base + b, _MM_HINT_T1);
-    }
+    // Past the last tile these point beyond the arrays; prefetches never fault.
+    const char* scales = reinterpret_cast<const char*>(p.scales + next);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(scales + b, _MM_HINT_T1);
+    if (p.zeros == nullptr) return;
+    const char* zeros = reinterpret_cast<const char*>(p.zeros + next);
+    for (int64_t b = 0; b < bytes / static_cast<int64_t>(sizeof(float)); b += 64) _mm_prefetch(zeros + b, _MM_HINT_T1);
   }
 };
 
@@ -1024,7 +1031,7 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
     for (int i = 0; i < MB; ++i) x_sum[i] = _mm512_maskz_loadu_ps(lanes, xs[i] + g);
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
-      const __m512 z = _mm512_maskz_loadu_ps(lanes, t.zeros[r] + g);
+      const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, t.zeros[r] + g)));
       const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, sc[r] + g), _mm512_add_ps(z, _mm512_set1_ps(128.0f)));
 #pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) total[r][i] = _mm512_fnmadd_ps(sz, x_sum[i], total[r][i]);
@@ -1239,7 +1246,7 @@ template <class T>
 void dequantize_row_4bit_lookup(const WeightOnlyParams& p, int64_t row, T* dst) {
   const int64_t groups = p.k / p.group_size;
   const float* sc = p.scales + row * groups;
-  const float* z = p.zeros ? p.zeros + row * groups : nullptr;
+  const uint8_t* z = p.zeros ? p.zeros + row * groups : nullptr;
   const __m512 values = _mm512_loadu_ps(code_values(p.format));
   auto table = [&](int64_t g) { return scaled_code_table<T>(values, sc[g], z ? z + g : nullptr); };
   const __m512i low4 = _mm512_set1_epi16(0x000F);
@@ -1285,7 +1292,7 @@ void dequantize_row(const WeightOnlyParams& p, int64_t row, T* dst) {
   constexpr int W = Vec::kWidth;
   const Table16 tab(code_values(p.format));
   const uint8_t* w = p.qweight + row * p.qweight_row_stride;
-  const float* z = p.zeros ? p.zeros + row * (p.k / p.group_size) : nullptr;
+  const uint8_t* z = p.zeros ? p.zeros + row * (p.k / p.group_size) : nullptr;
   for (int64_t col = 0; col < p.k; col += kNibbleChunk) {
     const uint8_t* wc = w + col / 2;
     const bool has_hi = col + 32 < p.k;
@@ -1294,8 +1301,8 @@ void dequantize_row(const WeightOnlyParams& p, int64_t row, T* dst) {
       Vec lo, hi;
       decode_nibbles(wc + j, tab, lo, hi);
       if (z) {  // (q - zero) * scale, the reference's order of operations
-        lo = (lo - vset1(z[g_lo])) * vset1(sc[g_lo]);
-        hi = (hi - vset1(z[g_hi])) * vset1(sc[g_hi]);
+        lo = (lo - vset1(static_cast<float>(z[g_lo]))) * vset1(sc[g_lo]);
+        hi = (hi - vset1(static_cast<float>(z[g_hi]))) * vset1(sc[g_hi]);
       } else {
         lo = lo * vset1(sc[g_lo]);
         hi = hi * vset1(sc[g_hi]);

@@ -245,9 +245,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t groups_per_row = p.k / p.group_size, group0 = k_begin / p.group_size;
   const float* s0 = p.scales + r0 * groups_per_row + group0;
   const float* s1 = p.scales + r1 * groups_per_row + group0;
-  const float* z0 = kNf4 ? nullptr : p.zeros + r0 * groups_per_row + group0;
-  const float* z1 = kNf4 ? nullptr : p.zeros + r1 * groups_per_row + group0;
-  float sz[4] = {s0[0], kNf4 ? 0.0f : z0[0], s1[0], kNf4 ? 0.0f : z1[0]};
+  const uint8_t* z0 = kNf4 ? nullptr : p.zeros + r0 * groups_per_row + group0;
+  const uint8_t* z1 = kNf4 ? nullptr : p.zeros + r1 * groups_per_row + group0;
+  float sz[4] = {s0[0], kNf4 ? 0.0f : static_cast<float>(z0[0]), s1[0], kNf4 ? 0.0f : static_cast<float>(z1[0])};
 
   float acc[kTiles][4], c_acc[kTiles][4];
 #pragma unroll

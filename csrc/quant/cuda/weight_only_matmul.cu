@@ -86,7 +86,7 @@ inline bool rows_aligned(const void* base, int64_t row_stride_bytes) {
 struct WeightRow {
   const uint8_t* bytes;
   const float* scales;
-  const float* zeros;  // kInt4 only
+  const uint8_t* zeros;  // kInt4 only
   const float* nf4_table;
   int64_t row_bytes;  // holding codes: the row stride for 4-bit formats, k for int8
   int64_t k;
@@ -130,7 +130,7 @@ struct WeightRow {
     const int shift = 4 * run;
     switch (format) {
       case WeightFormat::kInt4: {
-        const float zero = zeros[g];
+        const float zero = static_cast<float>(zeros[g]);
 #pragma unroll
         for (int i = 0; i < kRun; ++i) w[i] = (small_code_to_float((packet_byte(pk, i) >> shift) & 15u) - zero) * scale;
         break;

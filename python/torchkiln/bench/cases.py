@@ -365,7 +365,7 @@ def _aten_int4(qw):
     codes = unpack_codes(qw).to(torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     scale = qw.scales.t()
-    offset = (8 - qw.zeros.t()) * scale
+    offset = (8 - qw.zeros.t().to(torch.float32)) * scale
     return packed, torch.stack([scale, offset], dim=-1).to(torch.bfloat16).contiguous()
 
 
@@ -465,7 +465,7 @@ def _quantize_case(k, n, scheme, dtype):
             q, s = nf4_codes(wf, gs)
             return layout.pack_nibbles(q), s
 
-        out_bytes = n * k // 2 + n * (k // gs) * 4 * (2 if scheme == "int4" else 1)
+        out_bytes = n * k // 2 + n * (k // gs) * (5 if scheme == "int4" else 4)  # fp32 scale (+ uint8 zero)
         return Prepared(lambda: quantize(w, scheme, group_size=gs), base, w.nbytes + out_bytes)
 
     return setup

@@ -79,7 +79,7 @@ def _quantize_fake(weight, format, group_size, symmetric):
     codes = weight.new_empty((n, cols), dtype=torch.int8 if format == "int8" else torch.uint8)
     groups = k // group_size
     scales = weight.new_empty((n, groups), dtype=torch.float32)
-    return codes, scales, weight.new_empty((n if format == "int4" else 0, groups), dtype=torch.float32)
+    return codes, scales, weight.new_empty((n if format == "int4" else 0, groups), dtype=torch.uint8)
 
 
 @register_fake("torchkiln::quant_matmul_w8a8")

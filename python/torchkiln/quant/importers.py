@@ -37,11 +37,12 @@ def _nibbles(words: Tensor) -> Tensor:
 
 def _int4_weight(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sym: bool,
                  k_perm: Tensor | None) -> QuantizedWeight:
-    """codes (out, in) in stored column order; scales, zeros (out, groups)."""
+    """codes (out, in) in stored column order; scales, zeros (out, groups),
+    zeros whole numbers 0..16."""
     n, k = codes.shape
     return QuantizedWeight(
         "int4", k, n, group_size, sym, layout.pack_nibbles(codes),
-        scales.to(torch.float32).contiguous(), zeros=zeros.to(torch.float32).contiguous(), k_perm=k_perm,
+        scales.to(torch.float32).contiguous(), zeros=zeros.to(torch.uint8).contiguous(), k_perm=k_perm,
     )
 
 
@@ -64,7 +65,7 @@ def from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | N
     if tuple(qzeros.shape) != (groups, (n + 7) // 8):
         raise ValueError(f"{fn}: qzeros must be ({groups}, {(n + 7) // 8}), got {tuple(qzeros.shape)}")
     codes = _nibbles(qweight).permute(0, 2, 1).reshape(k, n)  # (in, out)
-    zeros = _nibbles(qzeros).reshape(groups, -1)[:, :n].to(torch.float32) + 1  # stored minus one
+    zeros = _nibbles(qzeros).reshape(groups, -1)[:, :n] + 1  # stored minus one: 1..16
     k_perm = None
     if g_idx is not None:
         g_idx = g_idx.to(torch.int64)
@@ -100,4 +101,4 @@ def from_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: int) -
         out[..., order] = nib
         return out.reshape(words.shape[0], -1)
 
-    return _int4_weight(unpack(qweight).t(), scales.t(), unpack(qzeros).t().to(torch.float32), group_size, False, None)
+    return _int4_weight(unpack(qweight).t(), scales.t(), unpack(qzeros).t(), group_size, False, None)

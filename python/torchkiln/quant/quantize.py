@@ -70,7 +70,7 @@ def int4_codes(w: Tensor, group_size: int, symmetric: bool) -> tuple[Tensor, Ten
     """Per group of ``group_size`` input columns. Asymmetric: the range
     [min(w, 0), max(w, 0)] in 15 steps with an integer zero point;
     symmetric: scale = max|w| / 7, zero point 8. Returns codes 0..15 (out, in)
-    and scales, zeros (out, in / group_size)."""
+    and scales (fp32), zeros (uint8: whole numbers 0..15) (out, in / group_size)."""
     n, k = w.shape
     wg = w.view(n, k // group_size, group_size)
     if symmetric:
@@ -83,7 +83,7 @@ def int4_codes(w: Tensor, group_size: int, symmetric: bool) -> tuple[Tensor, Ten
         scale = _safe((hi - lo) / 15)
         zero = torch.round(-lo / scale).clamp(0, 15)
         q = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp(0, 15)
-    return q.to(torch.uint8).view(n, k), scale, zero
+    return q.to(torch.uint8).view(n, k), scale, zero.to(torch.uint8)
 
 
 # Midpoints between neighbouring NF4 code values, as fp32 numbers.

@@ -17,13 +17,22 @@ SCHEMES = ("int8", "int4", "nf4", "w8a8")
 _TENSOR_FIELDS = ("qweight", "scales", "zeros", "weight_sums", "k_perm", "absmax_q", "absmax_scales", "absmax_offset")
 
 
+def _zeros_from_v1(zeros: Tensor) -> Tensor:
+    """Version 1 files stored int4 zero points as fp32; they are whole numbers
+    0..16 (quantize's 0..15, GPTQ's 1..16), held as uint8 since version 2."""
+    if not bool(((zeros == zeros.round()) & (zeros >= 0) & (zeros <= 255)).all()):
+        raise ValueError("quantised weight file: int4 zeros must be whole numbers in [0, 255]")
+    return zeros.to(torch.uint8)
+
+
 @dataclass
 class QuantizedWeight:
     """A weight W (out_features, in_features) in one of the schemes:
 
     * ``int8``: qweight (out, in) int8, scales (out, 1) fp32; W = scale * q.
     * ``int4``: qweight (out, ceil(in/64)*32) uint8 in the nibble layout of
-      :mod:`torchkiln.quant.layout`; scales, zeros (out, in/group) fp32;
+      :mod:`torchkiln.quant.layout`; scales (out, in/group) fp32, zeros
+      the same shape in uint8 (zero points are whole numbers);
       W = scale * (q - zero).
     * ``nf4``: same nibble layout; scales = absmax per block (out, in/group);
       W = absmax * NF4[q]. With double quantisation the absmax values are
@@ -85,7 +94,7 @@ class QuantizedWeight:
     def metadata(self) -> dict[str, str]:
         return {
             "format": "torchkiln.quantized_weight",
-            "version": "1",
+            "version": "2",
             "scheme": self.scheme,
             "in_features": str(self.in_features),
             "out_features": str(self.out_features),
@@ -105,6 +114,8 @@ class QuantizedWeight:
         if metadata.get("format") != "torchkiln.quantized_weight":
             raise ValueError("not a torchkiln quantised weight (metadata 'format' missing or different)")
         fields = {name: tensors.get(name) for name in _TENSOR_FIELDS}
+        if fields["zeros"] is not None and fields["zeros"].is_floating_point():
+            fields["zeros"] = _zeros_from_v1(fields["zeros"])
         if fields["scales"] is None:
             if fields["absmax_q"] is None:
                 raise ValueError("quantised weight file has neither 'scales' nor 'absmax_q'")
