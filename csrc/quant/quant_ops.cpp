@@ -62,11 +62,13 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //  * Zen 4, bf16 x against the bf16 GEMM: int4 and nf4 with groups of 64 or
 //    more (bf16 dot products from 3 rows, see tile_4bit_bf16_scaled) near
 //    29 rows (in-register time 0.79-0.85x the GEMM's at 24, 1.06-1.12x at
-//    32); int4 with groups of 32 (fp32 FMAs) below 8 (1.32-1.41x at 8);
+//    32); int4 with groups of 32 (bf16 dot products per half chunk, see
+//    tile_int4_bf16_g32) near 11 (0.92-0.95x at 10, 1.07-1.17x at 12);
 //    int8 near 40-48 (0.88-0.95x at 40, 1.06-1.16x at 48).
 //  * Zen 4, fp16 and fp32 x against the fp32 GEMM (in-register time over
 //    the GEMM's): int4 g128 0.64-1.04 at 12, 0.88-1.41 at 16, 0.84-1.24 at
-//    24, 1.15-1.75 at 32; int4 g32 0.87-1.03 at 12, 1.15-1.34 at 16; nf4
+//    24, 1.15-1.75 at 32; int4 g32 (split bf16 dot products) 0.91-0.97 at
+//    12, 1.11-1.27 at 16; nf4
 //    0.82-0.90 at 24, 1.05-1.21 at 32; int8 at most 0.98 up to 48, then
 //    fp32 x 0.82-0.98 at 56-64 and 0.97-1.16 at 80-256 (the GEMM for its
 //    exact products), fp16 x 0.77-0.89 at 128-256 (int16-quantised x, see
@@ -108,7 +110,7 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
     }
     if (p.format == WeightFormat::kInt8) return 40;
     const bool four_bit_dot = p.group_size % kNibbleChunk == 0;
-    return four_bit_dot ? 28 : p.format == WeightFormat::kInt4 ? 6 : 8;
+    return four_bit_dot ? 28 : p.format == WeightFormat::kInt4 ? 10 : 8;
   }
   return p.format == WeightFormat::kNf4 ? 8 : 16;
 }

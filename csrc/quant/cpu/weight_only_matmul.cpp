@@ -67,9 +67,10 @@ int64_t padded_k(const WeightOnlyParams& p) {
 }
 
 // nf4 only with bf16 x: its loop takes x as it is (no hi + lo split).
+// Groups must be whole 64-column chunks, or (int4) 32 columns, half a chunk.
 bool uses_bf16_dot(const WeightOnlyParams& p) {
 #if defined(__AVX512BF16__)
-  if (p.group_size % kNibbleChunk != 0) return false;
+  if (p.group_size % kNibbleChunk != 0) return p.format == WeightFormat::kInt4 && p.group_size == 32;
   return p.format == WeightFormat::kInt4 || (p.format == WeightFormat::kNf4 && p.dtype == DType::kBFloat16);
 #else
   (void)p;
@@ -916,7 +917,7 @@ void tile_int8_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
 }
 
 #if defined(__AVX512BF16__)
-// ------------------------------------------------------------ bf16 dot-product loop (int4, group >= 64)
+// ------------------------------------------------------------ bf16 dot-product loops (int4)
 // Codes are offset by 128 (bf16 bits 0x4300 | q), so the group's partial sums
 // are folded with its scale and the zero point (plus 128) is applied per row
 // from the group sums of x.
@@ -953,6 +954,34 @@ struct NextTileSweep {
     for (int64_t b = 0; b < bytes / static_cast<int64_t>(sizeof(float)); b += 64) _mm_prefetch(zeros + b, _MM_HINT_T1);
   }
 };
+
+// The int4 bf16 loops' end: subtracts sum_g s_g * (z_g + 128) * sum_{k in g} x_k
+// from the scaled sums, 16 groups per vector, and reduces them into y. (As
+// a scalar loop per output, one dependent FMA per group, this cost as much
+// as the dot products: int4 M=8, 4096 -> 11008, 3.8 ms against 2.7.)
+template <int MB>
+void int4_bf16_finish(const StagedX& sx, const TileRows& t, int64_t m0, __m512 (&total)[kTileN][MB], float* y) {
+  const float* xs[MB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) xs[i] = sx.group_sums.data() + (m0 + i) * sx.groups;
+  for (int64_t g = 0; g < sx.groups; g += 16) {
+    const __mmask16 lanes = sx.groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (sx.groups - g)) - 1);
+    __m512 x_sum[MB];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) x_sum[i] = _mm512_maskz_loadu_ps(lanes, xs[i] + g);
+#pragma GCC unroll 16
+    for (int r = 0; r < kTileN; ++r) {
+      const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, t.zeros[r] + g)));
+      const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, t.scales[r] + g), _mm512_add_ps(z, _mm512_set1_ps(128.0f)));
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) total[r][i] = _mm512_fnmadd_ps(sz, x_sum[i], total[r][i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kTileN; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) y[r * MB + i] = _mm512_reduce_add_ps(total[r][i]);
+}
 
 template <int MB, bool kSplit>
 void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
@@ -1017,30 +1046,72 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
       for (int i = 0; i < MB; ++i) total[r][i] = _mm512_fmadd_ps(acc[r][i], s, total[r][i]);
     }
   }
-  // Subtract sum_g s_g * (z_g + 128) * sum_{k in g} x_k, 16 groups per
-  // vector. (As a scalar loop per output, one dependent FMA per group, this
-  // cost as much as the dot products: int4 M=8, 4096 -> 11008, 3.8 ms
-  // against 2.7 without it.)
-  const float* xs[MB];
+  int4_bf16_finish<MB>(sx, t, m0, total, y);
+}
+
+// Groups of 32 columns (GPTQ's and llama.cpp Q4_0's size): a chunk's halves
+// belong to groups 2c and 2c + 1, so each half's dot products are scaled on
+// their own, two FMAs a chunk per (weight row, x row) where groups of 64 or
+// more pay one a group. (Until this loop g32 took the fp32 loop, which
+// scales every weight: M=1 bf16 at 10-14 GB/s, against 26-30 at g128.)
+template <int MB, bool kSplit>
+void tile_int4_bf16_g32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
+  const __m512i low4 = _mm512_set1_epi16(0x000F), base = _mm512_set1_epi16(0x4300);  // bf16(128.0)
+  const TileRows t(p, sx.groups, row0);
+  const auto& w = t.codes;
+  const auto& sc = t.scales;
+  const uint16_t* hr[MB];
+  const uint16_t* lr[MB];
 #pragma GCC unroll 16
-  for (int i = 0; i < MB; ++i) xs[i] = sx.group_sums.data() + (m0 + i) * sx.groups;
-  for (int64_t g = 0; g < sx.groups; g += 16) {
-    const __mmask16 lanes = sx.groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (sx.groups - g)) - 1);
-    __m512 x_sum[MB];
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) x_sum[i] = _mm512_maskz_loadu_ps(lanes, xs[i] + g);
-#pragma GCC unroll 16
-    for (int r = 0; r < kTileN; ++r) {
-      const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, t.zeros[r] + g)));
-      const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, sc[r] + g), _mm512_add_ps(z, _mm512_set1_ps(128.0f)));
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) total[r][i] = _mm512_fnmadd_ps(sz, x_sum[i], total[r][i]);
-    }
+  for (int i = 0; i < MB; ++i) {
+    hr[i] = sx.hi.data() + (m0 + i) * sx.kp;
+    lr[i] = sx.lo.data() + (m0 + i) * sx.kp;
   }
+  __m512 total[kTileN][MB];
 #pragma GCC unroll 16
   for (int r = 0; r < kTileN; ++r)
 #pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) y[r * MB + i] = _mm512_reduce_add_ps(total[r][i]);
+    for (int i = 0; i < MB; ++i) total[r][i] = _mm512_setzero_ps();
+  const int64_t chunks = sx.kp / kNibbleChunk;
+  const NextTileSweep sweep(p, w[0], chunks);
+  sweep.prefetch_groups(p, row0, sx.groups);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t o = c * kNibbleChunk;
+    const bool has_hi = o + 32 < p.k;  // a k of 32 mod 64 leaves the last high half as padding
+    __m512bh xh_lo[MB], xh_hi[MB], xl_lo[MB], xl_hi[MB];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) {
+      xh_lo[i] = load_bh(hr[i] + o);
+      xh_hi[i] = load_bh(hr[i] + o + 32);
+      if (kSplit) {
+        xl_lo[i] = load_bh(lr[i] + o);
+        xl_hi[i] = load_bh(lr[i] + o + 32);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kTileN; ++r) {
+      sweep.prefetch(c, r);
+      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
+      const __m512bh lo = as_bh(_mm512_ternarylogic_epi32(b, low4, base, 0xEA));  // (b & 15) | base
+      const __m512bh hi = as_bh(_mm512_or_si512(_mm512_srli_epi16(b, 4), base));
+      const __m512 s_lo = _mm512_set1_ps(sc[r][2 * c]);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, xh_lo[i]);
+        if (kSplit) d = _mm512_dpbf16_ps(d, lo, xl_lo[i]);
+        total[r][i] = _mm512_fmadd_ps(d, s_lo, total[r][i]);
+      }
+      if (!has_hi) continue;
+      const __m512 s_hi = _mm512_set1_ps(sc[r][2 * c + 1]);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), hi, xh_hi[i]);
+        if (kSplit) d = _mm512_dpbf16_ps(d, hi, xl_hi[i]);
+        total[r][i] = _mm512_fmadd_ps(d, s_hi, total[r][i]);
+      }
+    }
+  }
+  int4_bf16_finish<MB>(sx, t, m0, total, y);
 }
 
 // nf4 codes through a 16-entry table of the codebook in bf16 (vpermw, 32
@@ -1173,13 +1244,15 @@ void tile(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0
 #if defined(__AVX512BF16__)
   if (uses_bf16_dot(p)) {
     if constexpr (MB > 2) {
-      if (p.format == WeightFormat::kNf4) return tile_4bit_bf16_scaled<MB, false>(p, sx, row0, m0, y);
-      if (!sx.split) return tile_4bit_bf16_scaled<MB, true>(p, sx, row0, m0, y);
+      if (p.group_size % kNibbleChunk == 0) {  // the scaled tables take whole chunks of a group
+        if (p.format == WeightFormat::kNf4) return tile_4bit_bf16_scaled<MB, false>(p, sx, row0, m0, y);
+        if (!sx.split) return tile_4bit_bf16_scaled<MB, true>(p, sx, row0, m0, y);
+      }
     }
     if constexpr (MB > 2) {
-      // int4 with split x (fp32 / fp16): accumulators and per-group totals
-      // for more than 2 rows of x would spill, so two passes over the
-      // (L1-resident) weight rows instead.
+      // int4 with split x (fp32 / fp16), or groups of 32: accumulators and
+      // per-group totals for more than 2 rows of x would spill, so two
+      // passes over the (L1-resident) weight rows instead.
       float ya[kTileN * 2], yb[kTileN * (MB - 2)];
       tile<2>(p, sx, row0, m0, ya);
       tile<MB - 2>(p, sx, row0, m0 + 2, yb);
@@ -1188,6 +1261,10 @@ void tile(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0
       return;
     } else {
       if (p.format == WeightFormat::kNf4) return tile_nf4_bf16<MB>(p, sx, row0, m0, y);
+      if (p.group_size == 32) {
+        if (sx.split) return tile_int4_bf16_g32<MB, true>(p, sx, row0, m0, y);
+        return tile_int4_bf16_g32<MB, false>(p, sx, row0, m0, y);
+      }
       if (sx.split) return tile_int4_bf16<MB, true>(p, sx, row0, m0, y);
       return tile_int4_bf16<MB, false>(p, sx, row0, m0, y);
     }
