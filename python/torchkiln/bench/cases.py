@@ -369,7 +369,7 @@ def _aten_int4(qw):
     return packed, torch.stack([scale, offset], dim=-1).to(torch.bfloat16).contiguous()
 
 
-def _quant_matmul_case(m, k, n, scheme, baseline, dtype):
+def _quant_matmul_case(m, k, n, scheme, baseline, dtype, int4_group=128):
     """quant_matmul on (m, k) activations against one baseline on the same weights:
     'dense' = F.linear with the bf16 weight, 'aten' = ATen's int4 / int8 CPU kernels."""
 
@@ -377,7 +377,7 @@ def _quant_matmul_case(m, k, n, scheme, baseline, dtype):
         from ..quant import dequantize, quantize
 
         x = _randn(m, k, dtype=dtype, device=device)
-        gs = 128 if scheme == "int4" else None
+        gs = int4_group if scheme == "int4" else None
 
         def make():
             w = torch.randn(n, k, device=device) * 0.02
@@ -402,7 +402,7 @@ def _quant_matmul_case(m, k, n, scheme, baseline, dtype):
         elif scheme == "int4":
             def base():
                 packed, sz = next_copy()[1]
-                return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, gs, sz)
         else:
             def base():
                 w8, sc = next_copy()[1]
@@ -574,6 +574,9 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
                 "aten int8pack" if base == "aten" else "dense bf16")
             all_cases.append(BenchCase("quant", f"{scheme} M=1 vs {label}", shape, bf16,
                                        _quant_matmul_case(1, k, n, scheme, base, bf16), cuda=False))
+        # groups of 32 (GPTQ g32 checkpoints; llama.cpp's Q4_0 block)
+        all_cases.append(BenchCase("quant", "int4 g32 M=1 vs aten int4pack", shape, bf16,
+                                   _quant_matmul_case(1, k, n, "int4", "aten", bf16, int4_group=32), cuda=False))
         # a decode batch: 16 rows still take the kernels that decode in registers
         for scheme in ("int4", "int8", "nf4"):
             all_cases.append(BenchCase("quant", f"{scheme} M=16 vs dense bf16", shape, bf16,
