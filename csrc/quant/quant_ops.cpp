@@ -79,6 +79,9 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //    nf4 near 20-24.
 //  * AVX2 Zen 3, dense tiles in fp32: 16-bit x int4 near 48-56, int8 near
 //    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
+//    int4 g32 (no int16 loop; the Zen 4 forced to AVX2, after
+//    tile_4bit_halves): 16-bit x near 11 (0.85-0.96x at 10, 0.92-1.16x at
+//    12, 1.23-1.36x at 16), fp32 x near 17 (0.82-1.05x at 16, 0.92-1.15x at 20).
 //    16-bit x int8 was measured before its int16 loop (matmul_int8_panels,
 //    1.45-1.6x the fp32 loop at 8-32 rows on the Zen 4 forced to AVX2), so
 //    its crossover now lies higher; kept at 32, unmeasured on an AVX2 CPU.
@@ -87,17 +90,21 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //    0.82-0.90 at 24, 1.05-1.09 at 32; int4 g32 0.93-1.05 at 12, 1.08-1.16
 //    at 24; nf4 0.95-1.02 at 16 (fp16 x at 24: 0.88-1.30, and no faster
 //    than dense tiles), 1.25-1.37 at 32-64; int8 0.90-1.00 at 64-96,
-//    0.98-1.05 at 128-160. bf16 x there (dense tiles): int4 and int8 near
-//    16, nf4 near 8.
+//    0.98-1.05 at 128-160. bf16 x there (dense tiles in bf16, on the Zen
+//    4's BF16 units): int8 0.85-0.91 at 16, 1.09-1.16 at 24; int4 g128
+//    0.73-1.05 at 8, 0.91-1.27 at 12; int4 g32 0.91-0.96 at 6, 1.09-1.20
+//    at 8; nf4 0.75-0.91 at 4, 1.02-1.35 at 8.
 // Where gemm_choice.h hands the many rows to dense tiles (AMX CPUs) the
 // GEMM's thresholds still apply: untimed there, so the probe is not run
 // for calls with few rows.
 int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   if (x.is_cuda()) return 8;
+  const bool half_chunk_groups = p.group_size % kNibbleChunk != 0;  // 4-bit g32 (g96 ...)
   if (active_cpu_isa() == CpuIsa::kAvx2) {
     const bool x16 = x.scalar_type() != at::kFloat;
     if (p.format == WeightFormat::kNf4) return x16 ? 16 : 12;
     if (p.format == WeightFormat::kInt8) return x16 ? 32 : 24;
+    if (half_chunk_groups) return x16 ? 10 : 16;  // no int16 loop for these groups
     return x16 ? 48 : 24;
   }
   if (cpu_gemm_applies(x, p)) {
@@ -105,14 +112,16 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
       const bool bf16_isa = active_cpu_isa() == CpuIsa::kAvx512Bf16;
       if (p.format == WeightFormat::kInt8) return !bf16_isa ? 96 : x.scalar_type() == at::kHalf ? 256 : 64;
       if (p.format == WeightFormat::kNf4) return bf16_isa ? 24 : 16;
-      if (p.group_size % kNibbleChunk != 0) return 12;
+      if (half_chunk_groups) return 12;
       return bf16_isa ? 16 : 28;
     }
     if (p.format == WeightFormat::kInt8) return 40;
-    const bool four_bit_dot = p.group_size % kNibbleChunk == 0;
-    return four_bit_dot ? 28 : p.format == WeightFormat::kInt4 ? 10 : 8;
+    return !half_chunk_groups ? 28 : p.format == WeightFormat::kInt4 ? 10 : 8;
   }
-  return p.format == WeightFormat::kNf4 ? 8 : 16;
+  // Dense tiles: bf16 x below AVX512_BF16 (or with an odd k), the scalar level.
+  if (p.format == WeightFormat::kInt8) return 16;
+  if (p.format == WeightFormat::kNf4) return 6;
+  return half_chunk_groups ? 6 : 8;
 }
 
 void launch_dequantize(const WeightOnlyParams& p, const at::Tensor& dense) {
