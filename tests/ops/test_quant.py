@@ -215,8 +215,8 @@ def test_quant_matmul_matches_fp64(cpu_isa, scheme, group, sym, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("scheme", ["int4", "nf4", "int8"])
-def test_quant_matmul_activation_outliers(cpu_isa, scheme, dtype):
+@pytest.mark.parametrize("scheme,group", [("int4", 128), ("int4", 64), ("int4", 32), ("nf4", 64), ("nf4", 128), ("int8", None)])
+def test_quant_matmul_activation_outliers(cpu_isa, scheme, group, dtype):
     # LLM activations carry a few channels hundreds of times larger than the
     # rest. Below AVX-512 (int4, nf4) and with AVX-512 VNNI (int8, from 5
     # rows of x), 16-bit x is multiplied as int16 per group only when no
@@ -229,7 +229,7 @@ def test_quant_matmul_activation_outliers(cpu_isa, scheme, dtype):
     k, n = 1024, 96
     w = torch.randn(n, k)
     w[:, [7, 300]] = 0.0
-    qw = torchkiln.quantize(w, scheme, group_size=None if scheme == "int8" else 128, symmetric=True)
+    qw = torchkiln.quantize(w, scheme, group_size=group, symmetric=True)
     assert (torchkiln.dequantize(qw)[:, [7, 300]] == 0).all()
     for outlier in (20.0, 2000.0):
         x = torch.randn(5, k)

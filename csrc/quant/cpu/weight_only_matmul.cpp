@@ -113,7 +113,7 @@ bool uses_int16_x(const WeightOnlyParams& p) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if (p.dtype == DType::kFloat32) return false;
   if (p.format == WeightFormat::kInt8) return p.m > kRowsPerPass;  // matmul_int8_panels
-  if (p.group_size % kNibbleChunk != 0) return false;
+  if (p.group_size % kNibbleChunk != 0) return p.format == WeightFormat::kInt4 && p.group_size == 32 && p.zeros;
   if (p.format == WeightFormat::kNf4) return true;
   // Groups up to 32768 columns keep a group's int32 sums in range (see tile_int4_i16).
   return p.format == WeightFormat::kInt4 && p.group_size <= 32768 && p.zeros != nullptr;
@@ -172,17 +172,25 @@ struct StagedX {
 // (256: in cache 0.8-1.15x the fp32 loop, 1024: 1.1-1.3x).
 constexpr int64_t kInt8XGroup = 1024;
 
-// Largest |x| of a group against its mean |x| beyond which int16 staging is
-// refused: the rounding, at most max / 65534, then stays under mean * 2^-10,
-// half of bf16's relative half-ulp for an element of mean size, so the
-// product's error stays below what rounding x to bf16 already costs. LLM
-// activations with outlier channels (a few hundred times the rest) fail it
-// and take the exact loops.
+// Largest |x| of a group against the mean |x| of the group's other elements
+// beyond which int16 staging is refused: the rounding, at most max / 65534,
+// then stays under mean * 2^-10, half of bf16's relative half-ulp for an
+// element of mean size, so the product's error stays below what rounding x
+// to bf16 already costs. LLM activations with outlier channels (a few
+// hundred times the rest) fail it and take the exact loops. (The mean
+// leaves the largest element out: with it, one element of a 32-column
+// group can be at most 32 times the mean however large it is.)
 constexpr float kInt16MaxOverMean = 64.0f;
+
+// Whether a group of n elements with largest |x| m and sum of |x| sum may be
+// staged as int16 (false for NaN and inf too).
+inline bool int16_staging_ok(float m, float sum, int64_t n) {
+  return m * static_cast<float>(n - 1) <= kInt16MaxOverMean * (sum - m);
+}
 
 // x's rows quantised per group to int16 (uses_int16_x): round(x / scale)
 // with scale = max |x| / 32767 over the group. False (xq unusable) when a
-// group's largest |x| exceeds kInt16MaxOverMean times its mean.
+// group fails int16_staging_ok.
 bool stage_int16(const WeightOnlyParams& p, StagedX& s) {
 #if defined(__AVX512VNNI__)
   // int8: groups of xq_group columns, the last one ending at k.
@@ -199,7 +207,7 @@ bool stage_int16(const WeightOnlyParams& p, StagedX& s) {
         sum = _mm512_add_ps(sum, a);
       }
       const float m = _mm512_reduce_max_ps(mx);
-      if (!(m * static_cast<float>(j1 - j0) <= kInt16MaxOverMean * _mm512_reduce_add_ps(sum))) return false;  // also NaN / inf
+      if (!int16_staging_ok(m, _mm512_reduce_add_ps(sum), j1 - j0)) return false;
       s.xq_scale[i * s.xq_groups + gi] = m / 32767.0f;
       const __m512 inv = _mm512_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
       for (int64_t j = j0; j < j1; j += 16)
@@ -224,7 +232,7 @@ bool stage_int16(const WeightOnlyParams& p, StagedX& s) {
         sum = _mm256_add_ps(sum, a);
       }
       const float m = vhmax(Vec{mx});
-      if (!(m * static_cast<float>(j1 - j0) <= kInt16MaxOverMean * vsum(Vec{sum}))) return false;  // also NaN / inf
+      if (!int16_staging_ok(m, vsum(Vec{sum}), j1 - j0)) return false;
       s.xq_scale[i * s.xq_groups + gi] = m / 32767.0f;
       const __m256 inv = _mm256_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
       for (int64_t j = j0; j < j1; j += 16) {
@@ -706,7 +714,11 @@ void tile_nf4_planes(const WeightOnlyParams& p, const StagedX& sx, const TileRow
 // the int32 sums become fp32 and are scaled by s_w * s_x; zero points as in
 // tile_4bit_grouped. A lane of one half's sum adds group_size / 16 products
 // of at most 15 * 32767, both halves under 2^31 for groups up to 32768.
-template <int MB>
+// kHalves: groups of 32, so a chunk's halves are groups 2c and 2c + 1 and
+// each half's sum is scaled on its own (g32, bf16 x, the Zen 4 forced to
+// AVX2, one core, weight in L3: the fp32 halves loop's 13-19 G weights/s
+// -> ...).
+template <int MB, bool kHalves>
 void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows& t, int r0, int64_t m0, float* y) {
   const __m256i low4 = _mm256_set1_epi16(0x000F);
   const uint8_t* const* w = t.codes + r0;
@@ -723,13 +735,15 @@ void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows&
   for (int r = 0; r < kSub4; ++r)
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) total[r][i] = _mm256_setzero_ps();
-  for (int64_t g = 0, g_col = 0; g < sx.groups; ++g, g_col += p.group_size) {
+  // The columns of one step: a group, or (kHalves) one chunk, two groups.
+  const int64_t step = kHalves ? kNibbleChunk : p.group_size;
+  for (int64_t g = 0, g_col = 0; g_col < sx.kp; g += kHalves ? 2 : 1, g_col += step) {
     __m256i acc[kSub4][MB][2];  // low / high half of each chunk
 #pragma GCC unroll 16
     for (int r = 0; r < kSub4; ++r)
 #pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) acc[r][i][0] = acc[r][i][1] = _mm256_setzero_si256();
-    for (int64_t col = g_col; col < g_col + p.group_size; col += kNibbleChunk) {
+    for (int64_t col = g_col; col < g_col + step; col += kNibbleChunk) {
 #pragma GCC unroll 2
       for (int j = 0; j < 32; j += 16) {
         __m256i xl[MB], xh[MB];
@@ -751,13 +765,27 @@ void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows&
         }
       }
     }
+    if constexpr (kHalves) {
+      // A k of 32 mod 64 leaves the last high half as padding (its sum is
+      // 0, and its group, past the row's last, has no scales).
+      const bool has_hi = g + 1 < sx.groups;
 #pragma GCC unroll 16
-    for (int r = 0; r < kSub4; ++r)
+      for (int r = 0; r < kSub4; ++r)
 #pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) {
-        const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(acc[r][i][0], acc[r][i][1]));
-        total[r][i] = _mm256_fmadd_ps(sum, _mm256_set1_ps(sc[r][g] * xs[i][g]), total[r][i]);
-      }
+        for (int i = 0; i < MB; ++i) {
+          const float s_hi = has_hi ? sc[r][g + 1] * xs[i][g + 1] : 0.0f;
+          total[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][i][0]), _mm256_set1_ps(sc[r][g] * xs[i][g]), total[r][i]);
+          total[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][i][1]), _mm256_set1_ps(s_hi), total[r][i]);
+        }
+    } else {
+#pragma GCC unroll 16
+      for (int r = 0; r < kSub4; ++r)
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) {
+          const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(acc[r][i][0], acc[r][i][1]));
+          total[r][i] = _mm256_fmadd_ps(sum, _mm256_set1_ps(sc[r][g] * xs[i][g]), total[r][i]);
+        }
+    }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < kSub4; ++r)
@@ -935,10 +963,12 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
       continue;
     }
     if (sx.loop == StagedX::Loop::kInt16) {
-      if constexpr (kInt4)
-        tile_int4_i16<MB>(p, sx, t, r0, m0, y);
-      else
+      if constexpr (!kInt4)
         tile_nf4_i16<MB>(p, sx, t, r0, m0, y);
+      else if (p.group_size == 32)
+        tile_int4_i16<MB, true>(p, sx, t, r0, m0, y);
+      else
+        tile_int4_i16<MB, false>(p, sx, t, r0, m0, y);
       continue;
     }
 #endif
