@@ -79,9 +79,10 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //    nf4 near 20-24.
 //  * AVX2 Zen 3, dense tiles in fp32: 16-bit x int4 near 48-56, int8 near
 //    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
-//    int4 g32 (no int16 loop; the Zen 4 forced to AVX2, after
-//    tile_4bit_halves): 16-bit x near 11 (0.85-0.96x at 10, 0.92-1.16x at
-//    12, 1.23-1.36x at 16), fp32 x near 17 (0.82-1.05x at 16, 0.92-1.15x at 20).
+//    int4 g32 (the Zen 4 forced to AVX2): 16-bit x (int16 loop, each half
+//    chunk scaled) near 12-13 (0.72x at 8, 0.95-0.99x at 12, 1.19-1.21x at
+//    16), fp32 x (tile_4bit_halves) near 17 (0.82-1.05x at 16, 0.92-1.15x
+//    at 20).
 //    16-bit x int8 was measured before its int16 loop (matmul_int8_panels,
 //    1.45-1.6x the fp32 loop at 8-32 rows on the Zen 4 forced to AVX2), so
 //    its crossover now lies higher; kept at 32, unmeasured on an AVX2 CPU.
@@ -104,7 +105,7 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
     const bool x16 = x.scalar_type() != at::kFloat;
     if (p.format == WeightFormat::kNf4) return x16 ? 16 : 12;
     if (p.format == WeightFormat::kInt8) return x16 ? 32 : 24;
-    if (half_chunk_groups) return x16 ? 10 : 16;  // no int16 loop for these groups
+    if (half_chunk_groups) return x16 ? 12 : 16;
     return x16 ? 48 : 24;
   }
   if (cpu_gemm_applies(x, p)) {
