@@ -81,8 +81,8 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
 //    int4 g32 (the Zen 4 forced to AVX2): 16-bit x (int16 loop, each half
 //    chunk scaled) near 12-13 (0.72x at 8, 0.95-0.99x at 12, 1.19-1.21x at
-//    16), fp32 x (tile_4bit_halves) near 17 (0.82-1.05x at 16, 0.92-1.15x
-//    at 20).
+//    16), fp32 x (the fp32 loop by half chunks) near 17 (0.82-1.05x at 16,
+//    0.92-1.15x at 20).
 //    16-bit x int8 was measured before its int16 loop (matmul_int8_panels,
 //    1.45-1.6x the fp32 loop at 8-32 rows on the Zen 4 forced to AVX2), so
 //    its crossover now lies higher; kept at 32, unmeasured on an AVX2 CPU.

@@ -551,11 +551,21 @@ inline float int4_zero_term(const StagedX& sx, const float* sc, const uint8_t* z
 // chunk its group lookups (two 64-bit divisions and eight scalar loads):
 // int4 M=1 on an AVX2 EPYC, 4096 -> 11008: 2.45 -> 1.26 ms with the weight
 // in cache, 2.7 -> 1.9-2.1 ms from DRAM.
-template <int MB, bool kInt4>
+// kHalves: groups of 32 columns, for 1-2 rows of x. A chunk's halves are
+// groups 2c and 2c + 1, so each half's sum is scaled on its own. Before,
+// these took the loop above, which scales every weight and looks up two
+// groups per chunk: 11.9 G weights/s on one Zen 4 core (AVX-512, fp32 x,
+// weight in L3), 11.8 forced to AVX2, half of g128's rate and too slow for
+// DRAM; now 18.8-20.2 and 17-19 (g128: 20.8 and 21-22). More rows of x keep
+// the loop above: its scaled weights serve them all, where per-half sums
+// would spill.
+template <int MB, bool kInt4, bool kHalves>
 void tile_4bit_grouped(const WeightOnlyParams& p, const StagedX& sx, const TileRows& t, int r0, int64_t m0,
                        float* y) {
+  static_assert(!kHalves || MB <= 2, "more rows of x with groups of 32 take tile_4bit_rows");
   constexpr int W = Vec::kWidth;
-  constexpr int C = MB == 1 ? 2 : 1;  // accumulator chains per (row, x row): low / high half
+  // accumulator chains per (row, x row): low / high half
+  constexpr int C = MB == 1 || kHalves ? 2 : 1;
   const Table16 tab(code_values(p.format));
   const uint8_t* const* w = t.codes + r0;
   const float* const* sc = t.scales + r0;
@@ -567,7 +577,9 @@ void tile_4bit_grouped(const WeightOnlyParams& p, const StagedX& sx, const TileR
   for (int r = 0; r < kSub4; ++r)
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) total[r][i] = vzero();
-  for (int64_t g = 0, g_col = 0; g < sx.groups; ++g, g_col += p.group_size) {
+  // The columns of one step: a group, or (kHalves) one chunk, two groups.
+  const int64_t step = kHalves ? kNibbleChunk : p.group_size;
+  for (int64_t g = 0, g_col = 0; g_col < sx.kp; g += kHalves ? 2 : 1, g_col += step) {
     Vec acc[kSub4][MB][C];
 #pragma GCC unroll 16
     for (int r = 0; r < kSub4; ++r)
@@ -575,7 +587,7 @@ void tile_4bit_grouped(const WeightOnlyParams& p, const StagedX& sx, const TileR
       for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 16
         for (int c = 0; c < C; ++c) acc[r][i][c] = vzero();
-    for (int64_t col = g_col; col < g_col + p.group_size; col += kNibbleChunk) {
+    for (int64_t col = g_col; col < g_col + step; col += kNibbleChunk) {
       for (int j = 0; j < 32; j += W) {
         Vec xl[MB], xh[MB];
 #pragma GCC unroll 16
@@ -599,11 +611,23 @@ void tile_4bit_grouped(const WeightOnlyParams& p, const StagedX& sx, const TileR
         }
       }
     }
+    if constexpr (kHalves) {
+      // A k of 32 mod 64 leaves the last high half as padding: x is 0 there,
+      // so its sum is 0, but its group (past the row's last) has no scale.
+      const bool has_hi = g + 1 < sx.groups;
 #pragma GCC unroll 16
-    for (int r = 0; r < kSub4; ++r) {
-      const Vec s = vset1(sc[r][g]);
+      for (int r = 0; r < kSub4; ++r) {
+        const Vec s_lo = vset1(sc[r][g]), s_hi = vset1(has_hi ? sc[r][g + 1] : 0.0f);
 #pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) total[r][i] = vfma(C == 2 ? acc[r][i][0] + acc[r][i][C - 1] : acc[r][i][0], s, total[r][i]);
+        for (int i = 0; i < MB; ++i) total[r][i] = vfma(acc[r][i][1], s_hi, vfma(acc[r][i][0], s_lo, total[r][i]));
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int r = 0; r < kSub4; ++r) {
+        const Vec s = vset1(sc[r][g]);
+#pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) total[r][i] = vfma(C == 2 ? acc[r][i][0] + acc[r][i][C - 1] : acc[r][i][0], s, total[r][i]);
+      }
     }
   }
 #pragma GCC unroll 16
@@ -880,78 +904,6 @@ void tile_nf4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows& 
 }
 #endif
 
-// Groups of 32 columns, half a chunk each, for 1-2 rows of x: each half's
-// codes are multiplied with x unscaled and the half's sum scaled once, as
-// tile_4bit_grouped does per group. tile_4bit_rows, which scales every
-// weight (two FMAs per 16 weights besides the product) and looks up two
-// groups per chunk with divisions, ran this case at 11.9 G weights/s on one
-// Zen 4 core (AVX-512 fp32 x, weight in L3), 11.8 forced to AVX2: half of
-// g128, too slow to keep up with DRAM. This loop: 18.8-20.2 and 17-19
-// (g128's grouped loop: 20.8 and 21-22). More rows of x keep
-// tile_4bit_rows: its scaled weights serve them all, where per-half sums
-// would spill.
-template <int MB, bool kInt4>
-void tile_4bit_halves(const WeightOnlyParams& p, const StagedX& sx, const TileRows& t, int r0, int64_t m0, float* y) {
-  static_assert(MB <= 2, "more rows of x take tile_4bit_rows");
-  constexpr int W = Vec::kWidth;
-  const Table16 tab(code_values(p.format));
-  const uint8_t* const* w = t.codes + r0;
-  const float* const* sc = t.scales + r0;
-  const float* xr[MB];
-#pragma GCC unroll 16
-  for (int i = 0; i < MB; ++i) xr[i] = sx.x.data() + (m0 + i) * sx.kp;
-  Vec total[kSub4][MB];
-#pragma GCC unroll 16
-  for (int r = 0; r < kSub4; ++r)
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) total[r][i] = vzero();
-  for (int64_t col = 0, g = 0; col < sx.kp; col += kNibbleChunk, g += 2) {
-    Vec lo_sum[kSub4][MB], hi_sum[kSub4][MB];
-#pragma GCC unroll 16
-    for (int r = 0; r < kSub4; ++r)
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) lo_sum[r][i] = hi_sum[r][i] = vzero();
-    for (int j = 0; j < 32; j += W) {
-      Vec xl[MB], xh[MB];
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) {
-        xl[i] = vload(xr[i] + col + j);
-        xh[i] = vload(xr[i] + col + 32 + j);
-      }
-#pragma GCC unroll 16
-      for (int r = 0; r < kSub4; ++r) {
-        if (j == 0 && (col & kNibbleChunk) != 0) prefetch_next_tile(p, w[r] + col / 2);
-        Vec lo, hi;
-        if constexpr (kInt4)
-          decode_int4(w[r] + col / 2 + j, tab, lo, hi);
-        else
-          decode_nibbles(w[r] + col / 2 + j, tab, lo, hi);
-#pragma GCC unroll 16
-        for (int i = 0; i < MB; ++i) {
-          lo_sum[r][i] = vfma(lo, xl[i], lo_sum[r][i]);
-          hi_sum[r][i] = vfma(hi, xh[i], hi_sum[r][i]);
-        }
-      }
-    }
-    // A k of 32 mod 64 leaves the last high half as padding: x is 0 there,
-    // so its sum is 0, but its group (past the row's last) has no scale.
-    const bool has_hi = col + 32 < p.k;
-#pragma GCC unroll 16
-    for (int r = 0; r < kSub4; ++r) {
-      const Vec s_lo = vset1(sc[r][g]), s_hi = vset1(has_hi ? sc[r][g + 1] : 0.0f);
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) total[r][i] = vfma(hi_sum[r][i], s_hi, vfma(lo_sum[r][i], s_lo, total[r][i]));
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < kSub4; ++r)
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) {
-      const float zero_term = kInt4 ? int4_zero_term(sx, sc[r], t.zeros[r0 + r], m0 + i) : 0.0f;
-      y[(r0 + r) * MB + i] = vsum(total[r][i]) - zero_term;
-    }
-}
-
 template <int MB, bool kInt4>
 void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   const TileRows t(p, sx.groups, row0);
@@ -973,12 +925,12 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
     }
 #endif
     if (grouped) {
-      tile_4bit_grouped<MB, kInt4>(p, sx, t, r0, m0, y);
+      tile_4bit_grouped<MB, kInt4, false>(p, sx, t, r0, m0, y);
       continue;
     }
     if constexpr (MB <= 2) {
       if (p.group_size == 32 && (!kInt4 || p.zeros != nullptr)) {
-        tile_4bit_halves<MB, kInt4>(p, sx, t, r0, m0, y);
+        tile_4bit_grouped<MB, kInt4, true>(p, sx, t, r0, m0, y);
         continue;
       }
     }
@@ -1092,7 +1044,13 @@ void int4_bf16_finish(const StagedX& sx, const TileRows& t, int64_t m0, __m512 (
     for (int i = 0; i < MB; ++i) y[r * MB + i] = _mm512_reduce_add_ps(total[r][i]);
 }
 
-template <int MB, bool kSplit>
+// kHalves: groups of 32 columns (GPTQ's and llama.cpp Q4_0's size). A
+// chunk's halves belong to groups 2c and 2c + 1, so each half sums on its
+// own and is scaled at the chunk's end: two FMAs a chunk per (weight row, x
+// row) where larger groups pay one a group. (g32 used to take the fp32
+// loop, which scales every weight: M=1 bf16 at 10-14 GB/s, against 26-30
+// at g128; now 1.8-2.3x faster.)
+template <int MB, bool kSplit, bool kHalves>
 void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   const __m512i low4 = _mm512_set1_epi16(0x000F), base = _mm512_set1_epi16(0x4300);  // bf16(128.0)
   const TileRows t(p, sx.groups, row0);
@@ -1110,16 +1068,20 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
   for (int r = 0; r < kTileN; ++r)
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) total[r][i] = _mm512_setzero_ps();
-  const int64_t chunks_per_group = p.group_size / kNibbleChunk;
-  const NextTileSweep sweep(p, w[0], sx.kp / kNibbleChunk);
+  // The chunks of one step: a group, or (kHalves) one chunk, two groups.
+  const int64_t chunks_per_step = kHalves ? 1 : p.group_size / kNibbleChunk, chunks = sx.kp / kNibbleChunk;
+  constexpr int H = kHalves ? 2 : 1;  // sums per (weight row, x row): both halves, or low / high
+  const NextTileSweep sweep(p, w[0], chunks);
   sweep.prefetch_groups(p, row0, sx.groups);
-  for (int64_t g = 0; g < sx.groups; ++g) {
-    __m512 acc[kTileN][MB];
+  for (int64_t g = 0, c0 = 0; c0 < chunks; g += H, c0 += chunks_per_step) {
+    __m512 acc[kTileN][MB][H];
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r)
 #pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
-    for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+      for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 2
+        for (int h = 0; h < H; ++h) acc[r][i][h] = _mm512_setzero_ps();
+    for (int64_t c = c0; c < c0 + chunks_per_step; ++c) {
       const int64_t o = c * kNibbleChunk;
       __m512bh xh_lo[MB], xh_hi[MB], xl_lo[MB], xl_hi[MB];
 #pragma GCC unroll 16
@@ -1139,84 +1101,26 @@ void tile_int4_bf16(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
         const __m512bh hi = as_bh(_mm512_or_si512(_mm512_srli_epi16(b, 4), base));
 #pragma GCC unroll 16
         for (int i = 0; i < MB; ++i) {
-          acc[r][i] = _mm512_dpbf16_ps(acc[r][i], lo, xh_lo[i]);
-          acc[r][i] = _mm512_dpbf16_ps(acc[r][i], hi, xh_hi[i]);
+          acc[r][i][0] = _mm512_dpbf16_ps(acc[r][i][0], lo, xh_lo[i]);
+          acc[r][i][H - 1] = _mm512_dpbf16_ps(acc[r][i][H - 1], hi, xh_hi[i]);
           if (kSplit) {
-            acc[r][i] = _mm512_dpbf16_ps(acc[r][i], lo, xl_lo[i]);
-            acc[r][i] = _mm512_dpbf16_ps(acc[r][i], hi, xl_hi[i]);
+            acc[r][i][0] = _mm512_dpbf16_ps(acc[r][i][0], lo, xl_lo[i]);
+            acc[r][i][H - 1] = _mm512_dpbf16_ps(acc[r][i][H - 1], hi, xl_hi[i]);
           }
         }
       }
     }
+    // (kHalves) a k of 32 mod 64 leaves the last high half as padding: its
+    // sum is 0, and its group, past the row's last, has no scale.
+    const bool has_hi = kHalves && g + 1 < sx.groups;
 #pragma GCC unroll 16
     for (int r = 0; r < kTileN; ++r) {
       const __m512 s = _mm512_set1_ps(sc[r][g]);
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) total[r][i] = _mm512_fmadd_ps(acc[r][i], s, total[r][i]);
-    }
-  }
-  int4_bf16_finish<MB>(sx, t, m0, total, y);
-}
-
-// Groups of 32 columns (GPTQ's and llama.cpp Q4_0's size): a chunk's halves
-// belong to groups 2c and 2c + 1, so each half's dot products are scaled on
-// their own, two FMAs a chunk per (weight row, x row) where groups of 64 or
-// more pay one a group. (Until this loop g32 took the fp32 loop, which
-// scales every weight: M=1 bf16 at 10-14 GB/s, against 26-30 at g128.)
-template <int MB, bool kSplit>
-void tile_int4_bf16_g32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
-  const __m512i low4 = _mm512_set1_epi16(0x000F), base = _mm512_set1_epi16(0x4300);  // bf16(128.0)
-  const TileRows t(p, sx.groups, row0);
-  const auto& w = t.codes;
-  const auto& sc = t.scales;
-  const uint16_t* hr[MB];
-  const uint16_t* lr[MB];
-#pragma GCC unroll 16
-  for (int i = 0; i < MB; ++i) {
-    hr[i] = sx.hi.data() + (m0 + i) * sx.kp;
-    lr[i] = sx.lo.data() + (m0 + i) * sx.kp;
-  }
-  __m512 total[kTileN][MB];
-#pragma GCC unroll 16
-  for (int r = 0; r < kTileN; ++r)
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) total[r][i] = _mm512_setzero_ps();
-  const int64_t chunks = sx.kp / kNibbleChunk;
-  const NextTileSweep sweep(p, w[0], chunks);
-  sweep.prefetch_groups(p, row0, sx.groups);
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t o = c * kNibbleChunk;
-    const bool has_hi = o + 32 < p.k;  // a k of 32 mod 64 leaves the last high half as padding
-    __m512bh xh_lo[MB], xh_hi[MB], xl_lo[MB], xl_hi[MB];
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) {
-      xh_lo[i] = load_bh(hr[i] + o);
-      xh_hi[i] = load_bh(hr[i] + o + 32);
-      if (kSplit) {
-        xl_lo[i] = load_bh(lr[i] + o);
-        xl_hi[i] = load_bh(lr[i] + o + 32);
-      }
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < kTileN; ++r) {
-      sweep.prefetch(c, r);
-      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + o / 2)));
-      const __m512bh lo = as_bh(_mm512_ternarylogic_epi32(b, low4, base, 0xEA));  // (b & 15) | base
-      const __m512bh hi = as_bh(_mm512_or_si512(_mm512_srli_epi16(b, 4), base));
-      const __m512 s_lo = _mm512_set1_ps(sc[r][2 * c]);
+      const __m512 s_hi = _mm512_set1_ps(has_hi ? sc[r][g + 1] : 0.0f);
 #pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) {
-        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, xh_lo[i]);
-        if (kSplit) d = _mm512_dpbf16_ps(d, lo, xl_lo[i]);
-        total[r][i] = _mm512_fmadd_ps(d, s_lo, total[r][i]);
-      }
-      if (!has_hi) continue;
-      const __m512 s_hi = _mm512_set1_ps(sc[r][2 * c + 1]);
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) {
-        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), hi, xh_hi[i]);
-        if (kSplit) d = _mm512_dpbf16_ps(d, hi, xl_hi[i]);
-        total[r][i] = _mm512_fmadd_ps(d, s_hi, total[r][i]);
+        total[r][i] = _mm512_fmadd_ps(acc[r][i][0], s, total[r][i]);
+        if (kHalves) total[r][i] = _mm512_fmadd_ps(acc[r][i][H - 1], s_hi, total[r][i]);
       }
     }
   }
@@ -1371,11 +1275,11 @@ void tile(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0
     } else {
       if (p.format == WeightFormat::kNf4) return tile_nf4_bf16<MB>(p, sx, row0, m0, y);
       if (p.group_size == 32) {
-        if (sx.split) return tile_int4_bf16_g32<MB, true>(p, sx, row0, m0, y);
-        return tile_int4_bf16_g32<MB, false>(p, sx, row0, m0, y);
+        if (sx.split) return tile_int4_bf16<MB, true, true>(p, sx, row0, m0, y);
+        return tile_int4_bf16<MB, false, true>(p, sx, row0, m0, y);
       }
-      if (sx.split) return tile_int4_bf16<MB, true>(p, sx, row0, m0, y);
-      return tile_int4_bf16<MB, false>(p, sx, row0, m0, y);
+      if (sx.split) return tile_int4_bf16<MB, true, false>(p, sx, row0, m0, y);
+      return tile_int4_bf16<MB, false, false>(p, sx, row0, m0, y);
     }
   }
 #endif
