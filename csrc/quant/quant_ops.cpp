@@ -63,17 +63,16 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //    more (bf16 dot products from 3 rows, see tile_4bit_bf16_scaled) near
 //    29 rows (in-register time 0.79-0.85x the GEMM's at 24, 1.06-1.12x at
 //    32); int4 with groups of 32 (bf16 dot products per half chunk, see
-//    tile_int4_bf16_g32) near 11 (0.92-0.95x at 10, 1.07-1.17x at 12);
+//    tile_int4_bf16) near 11 (0.92-0.95x at 10, 1.07-1.17x at 12);
 //    int8 near 40-48 (0.88-0.95x at 40, 1.06-1.16x at 48).
 //  * Zen 4, fp16 and fp32 x against the fp32 GEMM (in-register time over
 //    the GEMM's): int4 g128 0.64-1.04 at 12, 0.88-1.41 at 16, 0.84-1.24 at
 //    24, 1.15-1.75 at 32; int4 g32 (split bf16 dot products) 0.91-0.97 at
-//    12, 1.11-1.27 at 16; nf4
-//    0.82-0.90 at 24, 1.05-1.21 at 32; int8 at most 0.98 up to 48, then
-//    fp32 x 0.82-0.98 at 56-64 and 0.97-1.16 at 80-256 (the GEMM for its
-//    exact products), fp16 x 0.77-0.89 at 128-256 (int16-quantised x, see
-//    stage_int16; with outliers, exact fp32 and equal; at most 256 rows, as
-//    its staging copies all of x).
+//    12, 1.11-1.27 at 16; nf4 0.82-0.90 at 24, 1.05-1.21 at 32; int8 at
+//    most 0.98 up to 48, then fp32 x 0.82-0.98 at 56-64 and 0.97-1.16 at
+//    80-256 (the GEMM for its exact products), fp16 x 0.77-0.89 at 128-256
+//    (int16-quantised x, see stage_int16; with outliers, exact fp32 and
+//    equal; at most 256 rows, as its staging copies all of x).
 //  * Zen 5 (AVX512_BF16), dense tiles in bf16 (778 GFLOP/s there), before
 //    the scaled-table loop and the bf16 GEMM: int4 near 20-32, int8 near 16,
 //    nf4 near 20-24.

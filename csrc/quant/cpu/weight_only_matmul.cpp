@@ -14,7 +14,8 @@
 //  * fp32 (every ISA, every format): codes become fp32 (int4: converted
 //    below AVX-512, else a 16-entry table with one permute per 16 codes; nf4:
 //    the codebook), then FMA with x in fp32. Groups of whole 64-column chunks
-//    (tile_4bit_grouped) sum unscaled and scale once per group; groups of 32
+//    (tile_4bit_grouped) sum unscaled and scale once per group, groups of 32
+//    once per half chunk for 1-2 rows of x; for more rows groups of 32
 //    scale every weight (tile_4bit_rows).
 //  * AVX2, 16-bit x (int4, nf4): x quantised per group to int16, codes (nf4:
 //    its codebook as int16) multiplied with vpmaddwd (tile_int4_i16,
@@ -113,7 +114,7 @@ bool uses_int16_x(const WeightOnlyParams& p) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if (p.dtype == DType::kFloat32) return false;
   if (p.format == WeightFormat::kInt8) return p.m > kRowsPerPass;  // matmul_int8_panels
-  if (p.group_size % kNibbleChunk != 0) return p.format == WeightFormat::kInt4 && p.group_size == 32 && p.zeros;
+  if (p.group_size % kNibbleChunk != 0) return p.format == WeightFormat::kInt4 && p.group_size == 32 && p.zeros != nullptr;
   if (p.format == WeightFormat::kNf4) return true;
   // Groups up to 32768 columns keep a group's int32 sums in range (see tile_int4_i16).
   return p.format == WeightFormat::kInt4 && p.group_size <= 32768 && p.zeros != nullptr;
