@@ -119,6 +119,15 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _overlap_rank(rank: int, world: int, port: int, out: str, quick: bool, steps: int) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -132,20 +141,34 @@ def _overlap_rank(rank: int, world: int, port: int, out: str, quick: bool, steps
     model = _mlp(hidden, inner, layers)
     params = sum(p.numel() for p in model.parameters())
     grads = torch.zeros(params)
-    # calibrate: all-reduce of every gradient vs backward per sample
+    # Calibrate: the batch whose backward takes about as long as an
+    # all-reduce of every gradient, from medians of a few timings, backward
+    # timed on its own. (One timing of each, on this shared host, once picked
+    # a batch whose backward was half the all-reduce: little could hide.)
     dist.all_reduce(grads)
-    t0 = time.perf_counter()
-    dist.all_reduce(grads)
-    allreduce_s = time.perf_counter() - t0
-    probe = 16
-    x = torch.randn(probe, hidden)
-    model(x).square().mean().backward()
-    t0 = time.perf_counter()
-    model(x).square().mean().backward()
-    fwd_bwd_s = time.perf_counter() - t0
-    batch = torch.tensor([max(8, int(probe * allreduce_s / (fwd_bwd_s * 2 / 3)))])  # backward ~ 2/3 of fwd+bwd
-    dist.broadcast(batch, 0)
-    batch = int(batch)
+    allreduce_s = _median_time(lambda: dist.all_reduce(grads), 5)
+
+    def backward_s(rows: int) -> float:
+        x = torch.randn(rows, hidden)
+
+        def once():
+            loss = model(x).square().mean()
+            t0 = time.perf_counter()
+            loss.backward()
+            return time.perf_counter() - t0
+
+        once()
+        return statistics.median(once() for _ in range(5))
+
+    # Backward is not quite linear in the batch (small GEMMs run slower), so
+    # the batch from a probe is corrected once at its own size; rank 0's
+    # figures pick it for all ranks.
+    batch = 16
+    for _ in range(2):
+        calib = torch.tensor([allreduce_s, backward_s(batch)], dtype=torch.float64)
+        dist.broadcast(calib, 0)
+        batch = max(8, round(batch * calib[0].item() / calib[1].item()))
+    allreduce_s, batch_backward_s = calib[0].item(), backward_s(batch)  # reported: how close the sizing came
 
     odp = OverlappedDataParallel(_mlp(hidden, inner, layers), bucket_cap_mb=25)
     ddp = DDP(_mlp(hidden, inner, layers), bucket_cap_mb=25)
@@ -195,7 +218,8 @@ def _overlap_rank(rank: int, world: int, port: int, out: str, quick: bool, steps
     dist.all_reduce(cpu_per_rank)
     cpu_per_rank = float(cpu_per_rank) / world
     result = {
-        "params": params, "batch": batch, "allreduce_ms": allreduce_s * 1e3, "buckets": odp.num_buckets,
+        "params": params, "batch": batch, "allreduce_ms": allreduce_s * 1e3,
+        "backward_ms": batch_backward_s * 1e3, "buckets": odp.num_buckets,
         "odp_ms": statistics.median(times["odp"]) * 1e3, "ddp_ms": statistics.median(times["ddp"]) * 1e3,
         "hidden_fraction": statistics.median(hidden_frac),
         "row1_ms": statistics.median(tp[1]) * 1e3, "row4_ms": statistics.median(tp[4]) * 1e3,
@@ -235,7 +259,8 @@ def overlap_benchmark(quick: bool = False, world: int = 2, steps: int = 8, timeo
 def format_overlap(r: dict) -> str:
     return "\n".join([
         f"overlap (2 Gloo ranks, 1 thread each): MLP {r['params'] / 1e6:.1f}M params, batch {r['batch']} per rank, "
-        f"{r['buckets']} buckets of 25 MB, all-reduce of all grads {r['allreduce_ms']:.1f} ms",
+        f"{r['buckets']} buckets of 25 MB, all-reduce of all grads {r['allreduce_ms']:.1f} ms "
+        f"(backward alone at this batch {r['backward_ms']:.1f} ms)",
         f"  fwd+bwd step: OverlappedDataParallel {r['odp_ms']:.1f} ms, torch DDP {r['ddp_ms']:.1f} ms, "
         f"ratio {r['odp_ms'] / r['ddp_ms']:.2f}x of DDP (lower is better)",
         f"  communication hidden behind backward: {100 * r['hidden_fraction']:.0f}%",
