@@ -17,8 +17,9 @@
 //    (tile_4bit_grouped) sum unscaled and scale once per group, groups of 32
 //    once per half chunk for 1-2 rows of x; for more rows groups of 32
 //    scale every weight (tile_4bit_rows).
-//  * AVX2, 16-bit x (int4, nf4): x quantised per group to int16, codes (nf4:
-//    its codebook as int16) multiplied with vpmaddwd (tile_int4_i16,
+//  * AVX2, 16-bit x (int4, nf4), and AVX-512 without AVX512_BF16 (int4,
+//    1-2 rows of x): x quantised per group to int16, codes (nf4: its
+//    codebook as int16) multiplied with vpmaddwd (tile_int4_i16,
 //    tile_nf4_i16), unless an element of x dwarfs its group (stage_int16).
 //  * AVX2, nf4 otherwise: exact fp32 codebook values by byte-plane vpshufb
 //    lookups (tile_nf4_planes).
@@ -33,10 +34,10 @@
 //    codes up in their values times the group's scale, rounded to bf16 per
 //    (weight row, group), so no per-group work remains per row of x
 //    (tile_4bit_bf16_scaled).
-//  * int16 products (int8 with 16-bit x, 5 or more rows of x on AVX-512
-//    VNNI, 3 or more on AVX2): x quantised per 1024 columns to int16 as
-//    above, codes sign-extended once per tile into an L1 panel, `vpdpwssd`
-//    (AVX2: `vpmaddwd`) for every row of x (matmul_int8_panels).
+//  * int16 products (int8 with 16-bit x, 5 or more rows of x on AVX-512,
+//    3 or more on AVX2): x quantised per 1024 columns to int16 as above,
+//    codes sign-extended once per tile into an L1 panel, `vpdpwssd` (VNNI;
+//    else `vpmaddwd`) for every row of x (matmul_int8_panels).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -67,6 +68,87 @@ int64_t padded_k(const WeightOnlyParams& p) {
   return p.format == WeightFormat::kInt8 ? round_up(p.k, 32) : round_up(p.k, kNibbleChunk);
 }
 
+#if defined(__AVX2__)
+// ------------------------------------------------------------ int16 products
+// The int16 products of one ISA level: 32 a vector on AVX-512 (summed in
+// place by `vpdpwssd` with VNNI, else `vpmaddwd` and an add), 16 on AVX2
+// (`vpmaddwd` and an add). The same pairs land in each int32 lane either
+// way, so the range arguments of the loops hold for all.
+#if defined(__AVX512F__)
+struct Int16Dot {
+  using V = __m512i;
+  static constexpr int kLanes = 32;   // int16 per vector: columns a step
+  static constexpr int kMaxRows = 4;  // rows of x a pass of the int8 panels: 16 accumulators
+  static V zero() { return _mm512_setzero_si512(); }
+  static V load(const int16_t* p) { return _mm512_loadu_si512(p); }
+  static V dot(V acc, V w, V x) {
+#if defined(__AVX512VNNI__)
+    return dpwssd(acc, w, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+  }
+  // The first min(n, kLanes) codes widened to int16, the rest zero.
+  static V widen(const uint8_t* codes, int64_t n) {
+    const __mmask32 lanes = n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, codes));
+  }
+  static V widen_full(const uint8_t* codes) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
+  }
+  // kLanes bytes zero-extended: 4-bit code pairs (hi << 4 | lo) as int16.
+  static V widen_pairs(const uint8_t* codes) {
+    return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
+  }
+  static V low_nibbles(V pairs) { return _mm512_and_si512(pairs, _mm512_set1_epi16(0x000F)); }
+  static V high_nibbles(V pairs) { return _mm512_srli_epi16(pairs, 4); }
+  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
+  static Vec to_float(V v) { return {_mm512_cvtepi32_ps(v)}; }
+  static void store(int16_t* p, V v) { _mm512_store_si512(p, v); }
+  // t[0..16) += float(acc) * scale
+  static void add_scaled(float* t, V acc, float scale) {
+    _mm512_storeu_ps(t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(scale), _mm512_loadu_ps(t)));
+  }
+  static float sum(const float* t) { return _mm512_reduce_add_ps(_mm512_loadu_ps(t)); }
+};
+#else
+struct Int16Dot {
+  using V = __m256i;
+  static constexpr int kLanes = 16;
+  static constexpr int kMaxRows = 2;  // 8 accumulators of the 16 registers
+  static V zero() { return _mm256_setzero_si256(); }
+  static V load(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  // The add as asm, in place: GCC 12 wrote each sum to a spare register and
+  // moved it back (8 moves per 8 vpmaddwd, as with the VNNI intrinsics).
+  static V dot(V acc, V w, V x) {
+    const V products = _mm256_madd_epi16(w, x);
+    asm("vpaddd %1, %0, %0" : "+x"(acc) : "x"(products));
+    return acc;
+  }
+  static V widen(const uint8_t* codes, int64_t n) {
+    alignas(16) uint8_t b[16] = {};
+    std::memcpy(b, codes, static_cast<size_t>(std::min<int64_t>(n, 16)));
+    return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
+  }
+  static V widen_full(const uint8_t* codes) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  }
+  static V widen_pairs(const uint8_t* codes) {
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  }
+  static V low_nibbles(V pairs) { return _mm256_and_si256(pairs, _mm256_set1_epi16(0x000F)); }
+  static V high_nibbles(V pairs) { return _mm256_srli_epi16(pairs, 4); }
+  static V add(V a, V b) { return _mm256_add_epi32(a, b); }
+  static Vec to_float(V v) { return {_mm256_cvtepi32_ps(v)}; }
+  static void store(int16_t* p, V v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+  static void add_scaled(float* t, V acc, float scale) {
+    _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(scale), _mm256_loadu_ps(t)));
+  }
+  static float sum(const float* t) { return vsum(Vec{_mm256_loadu_ps(t)}); }
+};
+#endif
+#endif
+
 // nf4 only with bf16 x: its loop takes x as it is (no hi + lo split).
 // Groups must be whole 64-column chunks, or (int4) 32 columns, half a chunk.
 bool uses_bf16_dot(const WeightOnlyParams& p) {
@@ -92,7 +174,8 @@ bool nf4_planes_possible(const WeightOnlyParams& p) {
 #endif
 }
 
-// int4 with bf16 / fp16 x below AVX-512, groups of whole chunks: x is
+// int4 with bf16 / fp16 x, groups of whole chunks or of 32, where bf16 dot
+// products do not take it (AVX2, AVX-512 without AVX512_BF16): x is
 // quantised per group to int16 and the codes multiplied with vpmaddwd
 // (tile_int4_i16). The rounding, at most 2^-16 of the group's largest |x|,
 // is below the half-ulp x already carries in 8 or 11 bits as long as no
@@ -101,27 +184,42 @@ bool nf4_planes_possible(const WeightOnlyParams& p) {
 //
 // nf4 takes the same route (tile_nf4_i16) with the codebook as int16 in
 // units of 2^-13 (within 2^-14 of each value, again far below bf16's own
-// rounding of the weight), x staged in the order of nf4_i16_column.
+// rounding of the weight), x staged in the order of nf4_i16_column (AVX2
+// only, see below).
 //
-// int8 with bf16 / fp16 x and more than kRowsPerPass rows of it, on AVX-512
-// VNNI and on AVX2: x staged the same way in groups of kInt8XGroup columns,
-// multiplied by the codes sign-extended to int16 with `vpdpwssd` (AVX2:
-// `vpmaddwd`; matmul_int8_panels). AVX2 (forced on the Zen 4), bf16 / fp16
-// x, the fp32 loop's time over this one's on the three bench shapes: M=3
-// 1.10-1.31, M=4 1.00-1.24, M=6 1.14-1.33, M=8 1.09-1.38; M=16 146-149 ->
-// 234-241 GFLOP/s.
+// AVX-512 without AVX512_BF16 (Ice Lake, Cascade Lake) runs the int4 loop
+// for 1-2 rows of x, 32 columns a vector: the Zen 4 forced to plain
+// AVX-512, one core, weight in L3, bf16 x, M=1: g128 21.5-23.3 -> 32.7-34.8
+// G weights/s, g32 16.1-19.4 -> 25.0-26.0, against the fp32 loop (one
+// permute a 16 codes); M=2 about 1.25x.
+//
+// int8 with bf16 / fp16 x and more than kRowsPerPass rows of it: x staged
+// the same way in groups of kInt8XGroup columns, multiplied by the codes
+// sign-extended to int16 with `vpdpwssd` (AVX-512 VNNI) or `vpmaddwd`
+// (matmul_int8_panels). Up to kRowsPerPass rows the matmul is bound by
+// reading the weight and the fp32 loop is as fast (Zen 4: M=1 1.30x ATen
+// against 1.26x). AVX2 (forced on the Zen 4), bf16 / fp16 x, the fp32
+// loop's time over this one's on the three bench shapes: M=3 1.10-1.31, M=4
+// 1.00-1.24, M=6 1.14-1.33, M=8 1.09-1.38; M=16 146-149 -> 234-241 GFLOP/s.
+// Plain AVX-512 (forced, one core, 4096^2 in L3): M=5-16 60-99 -> 82-128
+// GFLOP/s (noisy host).
 bool uses_int16_x(const WeightOnlyParams& p) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
   if (p.dtype == DType::kFloat32) return false;
   if (p.format == WeightFormat::kInt8) return p.m > kRowsPerPass;  // matmul_int8_panels
+  if (uses_bf16_dot(p)) return false;
   if (p.group_size % kNibbleChunk != 0) return p.format == WeightFormat::kInt4 && p.group_size == 32 && p.zeros != nullptr;
+#if defined(__AVX512F__)
+  // nf4 stays in the fp32 loop, one permute a 16 codes, which ran as fast
+  // as an int16 lookup loop (Zen 4, one core, weight in L3: 22 G weights/s);
+  // so does int4 for 3 or more rows of x, where the fp32 loop shares each
+  // decoded vector among 4 rows (the int16 loop: 2 rows a pass).
+  if (p.format == WeightFormat::kNf4 || p.m > 2) return false;
+#else
   if (p.format == WeightFormat::kNf4) return true;
+#endif
   // Groups up to 32768 columns keep a group's int32 sums in range (see tile_int4_i16).
   return p.format == WeightFormat::kInt4 && p.group_size <= 32768 && p.zeros != nullptr;
-#elif defined(__AVX512VNNI__)
-  // Up to kRowsPerPass rows the matmul is bound by reading the weight and
-  // the fp32 loop is as fast (Zen 4: M=1 1.30x ATen against 1.26x).
-  return p.format == WeightFormat::kInt8 && p.dtype != DType::kFloat32 && p.m > kRowsPerPass;
 #else
   (void)p;
   return false;
@@ -193,7 +291,7 @@ inline bool int16_staging_ok(float m, float sum, int64_t n) {
 // with scale = max |x| / 32767 over the group. False (xq unusable) when a
 // group fails int16_staging_ok.
 bool stage_int16(const WeightOnlyParams& p, StagedX& s) {
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512F__)
   // int8: groups of xq_group columns, the last one ending at k.
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   for (int64_t i = 0; i < p.m; ++i) {
@@ -217,7 +315,7 @@ bool stage_int16(const WeightOnlyParams& p, StagedX& s) {
     }
   }
   return true;
-#elif defined(__AVX2__) && !defined(__AVX512F__)
+#elif defined(__AVX2__)
   // Groups of xq_group columns, the last one ending at k (int8); s.x is
   // zero-padded to kp, a multiple of 32.
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -730,22 +828,26 @@ void tile_nf4_planes(const WeightOnlyParams& p, const StagedX& sx, const TileRow
 }
 #endif
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-// ------------------------------------------------------------ int4 x int16 on AVX2
-// vpmaddwd multiplies 16 pairs of int16 and adds each pair: 16 weights per
-// instruction, against 8 per FMA after an int -> float conversion. Codes
-// zero-extended to 16 bits hold (hi << 4 | lo) of one byte, so an AND and a
-// shift give the 16 low-half and 16 high-half codes of 16 bytes. Per group,
-// the int32 sums become fp32 and are scaled by s_w * s_x; zero points as in
-// tile_4bit_grouped. A lane of one half's sum adds group_size / 16 products
-// of at most 15 * 32767, both halves under 2^31 for groups up to 32768.
-// kHalves: groups of 32, so a chunk's halves are groups 2c and 2c + 1 and
-// each half's sum is scaled on its own (g32, bf16 x, the Zen 4 forced to
-// AVX2, one core, weight in L3: 24-26 G weights/s, where the fp32 halves
-// loop ran 13-19 and g128 here runs 36).
+#if defined(__AVX2__)
+// ------------------------------------------------------------ 4-bit codes x int16 (AVX2, AVX-512)
+// Weight rows a pass of the int16 loops: with more, two rows of x (AVX2)
+// or the halves' accumulators (AVX-512, groups of 32) would spill.
+constexpr int kI16Rows = 2;
+
+// int4: vpmaddwd multiplies 16 pairs of int16 and adds each pair: 16
+// weights per 256 bits, against 8 per FMA after an int -> float conversion.
+// Codes zero-extended to 16 bits hold (hi << 4 | lo) of one byte, so an AND
+// and a shift give the low-half and high-half codes of Int16Dot::kLanes
+// bytes. Per group, the int32 sums become fp32 and are scaled by s_w * s_x;
+// zero points as in tile_4bit_grouped. A lane of one half's sum adds
+// group_size / 16 products of at most 15 * 32767, both halves under 2^31
+// for groups up to 32768. kHalves: groups of 32, so a chunk's halves are
+// groups 2c and 2c + 1 and each half's sum is scaled on its own (g32, bf16
+// x, the Zen 4 forced to AVX2, one core, weight in L3: 24-26 G weights/s,
+// where the fp32 halves loop ran 13-19 and g128 here runs 36).
 template <int MB, bool kHalves>
 void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows& t, int r0, int64_t m0, float* y) {
-  const __m256i low4 = _mm256_set1_epi16(0x000F);
+  using D = Int16Dot;
   const uint8_t* const* w = t.codes + r0;
   const float* const* sc = t.scales + r0;
   const int16_t* xr[MB];
@@ -755,37 +857,37 @@ void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows&
     xr[i] = sx.xq.data() + (m0 + i) * sx.kp;
     xs[i] = sx.xq_scale.data() + (m0 + i) * sx.groups;
   }
-  __m256 total[kSub4][MB];
+  Vec total[kI16Rows][MB];
 #pragma GCC unroll 16
-  for (int r = 0; r < kSub4; ++r)
+  for (int r = 0; r < kI16Rows; ++r)
 #pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) total[r][i] = _mm256_setzero_ps();
+    for (int i = 0; i < MB; ++i) total[r][i] = vzero();
   // The columns of one step: a group, or (kHalves) one chunk, two groups.
   const int64_t step = kHalves ? kNibbleChunk : p.group_size;
   for (int64_t g = 0, g_col = 0; g_col < sx.kp; g += kHalves ? 2 : 1, g_col += step) {
-    __m256i acc[kSub4][MB][2];  // low / high half of each chunk
+    D::V acc[kI16Rows][MB][2];  // low / high half of each chunk
 #pragma GCC unroll 16
-    for (int r = 0; r < kSub4; ++r)
+    for (int r = 0; r < kI16Rows; ++r)
 #pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) acc[r][i][0] = acc[r][i][1] = _mm256_setzero_si256();
+      for (int i = 0; i < MB; ++i) acc[r][i][0] = acc[r][i][1] = D::zero();
     for (int64_t col = g_col; col < g_col + step; col += kNibbleChunk) {
 #pragma GCC unroll 2
-      for (int j = 0; j < 32; j += 16) {
-        __m256i xl[MB], xh[MB];
+      for (int j = 0; j < 32; j += D::kLanes) {
+        D::V xl[MB], xh[MB];
 #pragma GCC unroll 16
         for (int i = 0; i < MB; ++i) {
-          xl[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[i] + col + j));
-          xh[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[i] + col + 32 + j));
+          xl[i] = D::load(xr[i] + col + j);
+          xh[i] = D::load(xr[i] + col + 32 + j);
         }
 #pragma GCC unroll 16
-        for (int r = 0; r < kSub4; ++r) {
+        for (int r = 0; r < kI16Rows; ++r) {
           if (j == 0 && (col & kNibbleChunk) != 0) prefetch_next_tile(p, w[r] + col / 2);
-          const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + col / 2 + j)));
-          const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_srli_epi16(b, 4);
+          const D::V b = D::widen_pairs(w[r] + col / 2 + j);
+          const D::V lo = D::low_nibbles(b), hi = D::high_nibbles(b);
 #pragma GCC unroll 16
           for (int i = 0; i < MB; ++i) {
-            acc[r][i][0] = _mm256_add_epi32(acc[r][i][0], _mm256_madd_epi16(lo, xl[i]));
-            acc[r][i][1] = _mm256_add_epi32(acc[r][i][1], _mm256_madd_epi16(hi, xh[i]));
+            acc[r][i][0] = D::dot(acc[r][i][0], lo, xl[i]);
+            acc[r][i][1] = D::dot(acc[r][i][1], hi, xh[i]);
           }
         }
       }
@@ -795,30 +897,30 @@ void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows&
       // 0, and its group, past the row's last, has no scales).
       const bool has_hi = g + 1 < sx.groups;
 #pragma GCC unroll 16
-      for (int r = 0; r < kSub4; ++r)
+      for (int r = 0; r < kI16Rows; ++r)
 #pragma GCC unroll 16
         for (int i = 0; i < MB; ++i) {
           const float s_hi = has_hi ? sc[r][g + 1] * xs[i][g + 1] : 0.0f;
-          total[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][i][0]), _mm256_set1_ps(sc[r][g] * xs[i][g]), total[r][i]);
-          total[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][i][1]), _mm256_set1_ps(s_hi), total[r][i]);
+          total[r][i] = vfma(D::to_float(acc[r][i][0]), vset1(sc[r][g] * xs[i][g]), total[r][i]);
+          total[r][i] = vfma(D::to_float(acc[r][i][1]), vset1(s_hi), total[r][i]);
         }
     } else {
 #pragma GCC unroll 16
-      for (int r = 0; r < kSub4; ++r)
+      for (int r = 0; r < kI16Rows; ++r)
 #pragma GCC unroll 16
-        for (int i = 0; i < MB; ++i) {
-          const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(acc[r][i][0], acc[r][i][1]));
-          total[r][i] = _mm256_fmadd_ps(sum, _mm256_set1_ps(sc[r][g] * xs[i][g]), total[r][i]);
-        }
+        for (int i = 0; i < MB; ++i)
+          total[r][i] =
+              vfma(D::to_float(D::add(acc[r][i][0], acc[r][i][1])), vset1(sc[r][g] * xs[i][g]), total[r][i]);
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < kSub4; ++r)
+  for (int r = 0; r < kI16Rows; ++r)
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
-      y[(r0 + r) * MB + i] = vsum(Vec{total[r][i]}) - int4_zero_term(sx, sc[r], t.zeros[r0 + r], m0 + i);
+      y[(r0 + r) * MB + i] = vsum(total[r][i]) - int4_zero_term(sx, sc[r], t.zeros[r0 + r], m0 + i);
     }
 }
+
 #endif
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
@@ -908,20 +1010,26 @@ void tile_nf4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows& 
 template <int MB, bool kInt4>
 void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   const TileRows t(p, sx.groups, row0);
+#if defined(__AVX2__)
+  if (sx.loop == StagedX::Loop::kInt16) {
+    for (int r0 = 0; r0 < kTileN; r0 += kI16Rows) {
+      if constexpr (!kInt4) {
+#if !defined(__AVX512F__)
+        tile_nf4_i16<MB>(p, sx, t, r0, m0, y);
+#endif
+      } else if (p.group_size == 32)
+        tile_int4_i16<MB, true>(p, sx, t, r0, m0, y);
+      else
+        tile_int4_i16<MB, false>(p, sx, t, r0, m0, y);
+    }
+    return;
+  }
+#endif
   const bool grouped = p.group_size % kNibbleChunk == 0 && (!kInt4 || p.zeros != nullptr);
   for (int r0 = 0; r0 < kTileN; r0 += kSub4) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
     if (!kInt4 && sx.loop == StagedX::Loop::kNf4Planes) {
       tile_nf4_planes<MB>(p, sx, t, r0, m0, y);
-      continue;
-    }
-    if (sx.loop == StagedX::Loop::kInt16) {
-      if constexpr (!kInt4)
-        tile_nf4_i16<MB>(p, sx, t, r0, m0, y);
-      else if (p.group_size == 32)
-        tile_int4_i16<MB, true>(p, sx, t, r0, m0, y);
-      else
-        tile_int4_i16<MB, false>(p, sx, t, r0, m0, y);
       continue;
     }
 #endif
@@ -1252,6 +1360,20 @@ void tile_4bit_bf16_scaled(const WeightOnlyParams& p, const StagedX& sx, int64_t
 #endif
 
 // One register tile: kTileN weight rows from row0, MB rows of x from m0.
+// Two passes over the (L1-resident) weight rows of a tile, rows [m0, m0 + 2)
+// of x and then the rest: for loops whose accumulators and per-group
+// totals would spill with more than 2 rows of x.
+template <int MB>
+void tile(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y);
+template <int MB>
+void tile_in_two_passes(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
+  float ya[kTileN * 2], yb[kTileN * (MB - 2)];
+  tile<2>(p, sx, row0, m0, ya);
+  tile<MB - 2>(p, sx, row0, m0 + 2, yb);
+  for (int r = 0; r < kTileN; ++r)
+    for (int i = 0; i < MB; ++i) y[r * MB + i] = i < 2 ? ya[r * 2 + i] : yb[r * (MB - 2) + i - 2];
+}
+
 template <int MB>
 void tile(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0, float* y) {
   if (p.format == WeightFormat::kInt8) return tile_int8_fp32<MB>(p, sx, row0, m0, y);
@@ -1264,15 +1386,7 @@ void tile(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, int64_t m0
       }
     }
     if constexpr (MB > 2) {
-      // int4 with split x (fp32 / fp16), or groups of 32: accumulators and
-      // per-group totals for more than 2 rows of x would spill, so two
-      // passes over the (L1-resident) weight rows instead.
-      float ya[kTileN * 2], yb[kTileN * (MB - 2)];
-      tile<2>(p, sx, row0, m0, ya);
-      tile<MB - 2>(p, sx, row0, m0 + 2, yb);
-      for (int r = 0; r < kTileN; ++r)
-        for (int i = 0; i < MB; ++i) y[r * MB + i] = i < 2 ? ya[r * 2 + i] : yb[r * (MB - 2) + i - 2];
-      return;
+      return tile_in_two_passes<MB>(p, sx, row0, m0, y);  // int4 with split x (fp32 / fp16), or groups of 32
     } else {
       if (p.format == WeightFormat::kNf4) return tile_nf4_bf16<MB>(p, sx, row0, m0, y);
       if (p.group_size == 32) {
@@ -1404,63 +1518,8 @@ void dequantize_row(const WeightOnlyParams& p, int64_t row, T* dst) {
   }
 }
 
-#if defined(__AVX512VNNI__) || (defined(__AVX2__) && !defined(__AVX512F__))
+#if defined(__AVX2__)
 // ------------------------------------------------------------ int8 x int16 panels (many rows of x)
-// The int16 products of one ISA level: AVX-512 VNNI sums 32 a `vpdpwssd` in
-// place; AVX2 sums 16 with `vpmaddwd` and adds them (same pairs per lane, so
-// the int32 range argument of kInt8XGroup holds for both).
-#if defined(__AVX512VNNI__)
-struct Int16Dot {
-  using V = __m512i;
-  static constexpr int kLanes = 32;   // int16 per vector: columns a step
-  static constexpr int kMaxRows = 4;  // rows of x a pass: 16 accumulators
-  static V zero() { return _mm512_setzero_si512(); }
-  static V load(const int16_t* p) { return _mm512_loadu_si512(p); }
-  static V dot(V acc, V w, V x) { return dpwssd(acc, w, x); }
-  // The first min(n, kLanes) codes widened to int16, the rest zero.
-  static V widen(const uint8_t* codes, int64_t n) {
-    const __mmask32 lanes = n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
-    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, codes));
-  }
-  static V widen_full(const uint8_t* codes) {
-    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
-  }
-  static void store(int16_t* p, V v) { _mm512_store_si512(p, v); }
-  // t[0..16) += float(acc) * scale
-  static void add_scaled(float* t, V acc, float scale) {
-    _mm512_storeu_ps(t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(scale), _mm512_loadu_ps(t)));
-  }
-  static float sum(const float* t) { return _mm512_reduce_add_ps(_mm512_loadu_ps(t)); }
-};
-#else
-struct Int16Dot {
-  using V = __m256i;
-  static constexpr int kLanes = 16;
-  static constexpr int kMaxRows = 2;  // 8 accumulators of the 16 registers
-  static V zero() { return _mm256_setzero_si256(); }
-  static V load(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  // The add as asm, in place: GCC 12 wrote each sum to a spare register and
-  // moved it back (8 moves per 8 vpmaddwd, as with the VNNI intrinsics).
-  static V dot(V acc, V w, V x) {
-    const V products = _mm256_madd_epi16(w, x);
-    asm("vpaddd %1, %0, %0" : "+x"(acc) : "x"(products));
-    return acc;
-  }
-  static V widen(const uint8_t* codes, int64_t n) {
-    alignas(16) uint8_t b[16] = {};
-    std::memcpy(b, codes, static_cast<size_t>(std::min<int64_t>(n, 16)));
-    return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
-  }
-  static V widen_full(const uint8_t* codes) {
-    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  }
-  static void store(int16_t* p, V v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
-  static void add_scaled(float* t, V acc, float scale) {
-    _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(scale), _mm256_loadu_ps(t)));
-  }
-  static float sum(const float* t) { return vsum(Vec{_mm256_loadu_ps(t)}); }
-};
-#endif
 constexpr int kTotalLanes = Int16Dot::kLanes / 2;  // int32 sums per (weight row, row of x)
 
 // MB rows of x from m0 against a tile's x group: the codes come decoded
@@ -1563,7 +1622,7 @@ void matmul_int8_panels(const WeightOnlyParams& p, const StagedX& sx) {
 
 void weight_only_matmul(const WeightOnlyParams& p) {
   const StagedX sx = stage_x(p);
-#if defined(__AVX512VNNI__) || (defined(__AVX2__) && !defined(__AVX512F__))
+#if defined(__AVX2__)
   if (p.format == WeightFormat::kInt8 && sx.loop == StagedX::Loop::kInt16) {
     dispatch_dtype(p.dtype, [&](auto tag) { matmul_int8_panels<decltype(tag)>(p, sx); });
     return;
