@@ -103,6 +103,8 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   if (active_cpu_isa() == CpuIsa::kAvx2) {
     const bool x16 = x.scalar_type() != at::kFloat;
     if (p.format == WeightFormat::kNf4) return x16 ? 16 : 12;
+    // int8, 16-bit x: the int16 panels took 0.90-1.12x the GEMM's time at
+    // M=32, 1.00-1.24x at 40 (Zen 4 forced to AVX2, the bench shapes).
     if (p.format == WeightFormat::kInt8) return x16 ? 32 : 24;
     if (half_chunk_groups) return x16 ? 12 : 16;
     return x16 ? 48 : 24;
@@ -118,8 +120,12 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
     if (p.format == WeightFormat::kInt8) return 40;
     return !half_chunk_groups ? 28 : p.format == WeightFormat::kInt4 ? 10 : 8;
   }
-  // Dense tiles: bf16 x below AVX512_BF16 (or with an odd k), the scalar level.
-  if (p.format == WeightFormat::kInt8) return 16;
+  // Dense tiles: bf16 x below AVX512_BF16 (or with an odd k), the scalar
+  // level. int8 on AVX-512 runs the int16 panels from 5 rows, as fast as
+  // dense tiles + ATen's bf16 GEMM up to about 40 (Zen 4 forced to plain
+  // AVX-512, the bench shapes: M=32 0.93-1.00x their time, M=40 0.92-1.00,
+  // M=48 1.02-1.11).
+  if (p.format == WeightFormat::kInt8) return active_cpu_isa() == CpuIsa::kScalar ? 16 : 40;
   if (p.format == WeightFormat::kNf4) return 6;
   return half_chunk_groups ? 6 : 8;
 }
