@@ -840,8 +840,8 @@ constexpr int kI16Rows = 2;
 // and a shift give the low-half and high-half codes of Int16Dot::kLanes
 // bytes. Per group, the int32 sums become fp32 and are scaled by s_w * s_x;
 // zero points as in tile_4bit_grouped. A lane of one half's sum adds
-// group_size / 16 products of at most 15 * 32767, both halves under 2^31
-// for groups up to 32768. kHalves: groups of 32, so a chunk's halves are
+// group_size / 16 products of at most 15 * 32767 (AVX-512: half as many),
+// both halves under 2^31 for groups up to 32768. kHalves: groups of 32, so a chunk's halves are
 // groups 2c and 2c + 1 and each half's sum is scaled on its own (g32, bf16
 // x, the Zen 4 forced to AVX2, one core, weight in L3: 24-26 G weights/s,
 // where the fp32 halves loop ran 13-19 and g128 here runs 36).
