@@ -218,9 +218,10 @@ def test_quant_matmul_matches_fp64(cpu_isa, scheme, group, sym, dtype):
 @pytest.mark.parametrize("scheme,group", [("int4", 128), ("int4", 64), ("int4", 32), ("nf4", 64), ("nf4", 128), ("int8", None)])
 def test_quant_matmul_activation_outliers(cpu_isa, scheme, group, dtype):
     # LLM activations carry a few channels hundreds of times larger than the
-    # rest. Below AVX-512 (int4, nf4) and with AVX-512 VNNI (int8, from 5
-    # rows of x), 16-bit x is multiplied as int16 per group only when no
-    # element dwarfs its group; these groups must take the exact loops and
+    # rest. On AVX2 (int4, nf4), AVX-512 without AVX512_BF16 (int4, 1-2
+    # rows of x) and every AVX level (int8, from 5 rows of x; AVX2 from 3),
+    # 16-bit x is multiplied as int16 per group only when no element
+    # dwarfs its group; these groups must take the exact loops and
     # stay within the tolerance (and so must moderate outliers, which stay
     # on the int16 path).
     # The outlier channels' weights are zero (exactly, after quantisation),

@@ -124,21 +124,31 @@ inline void shape_scores(const FlashAttnParams& p, const Sequence& s, int64_t i,
 }
 
 // One tile of gemm_nt / gemm_acc: C[R x kTileW] (+)= A[R x depth] * B[depth x
-// kTileW], B's rows ldb apart, A's lda apart.
+// kTileW], B's rows ldb apart, A's lda apart. The register loops are
+// unrolled by pragma: left as loops, GCC kept the accumulators' first and
+// last values on the stack, 32 extra stores and loads a tile (fp32 forward
+// 2-4% slower on AVX-512, 2% on AVX2).
 template <int R, bool kAccumulate>
 inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t depth) {
   Vec acc[R][kTileCols];
+#pragma GCC unroll 8
   for (int rr = 0; rr < R; ++rr)
+#pragma GCC unroll 4
     for (int t = 0; t < kTileCols; ++t) acc[rr][t] = kAccumulate ? vload(C + rr * ldc + t * kW) : vzero();
   for (int64_t d = 0; d < depth; ++d) {
     Vec b[kTileCols];
+#pragma GCC unroll 4
     for (int t = 0; t < kTileCols; ++t) b[t] = vload(B + d * ldb + t * kW);
+#pragma GCC unroll 8
     for (int rr = 0; rr < R; ++rr) {
       const Vec a = vset1(A[rr * lda + d]);
+#pragma GCC unroll 4
       for (int t = 0; t < kTileCols; ++t) acc[rr][t] = vfma(a, b[t], acc[rr][t]);
     }
   }
+#pragma GCC unroll 8
   for (int rr = 0; rr < R; ++rr)
+#pragma GCC unroll 4
     for (int t = 0; t < kTileCols; ++t) vstore(C + rr * ldc + t * kW, acc[rr][t]);
 }
 
