@@ -144,7 +144,8 @@ def _overlap_rank(rank: int, world: int, port: int, out: str, quick: bool, steps
     # Calibrate: the batch whose backward takes about as long as an
     # all-reduce of every gradient, from medians of a few timings, backward
     # timed on its own. (One timing of each, on this shared host, once picked
-    # a batch whose backward was half the all-reduce: little could hide.)
+    # 8 rows a rank where other runs picked 16-19, and hid 64% of the
+    # communication where they hid 77-86%.)
     dist.all_reduce(grads)
     allreduce_s = _median_time(lambda: dist.all_reduce(grads), 5)
 
@@ -160,9 +161,10 @@ def _overlap_rank(rank: int, world: int, port: int, out: str, quick: bool, steps
         once()
         return statistics.median(once() for _ in range(5))
 
-    # Backward is not quite linear in the batch (small GEMMs run slower), so
-    # the batch from a probe is corrected once at its own size; rank 0's
-    # figures pick it for all ranks.
+    # Backward is far from proportional to the batch (writing the 200 MB of
+    # weight gradients costs the same at any batch), so the batch from a
+    # probe is corrected once at its own size; rank 0's figures pick it for
+    # all ranks.
     batch = 16
     for _ in range(2):
         calib = torch.tensor([allreduce_s, backward_s(batch)], dtype=torch.float64)
