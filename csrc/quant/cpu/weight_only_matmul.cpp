@@ -841,10 +841,11 @@ constexpr int kI16Rows = 2;
 // bytes. Per group, the int32 sums become fp32 and are scaled by s_w * s_x;
 // zero points as in tile_4bit_grouped. A lane of one half's sum adds
 // group_size / 16 products of at most 15 * 32767 (AVX-512: half as many),
-// both halves under 2^31 for groups up to 32768. kHalves: groups of 32, so a chunk's halves are
-// groups 2c and 2c + 1 and each half's sum is scaled on its own (g32, bf16
-// x, the Zen 4 forced to AVX2, one core, weight in L3: 24-26 G weights/s,
-// where the fp32 halves loop ran 13-19 and g128 here runs 36).
+// both halves under 2^31 for groups up to 32768. kHalves: groups of 32, so
+// a chunk's halves are groups 2c and 2c + 1 and each half's sum is scaled
+// on its own (g32, bf16 x, the Zen 4 forced to AVX2, one core, weight in
+// L3: 24-26 G weights/s, where the fp32 halves loop ran 13-19 and g128
+// here runs 36).
 template <int MB, bool kHalves>
 void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows& t, int r0, int64_t m0, float* y) {
   using D = Int16Dot;
@@ -1014,7 +1015,7 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
   if (sx.loop == StagedX::Loop::kInt16) {
     for (int r0 = 0; r0 < kTileN; r0 += kI16Rows) {
       if constexpr (!kInt4) {
-#if !defined(__AVX512F__)
+#if !defined(__AVX512F__)  // AVX-512 never stages nf4 as int16 (uses_int16_x)
         tile_nf4_i16<MB>(p, sx, t, r0, m0, y);
 #endif
       } else if (p.group_size == 32)
