@@ -26,14 +26,26 @@ def _time_once(fn: Callable[[], object], device: str) -> float:
 
 
 def time_pair(
-    ours: Callable[[], object], baseline: Callable[[], object], device: str, warmup: int = 2, repeat: int = 10
+    ours: Callable[[], object], baseline: Callable[[], object], device: str, warmup: int = 2, repeat: int = 10,
+    budget_s: float = 30.0,
 ) -> tuple[float, float]:
-    """Median seconds per call of (ours, baseline), measured interleaved."""
-    for _ in range(warmup):
+    """Median seconds per call of (ours, baseline), measured interleaved.
+
+    A pair whose calls take seconds gets fewer repeats (never under 3), so
+    that timing it stays near `budget_s`: on CPUs without native bf16 (AVX2),
+    torch's bf16 matmul takes a generic loop a few times slower than fp32, and
+    ten repeats of one prefill-sized baseline would take minutes."""
+    for i in range(warmup):
+        t0 = time.perf_counter()
         ours()
         baseline()
-    if device == "cuda":
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        pair_s = time.perf_counter() - t0
+        if i == 0 and pair_s * warmup > budget_s:
+            break  # the first call already warmed up a pair this slow
+    if warmup > 0:
+        repeat = min(repeat, max(3, int(budget_s / pair_s)))
     t_ours, t_base = [], []
     for _ in range(repeat):
         t_ours.append(_time_once(ours, device))
