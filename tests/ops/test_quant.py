@@ -253,30 +253,52 @@ def gemm_choice(request):
         _C.override_cpu_gemm_choice(dtype, None)
 
 
-@pytest.mark.parametrize(
-    "query,override,dtypes,bad_dtype",
-    [
-        # ATen's fp32 GEMM against its 16-bit one (the dense route's precision)
-        ("cpu_gemm_prefers_fp32", "override_cpu_gemm_choice", ("bfloat16", "float16"), "float32"),
-        # AVX-512 CPUs: the quantised GEMM against ATen's GEMM on a dense
-        # weight (AMX CPUs: ATen); fp16 shares fp32's answer (one fp32 GEMM)
-        ("cpu_quant_gemm_wins", "override_cpu_quant_gemm_choice", ("bfloat16", "float32"), "int8"),
-    ],
-    ids=["dense_precision", "quant_gemm"],
-)
-def test_cpu_choice_is_measured_once(query, override, dtypes, bad_dtype):
-    query, override = getattr(_C, query), getattr(_C, override)
-    for dtype in dtypes:
+def test_cpu_gemm_precision_choice_is_measured_once():
+    """ATen's fp32 GEMM against its 16-bit one (the dense route's precision):
+    measured once, then the same answer until overridden."""
+    query, override = _C.cpu_gemm_prefers_fp32, _C.override_cpu_gemm_choice
+    for dtype in ("bfloat16", "float16"):
         override(dtype, None)
         first = query(dtype)
         assert isinstance(first, bool) and query(dtype) == first
         override(dtype, not first)
         assert query(dtype) == (not first)
-        if dtype == "float32":
-            assert query("float16") == (not first)
         override(dtype, None)
     with pytest.raises(ValueError, match="dtype"):
-        query(bad_dtype)
+        query("float32")
+
+
+def test_cpu_quant_gemm_choice_is_measured_once():
+    """The quantised GEMM against ATen's GEMM on a dense weight, at every ISA
+    level this CPU runs: measured (once) at AVX512_BF16, and at plain AVX-512
+    for fp16 / fp32 x (which share one fp32 GEMM); below that always False,
+    whatever a test forced, as no quantised GEMM exists there."""
+    query, override = _C.cpu_quant_gemm_wins, _C.override_cpu_quant_gemm_choice
+    before = _C.cpu_info()["active_isa"]
+    try:
+        for isa in ("scalar", "avx2", "avx512", "avx512bf16"):
+            if not isa_supported(isa):
+                continue
+            _C.set_cpu_isa(isa)
+            for dtype in ("bfloat16", "float32"):
+                measured = isa == "avx512bf16" or (isa == "avx512" and dtype == "float32")
+                override(dtype, None)
+                first = query(dtype)
+                assert isinstance(first, bool) and query(dtype) == first
+                if not measured:
+                    assert first is False
+                    override(dtype, True)
+                    assert query(dtype) is False, f"{isa} {dtype}"
+                else:
+                    override(dtype, not first)
+                    assert query(dtype) == (not first)
+                    if dtype == "float32":
+                        assert query("float16") == (not first)
+                override(dtype, None)
+        with pytest.raises(ValueError, match="dtype"):
+            query("int8")
+    finally:
+        _C.set_cpu_isa(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
