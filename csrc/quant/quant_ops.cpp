@@ -76,15 +76,17 @@ bool cpu_gemm(const at::Tensor& x, const WeightOnlyParams& p) {
 //  * Zen 5 (AVX512_BF16), dense tiles in bf16 (778 GFLOP/s there), before
 //    the scaled-table loop and the bf16 GEMM: int4 near 20-32, int8 near 16,
 //    nf4 near 20-24.
-//  * AVX2 Zen 3, dense tiles in fp32: 16-bit x int4 near 48-56, int8 near
-//    32-40, nf4 near 16-24; fp32 x int4 and int8 near 24, nf4 near 12-16.
-//    int4 g32 (the Zen 4 forced to AVX2): 16-bit x (int16 loop, each half
-//    chunk scaled) near 12-13 (0.72x at 8, 0.95-0.99x at 12, 1.19-1.21x at
-//    16), fp32 x (the fp32 loop by half chunks) near 17 (0.82-1.05x at 16,
-//    0.92-1.15x at 20).
-//    16-bit x int8 was measured before its int16 loop (matmul_int8_panels,
-//    1.45-1.6x the fp32 loop at 8-32 rows on the Zen 4 forced to AVX2), so
-//    its crossover now lies higher; kept at 32, unmeasured on an AVX2 CPU.
+//  * AVX2 Zen 3 (EPYC Milan, 2 cores), against dense tiles in fp32 and
+//    ATen's AVX2 fp32 GEMM, in-register time over the GEMM's, 3 rounds:
+//    16-bit x int4 g128 0.75-0.80 at 24, 0.77-1.15 at 32, 1.03-1.36 at 40;
+//    int4 g32 0.84-1.10 at 16, 0.70-1.14 at 20, 1.06-1.31 at 24; nf4
+//    0.92-1.30 at 16, 1.13-1.24 at 24; int8 (the int16 panels) 0.82-0.98
+//    at 256 (fp16 x 0.70-1.04), 0.89-1.15 at 384, 1.03-1.47 at 512.
+//    fp32 x int4 g128 0.63-0.98 at 16, 0.98-1.05 at 20, 1.06-1.23 at 24;
+//    int4 g32 0.58-1.10 at 12, 1.01-1.18 at 16; nf4 0.58-1.02 at 10,
+//    0.94-1.48 at 12; int8 0.89-1.38 at 24, 1.02-1.11 at 32. The Zen 4
+//    forced to AVX2 put these crossovers lower (int8 16-bit x near 32): its
+//    ATen GEMM still ran AVX-512, which an AVX2 CPU does not have.
 //  * Zen 4 with the ISA level forced to AVX-512 without BF16, fp16 and fp32
 //    x against the fp32 GEMM (in-register time over the GEMM's): int4 g128
 //    0.82-0.90 at 24, 1.05-1.09 at 32; int4 g32 0.93-1.05 at 12, 1.08-1.16
@@ -102,12 +104,12 @@ int64_t dense_rows_threshold(const WeightOnlyParams& p, const at::Tensor& x) {
   const bool half_chunk_groups = p.group_size % kNibbleChunk != 0;  // 4-bit g32 (g96 ...)
   if (active_cpu_isa() == CpuIsa::kAvx2) {
     const bool x16 = x.scalar_type() != at::kFloat;
-    if (p.format == WeightFormat::kNf4) return x16 ? 16 : 12;
-    // int8, 16-bit x: the int16 panels took 0.90-1.12x the GEMM's time at
-    // M=32, 1.00-1.24x at 40 (Zen 4 forced to AVX2, the bench shapes).
-    if (p.format == WeightFormat::kInt8) return x16 ? 32 : 24;
-    if (half_chunk_groups) return x16 ? 12 : 16;
-    return x16 ? 48 : 24;
+    if (p.format == WeightFormat::kNf4) return x16 ? 16 : 10;
+    // int8, 16-bit x: the int16 panels stage all of x (6 bytes an element)
+    // and stop gaining past 256 rows.
+    if (p.format == WeightFormat::kInt8) return x16 ? 256 : 24;
+    if (half_chunk_groups) return x16 ? 16 : 12;
+    return x16 ? 32 : 20;
   }
   if (cpu_gemm_applies(x, p)) {
     if (x.scalar_type() != at::kBFloat16) {  // the fp32 GEMM
