@@ -31,10 +31,12 @@ def time_pair(
 ) -> tuple[float, float]:
     """Median seconds per call of (ours, baseline), measured interleaved.
 
-    A pair whose calls take seconds gets fewer repeats (never under 3), so
-    that timing it stays near `budget_s`: on CPUs without native bf16 (AVX2),
-    torch's bf16 matmul takes a generic loop a few times slower than fp32, and
-    ten repeats of one prefill-sized baseline would take minutes."""
+    A pair whose calls take seconds gets fewer repeats (3, or 1 where one
+    pair outlasts `budget_s`), so that timing it stays near the budget: on
+    CPUs without native bf16 (AVX2), torch's bf16 GEMM takes a generic loop
+    (on a Zen 3, one of the quant family's 256-row grad @ W products took
+    97 s a call in bf16, 400x our kernel's time), and ten repeats would take
+    a quarter hour."""
     for i in range(warmup):
         t0 = time.perf_counter()
         ours()
@@ -45,7 +47,7 @@ def time_pair(
         if i == 0 and pair_s * warmup > budget_s:
             break  # the first call already warmed up a pair this slow
     if warmup > 0:
-        repeat = min(repeat, max(3, int(budget_s / pair_s)))
+        repeat = min(repeat, 1 if pair_s > budget_s else max(3, int(budget_s / pair_s)))
     t_ours, t_base = [], []
     for _ in range(repeat):
         t_ours.append(_time_once(ours, device))
