@@ -308,10 +308,12 @@ def test_quant_matmul_many_rows_in_thread_tiles(scheme, threads, gemm_choice):
     # and multiplies its own tiles of weight rows (up to 4 MiB of dense weight
     # each: 256 fp32 rows of 4096 here, so 600 rows make four tiles, the last
     # one short), with and without bias, fp32 and 16-bit x (the latter in
-    # fp32 or in its own dtype, gemm_choice). 64 rows: past most register-
-    # decode limits (GEMM_AFTER_ROWS). AVX-512 CPUs would take weight_only_gemm
-    # instead; the test tells them it loses (as measured on AMX CPUs).
-    k, n, m = 4096, 600, 64
+    # fp32 or in its own dtype, gemm_choice). 64 rows: past the 4-bit
+    # register-decode limits (GEMM_AFTER_ROWS); int8 takes 257, past AVX2's
+    # 256 for 16-bit x (the int16 panels). AVX-512 CPUs would take
+    # weight_only_gemm instead; the test tells them it loses (as measured on
+    # AMX CPUs).
+    k, n, m = 4096, 600, 257 if scheme == "int8" else 64
     qw = torchkiln.quantize(torch.randn(n, k), scheme, group_size=None if scheme == "int8" else 128)
     bias = torch.randn(n)
     previous = torch.get_num_threads()
