@@ -21,5 +21,5 @@ pip_install --upgrade pip >/dev/null
 pip_install "$torch_spec"
 pip_install \
   "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.22" ninja \
-  numpy safetensors pytest pytest-benchmark hypothesis matplotlib
+  numpy safetensors pytest pytest-benchmark pytest-xdist hypothesis matplotlib
 "$venv/bin/python" -c "import torch; print('venv', '$venv', 'torch', torch.__version__, 'cuda', torch.version.cuda)"
