@@ -3,6 +3,8 @@
 // inline functions); parallel.cpp forwards to at::parallel_for, so
 // torch.set_num_threads governs every kernel and no second pool exists.
 #pragma once
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace torchkiln {
@@ -19,6 +21,23 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   parallel_for_impl(
       begin, end, grain,
       [](const void* ctx, int64_t lo, int64_t hi) { (*static_cast<const F*>(ctx))(lo, hi); }, &f);
+}
+
+// Runs f(state, i) for every i in [0, n), each thread taking the next i
+// from a shared counter and keeping one state = make_state() for all of its
+// tasks. Tasks of very different sizes then balance across threads when the
+// caller numbers them largest first; parallel_for's fixed contiguous ranges
+// gave one thread twice the other's work on a causal varlen batch.
+template <class MakeState, class F>
+void parallel_tasks(int64_t n, const MakeState& make_state, const F& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, num_threads());
+  parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      f(state, i);
+  });
 }
 
 }  // namespace torchkiln

@@ -207,14 +207,30 @@ void flash_attn_fwd(const FlashAttnParams& p) {
   int64_t chunks = bh >= want ? 1 : (want + bh - 1) / bh;
   const int64_t chunk_rows = round_up((p.seqlen_q + chunks - 1) / chunks, kBq);
   chunks = (p.seqlen_q + chunk_rows - 1) / chunk_rows;
+  // Largest tasks first (query rows times the keys they see), dealt to
+  // threads one at a time: a varlen batch's long sequence, or a causal
+  // sequence's last chunk, starts early instead of ending some thread's
+  // fixed share late.
+  const int64_t tasks = bh * chunks;
+  std::vector<int64_t> order(static_cast<size_t>(tasks)), work(static_cast<size_t>(tasks));
+  for (int64_t t = 0; t < tasks; ++t) {
+    const Sequence s = sequence(p, t / (p.heads_k * chunks));
+    const int64_t r0 = t % chunks * chunk_rows, r1 = std::min(r0 + chunk_rows, s.sq);
+    int64_t keys = 0;
+    if (r0 < r1) {
+      const KeyRange first = key_range(p, s, r0), last = key_range(p, s, r1 - 1);
+      keys = (first.hi - first.lo + last.hi - last.lo) * (r1 - r0);  // twice the keys seen, rows linear in between
+    }
+    order[t] = t;
+    work[t] = keys;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    parallel_for(0, bh * chunks, 1, [&](int64_t lo, int64_t hi) {
-      Scratch w;
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t b = t / (p.heads_k * chunks), hk = t / chunks % p.heads_k, c = t % chunks;
-        run_task<T>(p, b, hk, c * chunk_rows, (c + 1) * chunk_rows, w);
-      }
+    parallel_tasks(tasks, [] { return Scratch{}; }, [&](Scratch& w, int64_t i) {
+      const int64_t t = order[i];
+      const int64_t b = t / (p.heads_k * chunks), hk = t / chunks % p.heads_k, c = t % chunks;
+      run_task<T>(p, b, hk, c * chunk_rows, (c + 1) * chunk_rows, w);
     });
   });
 }
