@@ -7,6 +7,7 @@
 // keys and sums the whole GQA group into them, so they need no reduction. dQ
 // gets one fp32 partial per key chunk, summed in chunk order at the end:
 // results are bitwise the same on every run.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -261,6 +262,19 @@ void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partia
   }
 }
 
+// Score entries a task of keys [k0, k1) computes (per head), counted the way
+// run_task walks the query blocks: the ordering key for dealing tasks.
+int64_t task_work(const FlashAttnParams& p, const Sequence& s, int64_t k0, int64_t k1) {
+  k1 = std::min(k1, s.sk);
+  int64_t work = 0;
+  for (int64_t i0 = 0; i0 < s.sq && k0 < k1; i0 += kBq) {
+    const int64_t nr = std::min(s.sq - i0, kBq);
+    const int64_t lo = std::max(key_range(p, s, i0).lo, k0), hi = std::min(key_range(p, s, i0 + nr - 1).hi, k1);
+    if (lo < hi) work += nr * (hi - lo);
+  }
+  return work;
+}
+
 // delta_i = sum_d dout_i[d] * out_i[d], laid out like lse.
 template <class T>
 std::vector<float> row_deltas(const FlashAttnBwdParams& bp) {
@@ -297,16 +311,26 @@ void flash_attn_bwd(const FlashAttnBwdParams& bp) {
   // dQ partials share dq's (contiguous) layout, one full copy per chunk.
   const int64_t q_tokens = p.cu_seqlens_q ? p.lse_head_stride : p.batch * p.seqlen_q;
   const int64_t dq_size = q_tokens * p.heads * p.head_dim;
+  // Largest tasks first, as in the forward: a causal sequence's first key
+  // chunk is read by every query, its last by few.
+  const int64_t tasks = bh * chunks;
+  std::vector<int64_t> order(static_cast<size_t>(tasks)), work(static_cast<size_t>(tasks));
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t c = t % chunks;
+    order[t] = t;
+    work[t] = task_work(p, sequence(p, t / (p.heads_k * chunks)), c * chunk_keys, (c + 1) * chunk_keys);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const std::vector<float> delta = row_deltas<T>(bp);
     std::vector<float> partial(static_cast<size_t>(chunks * dq_size), 0.0f);
-    parallel_for(0, bh * chunks, 1, [&](int64_t lo, int64_t hi) {
-      Scratch w;
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t b = t / (p.heads_k * chunks), hk = t / chunks % p.heads_k, c = t % chunks;
-        run_task<T>(bp, delta.data(), partial.data() + c * dq_size, b, hk, c * chunk_keys, (c + 1) * chunk_keys, w);
-      }
+    // Each task writes only its own keys' dK, dV and its own rows of partial
+    // c, so dealing the tasks dynamically keeps the result deterministic.
+    parallel_tasks(tasks, [] { return Scratch{}; }, [&](Scratch& w, int64_t i) {
+      const int64_t t = order[i];
+      const int64_t b = t / (p.heads_k * chunks), hk = t / chunks % p.heads_k, c = t % chunks;
+      run_task<T>(bp, delta.data(), partial.data() + c * dq_size, b, hk, c * chunk_keys, (c + 1) * chunk_keys, w);
     });
     // dq = scale * sum of the partials, in chunk order.
     T* dq = static_cast<T*>(bp.dq.ptr);
