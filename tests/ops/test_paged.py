@@ -21,6 +21,7 @@ CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
     ([5, 33], 1, 8, 8, 32),
     ([64, 1, 250, 31], 32, 8, 2, 128),
     ([2048], 16, 32, 8, 128),  # one long sequence: split over the context
+    ([1500, 3, 40, 0, 200], 16, 4, 2, 64),  # mixed lengths: the long one split, the short ones mostly whole
     ([9, 40], 16, 6, 1, 40),  # MQA, head_dim not a multiple of the vector width
     ([70, 5], 16, 4, 2, 192),  # P V: register blocks of head_dim plus a remainder in L1
     ([23, 70], 16, 8, 2, 72),  # groups of 4 heads: 4 x 4 scores with a partial last vector, then pairs

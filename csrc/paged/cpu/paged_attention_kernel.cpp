@@ -731,17 +731,19 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
 
 void paged_attention(const PagedAttnParams& p) {
   const CacheLayout& c = p.cache;
-  const int64_t D = c.head_dim, tasks_per_split = p.num_seqs, group = p.heads / c.heads_k;
+  const int64_t D = c.head_dim, group = p.heads / c.heads_k;
   // Query vectors per kv head that every sequence's count is a multiple of.
   int64_t unit = 0;
   for (int64_t s = 0; s < p.num_seqs; ++s) unit = std::gcd(unit, group * rows_of(p, s));
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
-  // Split the context only as far as needed to feed every thread, in whole
-  // blocks and at least kChunk keys per split.
-  int64_t splits = tasks_per_split >= want ? 1 : (want + tasks_per_split - 1) / tasks_per_split;
-  const int64_t keys_per_split =
-      round_up(std::max<int64_t>((p.max_seq_len + splits - 1) / splits, kChunk), c.block_size);
-  splits = std::max<int64_t>(1, (p.max_seq_len + keys_per_split - 1) / keys_per_split);
+  // Split the contexts into pieces of about a want-th of all keys, in whole
+  // blocks and at least kChunk keys: enough tasks to feed every thread, and
+  // in a batch of mixed lengths no single long sequence left to one thread.
+  int64_t total_keys = 0;
+  for (int64_t s = 0; s < p.num_seqs; ++s) total_keys += std::max<int64_t>(p.seq_lens[s], 0);
+  const int64_t keys_per_split = round_up(
+      std::max<int64_t>(std::min<int64_t>((total_keys + want - 1) / want, p.max_seq_len), kChunk), c.block_size);
+  const int64_t splits = std::max<int64_t>(1, (p.max_seq_len + keys_per_split - 1) / keys_per_split);
 
   Partials part;
   part.splits = splits;
@@ -752,20 +754,31 @@ void paged_attention(const PagedAttnParams& p) {
   part.m.assign(static_cast<size_t>(partial_rows), -kInf);
   part.l.assign(static_cast<size_t>(partial_rows), 0.0f);
 
+  // Largest tasks first (keys read times query rows), dealt one at a time:
+  // in a batch of mixed lengths the short sequences' tasks are small or
+  // empty, and fixed contiguous ranges of tasks would leave one thread most
+  // of the long ones.
+  const int64_t tasks = p.num_seqs * splits;
+  std::vector<int64_t> order(static_cast<size_t>(tasks)), work(static_cast<size_t>(tasks));
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t s = t / splits, split = t % splits;
+    const int64_t keys = std::min<int64_t>(p.seq_lens[s], (split + 1) * keys_per_split) - split * keys_per_split;
+    order[t] = t;
+    work[t] = std::max<int64_t>(keys, 0) * rows_of(p, s);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    parallel_for(0, tasks_per_split * splits, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t s = t / splits, split = t % splits;
-        // Query vectors per register tile: the largest of 4, 2, 1 dividing
-        // every sequence's count per kv head.
-        if (unit % 4 == 0)
-          run_task<4, T>(p, s, split, keys_per_split, part);
-        else if (unit % 2 == 0)
-          run_task<2, T>(p, s, split, keys_per_split, part);
-        else
-          run_task<1, T>(p, s, split, keys_per_split, part);
-      }
+    parallel_tasks(tasks, [] { return 0; }, [&](int, int64_t i) {
+      const int64_t s = order[i] / splits, split = order[i] % splits;
+      // Query vectors per register tile: the largest of 4, 2, 1 dividing
+      // every sequence's count per kv head.
+      if (unit % 4 == 0)
+        run_task<4, T>(p, s, split, keys_per_split, part);
+      else if (unit % 2 == 0)
+        run_task<2, T>(p, s, split, keys_per_split, part);
+      else
+        run_task<1, T>(p, s, split, keys_per_split, part);
     });
     // Combine the splits of each (sequence, query vector).
     parallel_for(0, p.num_seqs * part.vectors, 16, [&](int64_t lo, int64_t hi) {
