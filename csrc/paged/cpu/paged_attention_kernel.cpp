@@ -522,7 +522,12 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     next_known = false;
     // While the scores work on kv head hk of positions [c0, c1), they
     // prefetch that head's K rows `ahead` positions on and, for hk = 0, the
-    // V rows of [c0, c1). Written out in both loops below on purpose: the
+    // V rows of [c0, c1); with bf16 dot products (several query rows, so
+    // the chunk's scores take long) every head's V rows of [c0, c1), so that
+    // P V, which interleaves a head's rows before its products, finds them
+    // all in L2 (it stalled on them when each head prefetched the next's
+    // just before its own products: bf16 16 x 2048, 4 rows, 11.1-12.0 ->
+    // 10.1-10.6 ms on the Zen 4). Written out in both loops below on purpose: the
     // same prefetches behind a lambda (which GCC left out of line) measured
     // no faster than the bursts, and behind an always_inline function
     // 7.5-7.9 ms against 4.8-4.9 written out (bf16 16 x 2048).
@@ -536,8 +541,8 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
             prefetch_row(kpos[at] + off, row_bytes);
             if (!pv_in_registers) prefetch_row(vpos[at] + off, row_bytes);
           }
-          if (hk == 0 && pv_in_registers)
-            for (int64_t at = c0; at < c0 + 4; ++at) prefetch_row(vpos[at], row_bytes);
+          if (pv_in_registers && (hk == 0 || dot_scores))
+            for (int64_t at = c0; at < c0 + 4; ++at) prefetch_row(vpos[at] + off, row_bytes);
           const T* kr[4] = {kpos[c0] + off, kpos[c0 + 1] + off, kpos[c0 + 2] + off, kpos[c0 + 3] + off};
 #if defined(__AVX512BF16__)
           if constexpr (std::is_same_v<T, bf16_t>) {
@@ -564,8 +569,8 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
           prefetch_row(kpos[at] + off, row_bytes);
           if (!pv_in_registers) prefetch_row(vpos[at] + off, row_bytes);
         }
-        if (hk == 0 && pv_in_registers)
-          for (int64_t at = c0; at <= c1; ++at) prefetch_row(vpos[at], row_bytes);
+        if (pv_in_registers && (hk == 0 || dot_scores))
+          for (int64_t at = c0; at <= c1; ++at) prefetch_row(vpos[at] + off, row_bytes);
         const T* kr0 = kpos[c0] + hk * c.head_stride;
         const T* kr1 = kpos[c1] + hk * c.head_stride;
         for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += HT) {
@@ -661,13 +666,9 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
         const uint16_t* vrows[kChunk];
         for (int64_t hk = 0; hk < c.heads_k; ++hk) {
           if (next_known) prefetch_head(kpos_next, vpos_next, 0, std::min(ahead, n_next), hk);
-          // This kv head's V rows, interleaved by key pairs; meanwhile the
-          // next head's rows go to L2.
+          // This kv head's V rows (in L2 since the scores), interleaved by key pairs.
           const int64_t off = hk * c.head_stride;
-          for (int64_t c0 = 0; c0 < n; ++c0) {
-            vrows[c0] = reinterpret_cast<const uint16_t*>(vpos[c0] + off);
-            if (hk + 1 < c.heads_k) prefetch_row(vpos[c0] + off + c.head_stride, row_bytes);
-          }
+          for (int64_t c0 = 0; c0 < n; ++c0) vrows[c0] = reinterpret_cast<const uint16_t*>(vpos[c0] + off);
           interleave_row_pairs(vrows, n, d_reg, v2.data(), dpb);
           for (int64_t d0 = 0; d0 < d_reg; d0 += 64)
             for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += 4)
