@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <numeric>
+#include <vector>
 
 namespace torchkiln {
 
@@ -38,6 +40,17 @@ void parallel_tasks(int64_t n, const MakeState& make_state, const F& f) {
          i = next.fetch_add(1, std::memory_order_relaxed))
       f(state, i);
   });
+}
+
+// parallel_tasks over tasks 0 .. work.size() - 1 dealt in order of their
+// estimated work, largest first (ties in task order): f(state, task).
+template <class MakeState, class F>
+void parallel_tasks_largest_first(const std::vector<int64_t>& work, const MakeState& make_state, const F& f) {
+  std::vector<int64_t> order(work.size());
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
+  parallel_tasks(static_cast<int64_t>(order.size()), make_state,
+                 [&](auto& state, int64_t i) { f(state, order[i]); });
 }
 
 }  // namespace torchkiln

@@ -313,22 +313,18 @@ void flash_attn_bwd(const FlashAttnBwdParams& bp) {
   const int64_t dq_size = q_tokens * p.heads * p.head_dim;
   // Largest tasks first, as in the forward: a causal sequence's first key
   // chunk is read by every query, its last by few.
-  const int64_t tasks = bh * chunks;
-  std::vector<int64_t> order(static_cast<size_t>(tasks)), work(static_cast<size_t>(tasks));
-  for (int64_t t = 0; t < tasks; ++t) {
+  std::vector<int64_t> work(static_cast<size_t>(bh * chunks));
+  for (int64_t t = 0; t < bh * chunks; ++t) {
     const int64_t c = t % chunks;
-    order[t] = t;
     work[t] = task_work(p, sequence(p, t / (p.heads_k * chunks)), c * chunk_keys, (c + 1) * chunk_keys);
   }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const std::vector<float> delta = row_deltas<T>(bp);
     std::vector<float> partial(static_cast<size_t>(chunks * dq_size), 0.0f);
     // Each task writes only its own keys' dK, dV and its own rows of partial
     // c, so dealing the tasks dynamically keeps the result deterministic.
-    parallel_tasks(tasks, [] { return Scratch{}; }, [&](Scratch& w, int64_t i) {
-      const int64_t t = order[i];
+    parallel_tasks_largest_first(work, [] { return Scratch{}; }, [&](Scratch& w, int64_t t) {
       const int64_t b = t / (p.heads_k * chunks), hk = t / chunks % p.heads_k, c = t % chunks;
       run_task<T>(bp, delta.data(), partial.data() + c * dq_size, b, hk, c * chunk_keys, (c + 1) * chunk_keys, w);
     });

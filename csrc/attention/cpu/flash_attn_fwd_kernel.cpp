@@ -211,24 +211,18 @@ void flash_attn_fwd(const FlashAttnParams& p) {
   // threads one at a time: a varlen batch's long sequence, or a causal
   // sequence's last chunk, starts early instead of ending some thread's
   // fixed share late.
-  const int64_t tasks = bh * chunks;
-  std::vector<int64_t> order(static_cast<size_t>(tasks)), work(static_cast<size_t>(tasks));
-  for (int64_t t = 0; t < tasks; ++t) {
+  std::vector<int64_t> work(static_cast<size_t>(bh * chunks), 0);
+  for (int64_t t = 0; t < bh * chunks; ++t) {
     const Sequence s = sequence(p, t / (p.heads_k * chunks));
     const int64_t r0 = t % chunks * chunk_rows, r1 = std::min(r0 + chunk_rows, s.sq);
-    int64_t keys = 0;
     if (r0 < r1) {
       const KeyRange first = key_range(p, s, r0), last = key_range(p, s, r1 - 1);
-      keys = (first.hi - first.lo + last.hi - last.lo) * (r1 - r0);  // twice the keys seen, rows linear in between
+      work[t] = (first.hi - first.lo + last.hi - last.lo) * (r1 - r0);  // twice the keys seen, rows linear in between
     }
-    order[t] = t;
-    work[t] = keys;
   }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    parallel_tasks(tasks, [] { return Scratch{}; }, [&](Scratch& w, int64_t i) {
-      const int64_t t = order[i];
+    parallel_tasks_largest_first(work, [] { return Scratch{}; }, [&](Scratch& w, int64_t t) {
       const int64_t b = t / (p.heads_k * chunks), hk = t / chunks % p.heads_k, c = t % chunks;
       run_task<T>(p, b, hk, c * chunk_rows, (c + 1) * chunk_rows, w);
     });

@@ -759,19 +759,16 @@ void paged_attention(const PagedAttnParams& p) {
   // in a batch of mixed lengths the short sequences' tasks are small or
   // empty, and fixed contiguous ranges of tasks would leave one thread most
   // of the long ones.
-  const int64_t tasks = p.num_seqs * splits;
-  std::vector<int64_t> order(static_cast<size_t>(tasks)), work(static_cast<size_t>(tasks));
-  for (int64_t t = 0; t < tasks; ++t) {
+  std::vector<int64_t> work(static_cast<size_t>(p.num_seqs * splits));
+  for (int64_t t = 0; t < p.num_seqs * splits; ++t) {
     const int64_t s = t / splits, split = t % splits;
     const int64_t keys = std::min<int64_t>(p.seq_lens[s], (split + 1) * keys_per_split) - split * keys_per_split;
-    order[t] = t;
     work[t] = std::max<int64_t>(keys, 0) * rows_of(p, s);
   }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    parallel_tasks(tasks, [] { return 0; }, [&](int, int64_t i) {
-      const int64_t s = order[i] / splits, split = order[i] % splits;
+    parallel_tasks_largest_first(work, [] { return 0; }, [&](int, int64_t t) {
+      const int64_t s = t / splits, split = t % splits;
       // Query vectors per register tile: the largest of 4, 2, 1 dividing
       // every sequence's count per kv head.
       if (unit % 4 == 0)
