@@ -846,7 +846,7 @@ constexpr int kI16Rows = 2;
 // on its own (g32, bf16 x, the Zen 4 forced to AVX2, one core, weight in
 // L3: 24-26 G weights/s, where the fp32 halves loop ran 13-19 and g128
 // here runs 36).
-template <int MB, bool kHalves>
+template <int MB, bool kHalves, int kGroupChunks = 0>
 void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows& t, int r0, int64_t m0, float* y) {
   using D = Int16Dot;
   const uint8_t* const* w = t.codes + r0;
@@ -871,7 +871,10 @@ void tile_int4_i16(const WeightOnlyParams& p, const StagedX& sx, const TileRows&
     for (int r = 0; r < kI16Rows; ++r)
 #pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) acc[r][i][0] = acc[r][i][1] = D::zero();
-    for (int64_t col = g_col; col < g_col + step; col += kNibbleChunk) {
+    const int64_t chunks = kGroupChunks > 0 ? kGroupChunks : step / kNibbleChunk;
+#pragma GCC unroll 4
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t col = g_col + c * kNibbleChunk;
 #pragma GCC unroll 2
       for (int j = 0; j < 32; j += D::kLanes) {
         D::V xl[MB], xh[MB];
@@ -1050,6 +1053,8 @@ void tile_4bit_fp32(const WeightOnlyParams& p, const StagedX& sx, int64_t row0, 
 #endif
       } else if (p.group_size == 32)
         tile_int4_i16<MB, true>(p, sx, t, r0, m0, y);
+      else if (p.group_size == 2 * kNibbleChunk)
+        tile_int4_i16<MB, false, 2>(p, sx, t, r0, m0, y);
       else
         tile_int4_i16<MB, false>(p, sx, t, r0, m0, y);
     }
