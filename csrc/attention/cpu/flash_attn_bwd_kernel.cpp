@@ -214,7 +214,7 @@ void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partia
           }
           const Vec vl = vset1(lse), vdelta = vset1(delta[lse_index(p, s, b, h, i)]), one = vset1(1.0f);
           for (int64_t c = 0; c < kBk; c += kW) {
-            const Vec pv = vexp(vload(prow + c) - vl);
+            const Vec pv = vexp_nonpos(vload(prow + c) - vl);
             Vec ds = pv * (vload(dsrow + c) - vdelta);
             if (th) {
               const Vec t = vload(th + c);

@@ -92,13 +92,13 @@ void softmax_step(float* row, KeyRange keep, float& m, float& l, float* o, int64
   Vec sum = vzero();
   if (keep.lo == 0 && keep.hi == kBk) {
     for (int64_t c = 0; c < kBk; c += kW) {
-      const Vec e = vexp(vload(row + c) - vm);
+      const Vec e = vexp_nonpos(vload(row + c) - vm);
       vstore(row + c, e);
       sum = sum + e;
     }
   } else {
-    for (int64_t c = 0; c < kBk; c += kW) vstore(row + c, vexp(vload(row + c) - vm));
-    // vexp saturates at exp(-87) ~ 1.6e-38 rather than 0: hidden keys are
+    for (int64_t c = 0; c < kBk; c += kW) vstore(row + c, vexp_nonpos(vload(row + c) - vm));
+    // vexp_nonpos saturates at 2^-125 rather than 0: hidden keys are
     // zeroed explicitly so they stay out of l and O.
     fill_outside(keep, row, 0.0f);
     for (int64_t c = 0; c < kBk; c += kW) sum = sum + vload(row + c);

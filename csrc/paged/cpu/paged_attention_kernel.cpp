@@ -626,7 +626,7 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
       Vec sum = vzero();
       int64_t c0 = 0;
       for (; c0 + kW <= n; c0 += kW) {
-        const Vec e = vexp(vload(srow + c0) - vm);
+        const Vec e = vexp_nonpos(vload(srow + c0) - vm);
         vstore(srow + c0, e);
         sum = sum + e;
       }
