@@ -70,6 +70,31 @@ std::vector<const U*> key_rows(const FlashAttnTensor& t, const FlashAttnParams& 
   return rows;
 }
 
+// Prefetches n rows of `bytes` each into L2, a cache line at a time: the
+// rows of one head are a token stride apart (heads * head_dim elements),
+// which the hardware prefetchers follow poorly, and widening them to fp32
+// waited on each row's lines.
+template <class U>
+TK_PREFETCH_HELPER void prefetch_rows(const U* const* rows, int64_t n, int64_t bytes) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(rows[j]) + b, _MM_HINT_T1);
+#else
+  (void)rows, (void)n, (void)bytes;
+#endif
+}
+
+// The same for n rows `stride` elements apart from `first`.
+template <class U>
+TK_PREFETCH_HELPER void prefetch_rows(const U* first, int64_t stride, int64_t n, int64_t bytes) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(first + j * stride) + b, _MM_HINT_T1);
+#else
+  (void)first, (void)stride, (void)n, (void)bytes;
+#endif
+}
+
 // Index of (b, h, query i) in lse-shaped fp32 arrays.
 inline int64_t lse_index(const FlashAttnParams& p, const Sequence& s, int64_t b, int64_t h, int64_t i) {
   return (p.cu_seqlens_q ? s.q_begin + i : b * p.lse_batch_stride + i) + h * p.lse_head_stride;

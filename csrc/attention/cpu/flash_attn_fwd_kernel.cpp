@@ -70,11 +70,20 @@ void load_keys(const FlashAttnParams& p, int64_t b, const Sequence& s, int64_t h
   w.dp = round_up(D, kTileW);
   w.kt.assign(static_cast<size_t>(D * w.ldk), 0.0f);
   w.v.assign(static_cast<size_t>(w.ldk * w.dp), 0.0f);
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  constexpr int64_t kAhead = 16;  // rows prefetched ahead of the widening
   const std::vector<const T*> vrows = key_rows<T>(p.v, p, b, s, hk, lo, n);
-  for (int64_t j = 0; j < n; ++j) widen(vrows[j], w.v.data() + j * w.dp, D);
+  prefetch_rows(vrows.data(), std::min(kAhead, n), row_bytes);
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) prefetch_rows(vrows.data() + j + kAhead, 1, row_bytes);
+    widen(vrows[j], w.v.data() + j * w.dp, D);
+  }
   const std::vector<const T*> krows = key_rows<T>(p.k, p, b, s, hk, lo, n);
-  for (int64_t j = 0; j < n; j += kTileW)
+  prefetch_rows(krows.data(), std::min(kTileW, n), row_bytes);
+  for (int64_t j = 0; j < n; j += kTileW) {
+    if (j + kTileW < n) prefetch_rows(krows.data() + j + kTileW, std::min(kTileW, n - j - kTileW), row_bytes);
     transpose_rows(krows.data() + j, std::min(kTileW, n - j), D, w.kt.data() + j * D, kTileW);
+  }
 }
 
 // Online-softmax update of one row of scores (turned into probabilities in
@@ -154,6 +163,10 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64
           widen(qr, w.q.data() + r * D, D, p.scale);
         w.m[r] = -kInf;
         w.l[r] = 0.0f;
+      }
+      if (i0 + kBq < r1) {  // the next block's query rows, into L2 while this block computes
+        const T* next = static_cast<const T*>(p.q.ptr) + token_offset(p.q, p, b, s.q_begin, i0 + kBq, h);
+        prefetch_rows(next, p.q.row_stride, std::min(kBq, r1 - i0 - kBq), D * static_cast<int64_t>(sizeof(T)));
       }
       // Keys this block can see, in kBk steps from the task's first key.
       const int64_t blo = key_range(p, s, i0).lo, bhi = key_range(p, s, i0 + nr - 1).hi;
