@@ -150,7 +150,8 @@ def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
 # (rows x heads of a group) per kv head; 8 heads here, so with 2 kv heads 12
 # or 16 rows, with 8 (MHA) 48 or 64. Register tiles of 4, 2 or 1 vectors
 # (rows x group divisible by 4, 2, neither); bf16 with 8 or more vectors per
-# kv head in tiles of 4 takes the bf16 dot-product loops.
+# kv head in tiles of 4 takes the bf16 dot-product loops, with 24 or more
+# its scores as a GEMM against K transposed per chunk.
 FEW_ROWS = [  # (sq, sk, heads_k, dtype, options)
     (2, 300, 2, torch.bfloat16, dict(causal=True)),
     (4, 257, 2, torch.float32, dict()),
@@ -161,7 +162,9 @@ FEW_ROWS = [  # (sq, sk, heads_k, dtype, options)
     (2, 150, 8, torch.float16, dict(causal=True, window_size=(20, 0))),  # MHA, tiles of 2
     (3, 150, 8, torch.bfloat16, dict(causal=True)),  # MHA, tiles of 1
     (5, 77, 2, torch.float32, dict(alibi_slopes="heads", window_size=(-1, 2))),  # distances from each row's diagonal
-    (6, 300, 2, torch.bfloat16, dict(causal=True)),
+    (6, 300, 2, torch.bfloat16, dict(causal=True)),  # 24 vectors: GEMM scores
+    (7, 200, 2, torch.bfloat16, dict(window_size=(50, 0), softcap=3.0)),  # 28, a last chunk of 8 keys
+    (8, 64, 2, torch.bfloat16, dict(causal=True, window_size=(-1, 3))),  # 32, one whole chunk
     (12, 131, 2, torch.bfloat16, dict(causal=True, alibi_slopes="heads")),  # bf16 at the limit, odd key count
     (16, 130, 2, torch.float32, dict(window_size=(40, 3))),
     (12, 150, 8, torch.float16, dict(causal=True, alibi_slopes="batch")),

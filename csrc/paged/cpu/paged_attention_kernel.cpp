@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention/cpu/attn_common.h"  // gemm_nt_bf16
 #include "common/cpu/layouts.h"
 #include "common/cpu/vec.h"
 #include "common/parallel.h"
@@ -32,6 +33,12 @@ constexpr int64_t kChunk = 64;      // keys per softmax step
 constexpr int64_t kAheadBytes = 8 << 10;  // software prefetch distance of the scores (bytes of K)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kDotScoresMinVectors = 8;  // query vectors per kv head from which bf16 K is scored in bf16
+// From this many query vectors per kv head the bf16 scores run as a GEMM
+// (see gemm_scores in run_task). bf16 16 x 2048, 32 / 8 heads, d128, on the
+// Zen 4, query rows (vectors = 4 x rows): 2 rows 6.3-6.9 -> 8.5 ms as a
+// GEMM, 4 rows 10.0-10.6 -> 10.4-10.6, 6 rows 13.6-13.8 -> 13.0-13.2, 8 rows
+// 17.7-18.5 -> 16.2-16.8.
+constexpr int64_t kGemmScoresMinVectors = 24;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -462,6 +469,17 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
   // key pairs once per chunk and kv head for all its query vectors.
   std::vector<uint16_t> pb(dot_scores ? static_cast<size_t>(vectors * kChunk) : 0);
   std::vector<uint16_t> v2(dot_scores ? static_cast<size_t>(kChunk * dpb) : 0);
+  // Many query vectors per kv head: the scores as one GEMM per kv head and
+  // chunk (attn::gemm_nt_bf16), q rows against the chunk's K transposed into
+  // column pairs (kt2), instead of 4 x 4 blocks of dot products, each ending
+  // in a 16-way shuffle reduction. The transpose costs about what the
+  // reductions did at 16 vectors and less beyond (kGemmScoresMinVectors).
+#if defined(__AVX512BF16__)
+  const bool gemm_scores = dot_scores && vgroup >= kGemmScoresMinVectors;
+#else
+  constexpr bool gemm_scores = false;
+#endif
+  std::vector<uint16_t> kt2(gemm_scores ? static_cast<size_t>(dpb * kChunk) : 0);  // (dpb / 2 pairs, kChunk) words
   if (dot_scores)
     for (int64_t v = 0; v < vectors; ++v) {
       const auto* qh = static_cast<const uint16_t*>(p.q) + s * p.q_seq_stride +
@@ -532,6 +550,29 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     // no faster than the bursts, and behind an always_inline function
     // 7.5-7.9 ms against 4.8-4.9 written out (bf16 16 x 2048).
     int64_t c0 = 0;
+#if defined(__AVX512BF16__)
+    if (gemm_scores) {
+      // Per kv head: its K rows transposed, then 4 query vectors at a time,
+      // each GEMM call prefetching a share of this head's V rows (for P V)
+      // and of the next head's K rows (for its transpose): spread out, not
+      // in bursts (bursts: 8 rows 16.2-16.8 -> 18.8-19.0 ms).
+      const uint16_t* krows[kChunk];
+      for (int64_t hk = 0; hk < c.heads_k; ++hk) {
+        const int64_t off = hk * c.head_stride;
+        for (int64_t at = 0; at < n; ++at) krows[at] = reinterpret_cast<const uint16_t*>(kpos[at] + off);
+        transpose_column_pairs(krows, n, D, kt2.data(), kChunk);
+        for (int64_t r0 = 0; r0 < vgroup; r0 += 4) {
+          for (int64_t at = r0 * n / vgroup; at < (r0 + 4) * n / vgroup; ++at) {
+            prefetch_row(vpos[at] + off, row_bytes);
+            if (hk + 1 < c.heads_k) prefetch_row(kpos[at] + off + c.head_stride, row_bytes);
+          }
+          attn::gemm_nt_bf16(qb.data() + (hk * vgroup + r0) * dpb, dpb, kt2.data(), kChunk,
+                             sc + (hk * vgroup + r0) * kChunk, kChunk, 4, (D + 1) / 2, kChunk, p.scale);
+        }
+      }
+      c0 = n;
+    }
+#endif
 #if defined(__AVX512F__)
     if constexpr (HT == 4) {
       for (; c0 + 4 <= n; c0 += 4) {
@@ -665,7 +706,14 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
         const int64_t pairs = (n + 1) / 2;
         const uint16_t* vrows[kChunk];
         for (int64_t hk = 0; hk < c.heads_k; ++hk) {
-          if (next_known) prefetch_head(kpos_next, vpos_next, 0, std::min(ahead, n_next), hk);
+          // The next chunk's first K rows; for gemm_scores all of the first
+          // kv head's, a share per head (its transpose reads them at once:
+          // 4 rows 10.7-10.8 -> 10.4-10.6 ms against the first `ahead` rows).
+          if (next_known && gemm_scores)
+            for (int64_t at = hk * n_next / c.heads_k; at < (hk + 1) * n_next / c.heads_k; ++at)
+              prefetch_row(kpos_next[at], row_bytes);
+          else if (next_known)
+            prefetch_head(kpos_next, vpos_next, 0, std::min(ahead, n_next), hk);
           // This kv head's V rows (in L2 since the scores), interleaved by key pairs.
           const int64_t off = hk * c.head_stride;
           for (int64_t c0 = 0; c0 < n; ++c0) vrows[c0] = reinterpret_cast<const uint16_t*>(vpos[c0] + off);
