@@ -22,16 +22,18 @@ namespace attn {
 // vectors (rows x query heads of a group) per kv head on. Measured, 2048
 // keys, head_dim 128, causal, ms of decode kernel / general path, with
 // 16 x 32/8 heads (GQA) and 4 x 32/32 (MHA):
-//   bf16 (scores and P V in bf16 dot products from 8 vectors on): 32
-//         vectors: GQA 19.5-19.7 / 23.1-23.4, MHA 19.8-21.1 / 22.8-23.5; 48:
-//         GQA 27.3-27.5 / 29.1-29.7, MHA 28.0-28.9 / 29.3; 64: GQA 34.6-34.7
-//         / 35.2-35.5, MHA 36.0-36.8 / 35.7-36.0.
+//   bf16 (scores and P V in bf16 dot products from 8 vectors on, the
+//         scores as a GEMM from 24): 64 vectors GQA 30.1-32.3 / 35.1-35.6,
+//         MHA 29.7-32.0 / 34.6-35.5; 80 GQA 35.5-38.5 / 40.0-43.4; 96 GQA
+//         41.6-42.0 / 45.5-50.2, MHA 47.4-47.5 / 50.1; 128 GQA 53.0-56.1 /
+//         61.0-63.6. (Before the GEMM scores the two met at 64 vectors:
+//         GQA 34.6-34.7 / 35.2-35.5.)
 //   fp32, 32 vectors: GQA 29.2 / 44.7, MHA 28.8 / 47.4; 64: GQA 53.3 /
 //         66.6, MHA 61.2 / 67.8.
 //   fp16, 32 vectors: GQA 26.9 / 43.5, MHA 27.5 / 43.7; 64: GQA 52.3 /
 //         63.7, MHA 56.2 / 61.4.
 namespace {
-int64_t max_vectors_per_kv_head(DType dtype) { return dtype == DType::kBFloat16 ? 48 : 64; }
+int64_t max_vectors_per_kv_head(DType dtype) { return dtype == DType::kBFloat16 ? 128 : 64; }
 }  // namespace
 
 // Runs the forward through the paged decode kernel when every sequence has
