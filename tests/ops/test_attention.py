@@ -146,9 +146,9 @@ def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
 
 
 # A few queries per sequence run in the decode kernel too, the rows as more
-# query heads of the group, up to 128 (bf16) or 64 (fp32, fp16) query vectors
-# (rows x heads of a group) per kv head; 8 heads here, so with 2 kv heads 32
-# or 16 rows, with 8 (MHA) 128 or 64. Register tiles of 4, 2 or 1 vectors
+# query heads of the group, up to 128 (bf16 with AVX512_BF16; 48 without) or
+# 64 (fp32, fp16) query vectors (rows x heads of a group) per kv head; 8
+# heads here, so with 2 kv heads 32, 12 or 16 rows, with 8 (MHA) 128, 48 or 64. Register tiles of 4, 2 or 1 vectors
 # (rows x group divisible by 4, 2, neither); bf16 with 8 or more vectors per
 # kv head in tiles of 4 takes the bf16 dot-product loops, with 24 or more
 # its scores as a GEMM against K transposed per chunk.
@@ -165,14 +165,14 @@ FEW_ROWS = [  # (sq, sk, heads_k, dtype, options)
     (6, 300, 2, torch.bfloat16, dict(causal=True)),  # 24 vectors: GEMM scores
     (7, 200, 2, torch.bfloat16, dict(window_size=(50, 0), softcap=3.0)),  # 28, a last chunk of 8 keys
     (8, 64, 2, torch.bfloat16, dict(causal=True, window_size=(-1, 3))),  # 32, one whole chunk
-    (12, 131, 2, torch.bfloat16, dict(causal=True, alibi_slopes="heads")),  # odd key count
-    (32, 131, 2, torch.bfloat16, dict(causal=True, softcap=2.0)),  # bf16 at the limit
+    (12, 131, 2, torch.bfloat16, dict(causal=True, alibi_slopes="heads")),  # at bf16's limit without AVX512_BF16, odd key count
+    (32, 131, 2, torch.bfloat16, dict(causal=True, softcap=2.0)),  # at the limit with it
     (16, 130, 2, torch.float32, dict(window_size=(40, 3))),
     (12, 150, 8, torch.float16, dict(causal=True, alibi_slopes="batch")),
     (7, 3, 8, torch.bfloat16, dict(causal=True)),  # rows 0-3 see no key
-    (13, 200, 2, torch.bfloat16, dict(causal=True)),
+    (13, 200, 2, torch.bfloat16, dict(causal=True)),  # past bf16's limit without AVX512_BF16
     (49, 100, 8, torch.bfloat16, dict(causal=True, window_size=(20, 0))),
-    (33, 200, 2, torch.bfloat16, dict(causal=True)),  # past the limits: the general kernel
+    (33, 200, 2, torch.bfloat16, dict(causal=True)),  # past every limit: the general kernel
     (129, 100, 8, torch.bfloat16, dict(causal=True, window_size=(20, 0))),
     (17, 100, 2, torch.float32, dict(causal=True)),
 ]

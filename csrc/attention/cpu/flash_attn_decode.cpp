@@ -32,8 +32,18 @@ namespace attn {
 //         66.6, MHA 61.2 / 67.8.
 //   fp16, 32 vectors: GQA 26.9 / 43.5, MHA 27.5 / 43.7; 64: GQA 52.3 /
 //         63.7, MHA 56.2 / 61.4.
+// Without AVX512_BF16 (AVX2, plain AVX-512) the decode kernel scores bf16
+// in fp32, and its bound stays where it was measured before the GEMM scores:
+// forced AVX2 on the Zen 4 with a bound of 128, 16 rows GQA 57.6-58.8 ->
+// 60.9-62.4 ms, 32 rows 103.5-104.8 -> 135.3-136.3, MHA 64 rows 54.1-56.8 ->
+// 87.6-94.1.
 namespace {
-int64_t max_vectors_per_kv_head(DType dtype) { return dtype == DType::kBFloat16 ? 128 : 64; }
+#if defined(__AVX512BF16__)
+constexpr int64_t kMaxBf16Vectors = 128;
+#else
+constexpr int64_t kMaxBf16Vectors = 48;
+#endif
+int64_t max_vectors_per_kv_head(DType dtype) { return dtype == DType::kBFloat16 ? kMaxBf16Vectors : 64; }
 }  // namespace
 
 // Runs the forward through the paged decode kernel when every sequence has
