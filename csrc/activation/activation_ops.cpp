@@ -38,28 +38,33 @@ void launch_forward(const char* op, const at::Tensor& out, const at::Tensor& x) 
   TK_LAUNCH(x, silu_and_mul_fwd, p);
 }
 
-at::Tensor silu_and_mul(const at::Tensor& x) {
-  check_gate_input("silu_and_mul", x);
+// x is only read, so every variant takes it in any layout, as F.silu does
+// (rows that do not flatten into one stride are copied first); out, which
+// is written, must have evenly strided rows.
+at::Tensor silu_and_mul(const at::Tensor& x_arg) {
+  check_gate_input("silu_and_mul", x_arg);
+  const at::Tensor x = with_flat_rows(x_arg);
   at::Tensor out = at::empty(half_last(x), x.options());
   launch_forward("silu_and_mul", out, x);
   return out;
 }
 
 // Writes into a caller-provided buffer (no allocation on the hot path).
-void silu_and_mul_out(const at::Tensor& out, const at::Tensor& x) {
+void silu_and_mul_out(const at::Tensor& out, const at::Tensor& x_arg) {
   const char* op = "silu_and_mul_out";
-  check_gate_input(op, x);
-  check_same_dtype(out, x, op, "out", "x");
-  check_same_device(out, x, op, "out", "x");
-  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(half_last(x)), op, ": out must have shape ",
-                    at::IntArrayRef(half_last(x)), ", got ", out.sizes());
+  check_gate_input(op, x_arg);
+  check_same_dtype(out, x_arg, op, "out", "x");
+  check_same_device(out, x_arg, op, "out", "x");
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(half_last(x_arg)), op, ": out must have shape ",
+                    at::IntArrayRef(half_last(x_arg)), ", got ", out.sizes());
   check_writable(out, op, "out");
-  check_no_overlap(out, x, op, "out", "x");
-  launch_forward(op, out, x);
+  check_no_overlap(out, x_arg, op, "out", "x");
+  launch_forward(op, out, with_flat_rows(x_arg));
 }
 
-at::Tensor silu_and_mul_backward(const at::Tensor& grad_out, const at::Tensor& x) {
+at::Tensor silu_and_mul_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg) {
   const char* op = "silu_and_mul_backward";
+  const at::Tensor grad_out = with_flat_rows(grad_out_arg), x = with_flat_rows(x_arg);
   const int64_t d = check_gate_input(op, x);
   check_same_dtype(grad_out, x, op, "grad_out", "x");
   check_same_device(grad_out, x, op, "grad_out", "x");

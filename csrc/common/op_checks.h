@@ -87,9 +87,10 @@ inline int64_t row_stride(const at::Tensor& t, const char* op, const char* name)
 
 // t itself when row_stride(t) accepts it, else a contiguous copy: for
 // read-only inputs that may come in any layout (F.linear's x does).
+// A 0-dim t comes back as is, for the op's own checks to reject.
 inline at::Tensor with_flat_rows(const at::Tensor& t) {
   int64_t rs = 0;
-  return row_layout(t, &rs) == RowLayout::kFlat ? t : t.contiguous();
+  return t.dim() == 0 || row_layout(t, &rs) == RowLayout::kFlat ? t : t.contiguous();
 }
 
 // Mutated tensors must not write the same memory twice, nor alias each other.

@@ -58,7 +58,10 @@ RmsNormParams forward_params(const char* op, const at::Tensor& x, const at::Tens
   return p;
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+// The functional variants read x (and residual, grad_out) in any layout, as
+// F.rms_norm does: rows that do not flatten into one stride are copied first.
+at::Tensor rms_norm(const at::Tensor& x_arg, const at::Tensor& weight, double eps) {
+  const at::Tensor x = with_flat_rows(x_arg);
   at::Tensor out = at::empty(x.sizes(), x.options());
   RmsNormParams p = forward_params("rms_norm", x, weight, eps, out);
   TK_LAUNCH(x, rms_norm_fwd, p);
@@ -67,19 +70,23 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 
 // Writes into a caller-provided buffer (no allocation on the hot path).
 // out may be x itself: a row is fully read before any of it is written.
-void rms_norm_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+// Otherwise x, only read, may come in any layout (copied when it must be).
+void rms_norm_out(const at::Tensor& out, const at::Tensor& x_arg, const at::Tensor& weight, double eps) {
   const char* op = "rms_norm_out";
-  check_like(op, out, "out", x);
+  check_like(op, out, "out", x_arg);
   check_writable(out, op, "out");
-  if (!same_view(out, x)) check_no_overlap(out, x, op, "out", "x");
+  const bool in_place = same_view(out, x_arg);
+  if (!in_place) check_no_overlap(out, x_arg, op, "out", "x");
+  const at::Tensor x = in_place ? x_arg : with_flat_rows(x_arg);
   RmsNormParams p = forward_params(op, x, weight, eps, out);
   TK_LAUNCH(x, rms_norm_fwd, p);
 }
 
 // Functional variant (autograd path): the new residual is a fresh tensor.
-std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x_arg, const at::Tensor& residual_arg,
                                                       const at::Tensor& weight, double eps) {
   const char* op = "fused_add_rms_norm";
+  const at::Tensor x = with_flat_rows(x_arg), residual = with_flat_rows(residual_arg);
   at::Tensor out = at::empty(x.sizes(), x.options());
   at::Tensor residual_out = at::empty(x.sizes(), x.options());
   RmsNormParams p = forward_params(op, x, weight, eps, out);
@@ -92,17 +99,20 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
   return {out, residual_out};
 }
 
-// Inference path: residual <- x + residual in place, the norm into `out`.
-void fused_add_rms_norm_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& residual,
+// Inference path: residual <- x + residual in place, the norm into `out`
+// (x, unless out is x itself, in any layout).
+void fused_add_rms_norm_out(const at::Tensor& out, const at::Tensor& x_arg, const at::Tensor& residual,
                             const at::Tensor& weight, double eps) {
   const char* op = "fused_add_rms_norm_out";
-  check_like(op, out, "out", x);
-  check_like(op, residual, "residual", x);
+  check_like(op, out, "out", x_arg);
+  check_like(op, residual, "residual", x_arg);
   check_writable(residual, op, "residual");
   check_writable(out, op, "out");
-  check_no_overlap(residual, x, op, "residual", "x");
+  check_no_overlap(residual, x_arg, op, "residual", "x");
   check_no_overlap(out, residual, op, "out", "residual");
-  if (!same_view(out, x)) check_no_overlap(out, x, op, "out", "x");
+  const bool in_place = same_view(out, x_arg);
+  if (!in_place) check_no_overlap(out, x_arg, op, "out", "x");
+  const at::Tensor x = in_place ? x_arg : with_flat_rows(x_arg);
   RmsNormParams p = forward_params(op, x, weight, eps, out);
   p.residual = residual.data_ptr();
   p.residual_row_stride = row_stride(residual, op, "residual");
@@ -111,10 +121,13 @@ void fused_add_rms_norm_out(const at::Tensor& out, const at::Tensor& x, const at
   TK_LAUNCH(x, rms_norm_fwd, p);
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg,
                                                      const at::Tensor& weight, double eps,
-                                                     const std::optional<at::Tensor>& grad_residual) {
+                                                     const std::optional<at::Tensor>& grad_residual_arg) {
   const char* op = "rms_norm_backward";
+  const at::Tensor grad_out = with_flat_rows(grad_out_arg), x = with_flat_rows(x_arg);
+  std::optional<at::Tensor> grad_residual;
+  if (grad_residual_arg.has_value()) grad_residual = with_flat_rows(*grad_residual_arg);
   const NormShape s = check_norm_inputs(op, x, weight, eps);
   check_like(op, grad_out, "grad_out", x);
   at::Tensor grad_x = at::empty(x.sizes(), x.options());

@@ -40,6 +40,31 @@ def test_silu_and_mul_strided_rows(backend, dtype):
     assert_within_rule(out, silu_and_mul_ref(to64(x)), silu_and_mul_ref(x))
 
 
+# x and grad_out in layouts the kernel cannot stride through: copied, as F.silu takes them.
+ANY_LAYOUTS = {
+    "transposed": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
+    "expanded": lambda t: t[:1].expand(t.shape),
+    "strided_last": lambda t: torch.stack([t, t], -1)[..., 0],
+}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ANY_LAYOUTS)
+def test_any_input_layout(backend, dtype, layout):
+    x = (2 * torch.randn(4, 5, 2 * 37, device=backend)).to(dtype)
+    g = torch.randn(4, 5, 37, device=backend).to(dtype)
+    xl, gl = ANY_LAYOUTS[layout](x), ANY_LAYOUTS[layout](g)
+    assert not xl.is_contiguous()
+    expected = torchkiln.silu_and_mul(xl.contiguous())
+    torch.testing.assert_close(torchkiln.silu_and_mul(xl), expected, rtol=0, atol=0)
+    out = torch.full_like(expected, 3.0)
+    torchkiln.silu_and_mul(xl, out=out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        ops.silu_and_mul_backward(gl, xl), ops.silu_and_mul_backward(gl.contiguous(), xl.contiguous()), rtol=0, atol=0
+    )
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 14), (2, 5, 226), (3, 2 * 2053)], ids=str)
 def test_silu_and_mul_backward(backend, dtype, shape):
@@ -95,8 +120,9 @@ def test_bad_inputs(backend):
         torchkiln.silu_and_mul(torch.randn(0, 8, device=dev))
     with pytest.raises(ValueError, match="at least one dimension"):
         torchkiln.silu_and_mul(torch.tensor(1.0, device=dev))
-    with pytest.raises(ValueError, match="contiguous in its last dimension"):
-        torchkiln.silu_and_mul(torch.randn(8, 4, device=dev).t())
+    # x is copied when its layout needs it; out, being written, is not.
+    with pytest.raises(ValueError, match="out must be contiguous in its last dimension"):
+        torchkiln.silu_and_mul(torch.randn(2, 8, device=dev), out=torch.randn(4, 2, device=dev).t())
     x = torch.randn(4, 8, device=dev)
     with pytest.raises(ValueError, match=r"grad_out must have shape \[4, 4\]"):
         ops.silu_and_mul_backward(torch.randn(4, 8, device=dev), x)

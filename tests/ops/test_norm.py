@@ -46,6 +46,46 @@ def test_rms_norm_strided_rows(backend, dtype):
     assert_within_rule(out, rms_norm_ref(to64(x), to64(w), 1e-6), rms_norm_ref(x, w, 1e-6))
 
 
+# Read-only inputs in layouts the kernel cannot stride through (a transpose,
+# an expand, a last dim with a stride): copied, as F.rms_norm takes them.
+ANY_LAYOUTS = {
+    "transposed": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
+    "expanded": lambda t: t[:1].expand(t.shape),
+    "strided_last": lambda t: torch.stack([t, t], -1)[..., 0],
+}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ANY_LAYOUTS)
+def test_any_input_layout(backend, dtype, layout):
+    x, w = make((4, 6), 67, dtype, backend)
+    residual = torch.randn_like(x, dtype=torch.float32).to(dtype)
+    xl, rl = ANY_LAYOUTS[layout](x), ANY_LAYOUTS[layout](residual)
+    assert not xl.is_contiguous()
+    xc, rc = xl.contiguous(), rl.contiguous()
+    expected = torchkiln.rms_norm(xc, w)
+    torch.testing.assert_close(torchkiln.rms_norm(xl, w), expected, rtol=0, atol=0)
+    out = torch.full_like(xc, 7.0)
+    torchkiln.rms_norm(xl, w, out=out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # Functional (autograd) path, then the in-place one with x in that layout.
+    normed, s = torchkiln.fused_add_rms_norm(xl.clone().requires_grad_(), rl, w)
+    normed_c, s_c = torchkiln.fused_add_rms_norm(xc.clone().requires_grad_(), rc, w)
+    torch.testing.assert_close(normed, normed_c, rtol=0, atol=0)
+    torch.testing.assert_close(s, s_c, rtol=0, atol=0)
+    r_in_place = rc.clone()
+    with torch.no_grad():
+        torchkiln.fused_add_rms_norm(xl, r_in_place, w)
+    torch.testing.assert_close(r_in_place, s_c, rtol=0, atol=0)
+    # Backward with a gradient in that layout.
+    g = torch.randn_like(x, dtype=torch.float32).to(dtype)
+    gl = ANY_LAYOUTS[layout](g)
+    for got, want in zip(
+        ops.rms_norm_backward(gl, xl, w, 1e-6, gl), ops.rms_norm_backward(gl.contiguous(), xc, w, 1e-6, gl.contiguous())
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("shape,hidden", SHAPES[1:5])
 def test_fused_add_rms_norm_in_place(backend, dtype, shape, hidden):
@@ -188,10 +228,15 @@ def test_bad_inputs(backend):
         torchkiln.rms_norm(x, torch.randn(1, 16, device=backend))
     with pytest.raises(ValueError, match="x must not be empty"):
         torchkiln.rms_norm(torch.randn(0, 16, device=backend), w)
-    with pytest.raises(ValueError, match="must be contiguous in its last dimension"):
-        torchkiln.rms_norm(torch.randn(16, 4, device=backend).t(), w)
-    with pytest.raises(ValueError, match="evenly strided rows"):
-        torchkiln.rms_norm(torch.randn(4, 6, 16, device=backend)[:, ::2].transpose(0, 1), w)
+    # x is copied when its layout needs it; out, being written, is not.
+    with pytest.raises(ValueError, match="out must be contiguous in its last dimension"):
+        torchkiln.rms_norm(x, w, out=torch.randn(16, 4, device=backend).t())
+    with pytest.raises(ValueError, match="out must have evenly strided rows"):
+        torchkiln.rms_norm(torch.randn(3, 4, 16, device=backend), w,
+                           out=torch.randn(4, 6, 16, device=backend)[:, ::2].transpose(0, 1))
+    with pytest.raises(ValueError, match="residual must be contiguous in its last dimension"):
+        with torch.no_grad():
+            torchkiln.fused_add_rms_norm(x, torch.randn(16, 4, device=backend).t(), w)
     with pytest.raises(ValueError, match="eps must be finite"):
         torchkiln.rms_norm(x, w, float("nan"))
     with pytest.raises(ValueError, match="residual must have the same shape as x"):

@@ -17,9 +17,9 @@ _ops = torch.ops.torchkiln
 
 
 def silu_and_mul(x: Tensor, out: Tensor | None = None) -> Tensor:
-    """x: (..., 2 * d) -> (..., d), differentiable in x; or, with ``out``
-    ((..., d), evenly strided rows), writes there and returns it (no
-    allocation, no autograd)."""
+    """x: (..., 2 * d) in any layout -> (..., d), differentiable in x; or,
+    with ``out`` ((..., d), evenly strided rows), writes there and returns it
+    (no allocation, no autograd)."""
     if out is None:
         return _ops.silu_and_mul(x)
     if needs_grad(x):
@@ -50,7 +50,7 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     (x,) = ctx.saved_tensors
-    return _ops.silu_and_mul_backward(grad.contiguous(), x)
+    return _ops.silu_and_mul_backward(grad, x)
 
 
 torch.library.register_autograd("torchkiln::silu_and_mul", _backward, setup_context=_setup)

@@ -1,7 +1,10 @@
 """RMSNorm and fused residual-add + RMSNorm.
 
-Kernels: csrc/norm/. Layout: x is (..., hidden) with a contiguous last
-dimension and evenly strided rows; weight is (hidden,) in x's dtype.
+Kernels: csrc/norm/. Layout: x is (..., hidden) in any layout (the kernels
+stride through rows that flatten into one stride, a slice x[..., a:b]
+included, and copy other layouts first); a written out= or in-place residual
+must have a contiguous last dimension and evenly strided rows. weight is
+(hidden,) in x's dtype, contiguous.
 Accumulation is fp32 whatever the storage dtype.
 """
 
@@ -90,7 +93,7 @@ def _rms_norm_setup(ctx, inputs, output) -> None:
 
 def _rms_norm_backward(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors
-    grad_x, grad_w = _ops.rms_norm_backward(grad.contiguous(), x, weight, ctx.eps, None)
+    grad_x, grad_w = _ops.rms_norm_backward(grad, x, weight, ctx.eps, None)
     return grad_x, grad_w, None
 
 
@@ -104,9 +107,7 @@ def _fused_add_backward(ctx, grad_out: Tensor | None, grad_residual: Tensor | No
     s, weight = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(s)
-    if grad_residual is not None:
-        grad_residual = grad_residual.contiguous()
-    grad_s, grad_w = _ops.rms_norm_backward(grad_out.contiguous(), s, weight, ctx.eps, grad_residual)
+    grad_s, grad_w = _ops.rms_norm_backward(grad_out, s, weight, ctx.eps, grad_residual)
     return grad_s, grad_s, grad_w, None
 
 
