@@ -43,7 +43,7 @@ TORCH_LIBRARY(torchkiln, m) {
   // with block_table (batch, max_blocks), k/v are paged caches (chunked prefill)
   m.def(
       "flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, int window_left, int window_right, "
       "float softcap, Tensor? alibi_slopes, Tensor? block_table=None) -> (Tensor, Tensor)");
 
   // (dq, dk, dv) from the forward's out and lse; dk/dv summed over each GQA group
@@ -52,7 +52,7 @@ TORCH_LIBRARY(torchkiln, m) {
       "int window_left, int window_right, float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor, Tensor)");
   m.def(
       "flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, "
       "int window_left, int window_right, float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor, Tensor)");
 
   // ---- paged: KV cache in blocks (num_blocks, block_size, kv_heads, D) ------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import torchkiln
 from torchkiln.ops.rotary import rope_cos_sin
@@ -80,3 +81,57 @@ def test_block_compiles_with_inductor():
     (out_c.sum() + res_c.sum()).backward()
     for a, b in zip(eager_in[:5], compiled_in[:5]):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
+
+
+def _graphs_with_ops(counter) -> int:
+    # (dynamo may also hand the backend an empty graph of a helper frame)
+    return sum(any(n.op == "call_function" for n in g.graph.nodes) for g in counter.graphs)
+
+
+def _packed(lens, requires_grad):
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    qkv = [torch.randn(sum(lens), 4, 32, requires_grad=requires_grad) for _ in range(3)]
+    return (*qkv, cu, max(lens))
+
+
+def test_varlen_compiles_once_for_every_batch():
+    # A serving loop's packed batches change every step: total tokens, batch
+    # size and max_seqlen (a SymInt in the schema, so it stays symbolic).
+    # One graph must serve them all, forward and backward.
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def attend(q, k, v, cu, max_len):
+        return torchkiln.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True, backend=counter)
+    for lens in ([3, 5], [7, 2, 9], [2, 2, 2, 11], [13, 4, 4, 4, 6]):
+        eager_in = _packed(lens, True)
+        compiled_in = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in eager_in[:4]]
+        out_e, out_c = attend(*eager_in), compiled(*compiled_in, eager_in[4])
+        torch.testing.assert_close(out_c, out_e)
+        out_e.sum().backward()
+        out_c.sum().backward()
+        for a, b in zip(eager_in[:3], compiled_in[:3]):
+            torch.testing.assert_close(b.grad, a.grad)
+    assert _graphs_with_ops(counter) == 1, f"recompiled: {_graphs_with_ops(counter)} graphs for 4 batches"
+
+
+def test_decode_ops_compile_once_for_every_batch_size():
+    # Decode batches of 3, 5, 7 sequences (1 specialises in dynamo, so it
+    # is left out): one graph for quant_matmul and paged_attention.
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    qw = torchkiln.quantize(torch.randn(64, 128), "int4", group_size=64)
+    k_cache, v_cache = torch.randn(20, 16, 2, 32), torch.randn(20, 16, 2, 32)
+
+    def step(x, block_table, seq_lens):
+        q = torchkiln.quant_matmul(x, qw).view(-1, 2, 32)
+        return torchkiln.paged_attention(q, k_cache, v_cache, block_table, seq_lens)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    for n in (3, 5, 7):
+        args = (torch.randn(n, 128), torch.randint(0, 20, (n, 4), dtype=torch.int32),
+                torch.randint(1, 64, (n,), dtype=torch.int32))
+        torch.testing.assert_close(compiled(*args), step(*args))
+    assert _graphs_with_ops(counter) == 1, f"recompiled: {_graphs_with_ops(counter)} graphs for 3 batch sizes"
