@@ -21,10 +21,9 @@ constexpr uint64_t kRootHash = 0x7f4a7c159e3779b9ull;  // parent of a sequence's
 BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching)
     : block_size_(block_size), prefix_caching_(enable_prefix_caching) {
   if (num_blocks <= 0 || num_blocks > INT32_MAX) throw std::invalid_argument("num_blocks must be in [1, 2^31)");
-  if (block_size <= 0) throw std::invalid_argument("block_size must be positive");
+  if (block_size <= 0 || block_size > INT32_MAX) throw std::invalid_argument("block_size must be in [1, 2^31)");
   blocks_.resize(static_cast<size_t>(num_blocks));
   drops_.assign(static_cast<size_t>(num_blocks), 0);
-  if (prefix_caching_) tokens_.resize(static_cast<size_t>(num_blocks * block_size));
   for (int32_t id = 0; id < num_blocks; ++id) push_back(uncached_, Where::kUncached, id);
 }
 
@@ -219,6 +218,11 @@ void BlockAllocator::commit(const std::vector<int32_t>& blocks, const int64_t* t
     b.hash = hashes[i];
     b.parent = parents[i];
     b.extra = extra_key;
+    // The token store grows with the highest block id registered (ids are
+    // handed out lowest first), so memory follows what is cached rather
+    // than num_blocks x block_size up front.
+    const size_t size = static_cast<size_t>(block_size_), end = (static_cast<size_t>(id) + 1) * size;
+    if (tokens_.size() < end) tokens_.resize(std::max(end, std::min(2 * tokens_.size(), blocks_.size() * size)));
     std::copy(tokens + i * block_size_, tokens + (i + 1) * block_size_,
               tokens_.begin() + static_cast<int64_t>(id) * block_size_);
     cache_.emplace(hashes[i], id);

@@ -91,7 +91,7 @@ class BlockAllocator {
   int64_t block_size_;
   bool prefix_caching_;
   std::vector<Block> blocks_;
-  std::vector<int64_t> tokens_;  // block_size_ per block, for registered blocks
+  std::vector<int64_t> tokens_;  // block_size_ per block id, for registered blocks (grown by commit)
   List uncached_, cached_;
   std::unordered_map<uint64_t, int32_t> cache_;
   std::vector<int32_t> drops_;  // scratch for free(): all zero between calls

@@ -28,6 +28,24 @@ def test_allocate_free_and_out_of_blocks():
     assert a.allocate(0) == []
 
 
+def test_constructor_bounds_and_lazy_token_store():
+    for num_blocks, block_size in ((0, 16), (2**31, 16), (4, 0), (4, 2**31)):
+        with pytest.raises(ValueError, match="must be in"):
+            BlockAllocator(num_blocks, block_size)
+    # The prefix cache's token store grows with what is committed, so the
+    # largest block size costs nothing up front (it used to allocate
+    # num_blocks x block_size tokens: 16 GiB here).
+    a = BlockAllocator(2, 2**31 - 1)
+    assert a.allocate(2) and a.num_free == 0
+    # Committing blocks out of id order grows the store past each one.
+    b = BlockAllocator(64, 4)
+    ids = b.allocate(64)
+    tokens = list(range(64 * 4))
+    b.commit(ids[::-1], tokens)  # block 63 first
+    b.free(ids)
+    assert b.match_prefix(tokens) == ids[::-1]
+
+
 def test_bad_frees_change_nothing():
     a = BlockAllocator(4, 2)
     blocks = a.allocate(2)
