@@ -11,6 +11,7 @@ import torchkiln
 from attention_helpers import capture_cuda_graph, random_cache
 from conftest import DEVICES, REQUIRES_CUDA
 from reference import assert_within_rule, poison_allocator
+from torchkiln.ops import kvcache
 from torchkiln.ops.attention import attention_ref
 from torchkiln.ops.paged import gather_cache
 from torchkiln.ops.rotary import rope_cos_sin
@@ -38,6 +39,35 @@ def expected_positions(lens, n, dev):
     return torch.tensor(lens, device=dev)[:, None] + torch.arange(n, device=dev)
 
 
+@pytest.fixture(params=["python plan", "tensor-op plan"])
+def plan(request, monkeypatch):
+    """Both ways the wrapper computes slots, checks and cu_seqlens on the
+    CPU: plain Python for a few tokens, tensor ops past that (and always on
+    CUDA, where the Python one never runs)."""
+    params = request.node.callspec.params
+    on_cuda = params.get("dev") == "cuda" or params.get("backend", ("cpu",))[0] == "cuda"
+    if request.param == "python plan" and on_cuda:
+        pytest.skip("CUDA tensors always take the tensor-op plan")
+    if request.param == "tensor-op plan":
+        monkeypatch.setattr(kvcache, "_HOST_PLAN_MAX_TOKENS", 0)
+    return request.param
+
+
+def test_python_and_tensor_op_plans_agree():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        batch, new, block = int(torch.randint(1, 9, (1,))), int(torch.randint(0, 4, (1,))), int(torch.randint(1, 9, (1,)))
+        cols, rows = int(torch.randint(1, 6, (1,))), int(torch.randint(1, 40, (1,)))
+        new = min(new, cols * block)
+        table = torch.randint(0, rows, (batch, cols), dtype=torch.int32, generator=gen)
+        lens = torch.randint(0, cols * block - new + 1, (batch,), dtype=torch.int32, generator=gen)
+        args = (lens, new, table, block, rows, cols * block, int(torch.randint(1, 4, (1,))), None)
+        host, device = kvcache._plan_on_host(*args), kvcache._plan_on_device(*args, table)
+        for a, b, what in zip(host, device, ("slots", "cu_seqlens_q", "cu_seqlens_k")):
+            assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and torch.equal(a, b))), \
+                f"trial {trial}: {what} {a} != {b}"
+
+
 CASES = [  # (seqlen_q = seqlen_new, causal, window, rotary, extra)
     (1, True, (-1, -1), None, {}),  # decode
     (3, True, (-1, -1), "gptj", {}),  # speculative decoding, flash-attn's default rotary
@@ -48,7 +78,7 @@ CASES = [  # (seqlen_q = seqlen_new, causal, window, rotary, extra)
 
 @pytest.mark.parametrize("layout", ["contiguous", "cache_batch_idx", "paged"])
 @pytest.mark.parametrize("n,causal,window,rotary,extra", CASES, ids=str)
-def test_appends_rotates_and_attends(backend, layout, n, causal, window, rotary, extra):
+def test_appends_rotates_and_attends(backend, layout, n, causal, window, rotary, extra, plan):
     dev = backend
     lens, heads, heads_k, d = [5, 0, 60], 8, 2, 64
     k_cache, v_cache, table, kw = make_cache(layout, lens, n, heads_k, d, dev)
@@ -121,7 +151,7 @@ def test_whole_cache_and_int_lengths(dev):
 
 
 @pytest.mark.parametrize("dev", DEVICES)
-def test_decode_loop_matches_full_attention(dev):
+def test_decode_loop_matches_full_attention(dev, plan):
     """Token by token into an empty cache with causal attention and rotary:
     the last step's output equals one causal pass over the whole rotated
     sequence."""
@@ -191,7 +221,7 @@ def test_decode_step_replays_from_a_cuda_graph(dev, layout):
         assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache)
 
 
-def test_bad_inputs():
+def test_bad_inputs(plan):
     k_cache, v_cache, _, _ = make_cache("contiguous", [0, 0], 1, 2, 32, "cpu", capacity=16)
     q = torch.randn(2, 1, 4, 32).to(BF16)
     k = torch.randn(2, 1, 2, 32).to(BF16)
