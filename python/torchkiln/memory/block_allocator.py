@@ -38,7 +38,9 @@ def _key64(extra_key: Hashable | None) -> int:
 
 
 class BlockAllocator:
-    """Fixed-size blocks of a paged KV cache.
+    """Fixed-size blocks of a paged KV cache: ``num_blocks`` and ``block_size``
+    (tokens a block) each in [1, 2^31). Memory is O(num_blocks) plus the
+    tokens of the blocks committed to the prefix cache.
 
     - ``allocate(n)``: n blocks (ref count 1), all or nothing; raises
       :class:`OutOfBlocks` (changing nothing) when too few are free after
