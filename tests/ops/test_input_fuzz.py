@@ -194,7 +194,10 @@ def _assert_same(got, want, what):
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_mutated_calls_raise_or_run(backend, name):
-    op, args = base_cases(backend)[name]
+    cases = base_cases(backend)
+    if name not in cases:
+        pytest.skip(f"{name} has no {backend} kernel")
+    op, args = cases[name]
     _results(op, _clone(args))  # the unmutated call is valid
     gen = torch.Generator().manual_seed(len(name))
     accepted_layouts = 0
