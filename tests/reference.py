@@ -18,6 +18,14 @@ from torchkiln.ops.rotary import rotary_ref  # noqa: F401
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Views of t (2-d or more) in layouts a row-strided kernel cannot read as
+# they are, for ops that take any layout of a read-only input.
+ANY_LAYOUTS = {
+    "transposed": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
+    "expanded": lambda t: t[:1].expand(t.shape),
+    "strided_last": lambda t: torch.stack([t, t], -1)[..., 0],
+}
+
 
 def to64(t: Tensor | None, requires_grad: bool = False) -> Tensor | None:
     """A detached fp64 copy (integer tensors are returned as they are)."""

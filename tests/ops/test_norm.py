@@ -7,6 +7,7 @@ import torch
 
 import torchkiln
 from reference import (
+    ANY_LAYOUTS,
     FLOAT_DTYPES,
     assert_within_rule,
     fused_add_rms_norm_ref,
@@ -46,15 +47,7 @@ def test_rms_norm_strided_rows(backend, dtype):
     assert_within_rule(out, rms_norm_ref(to64(x), to64(w), 1e-6), rms_norm_ref(x, w, 1e-6))
 
 
-# Read-only inputs in layouts the kernel cannot stride through (a transpose,
-# an expand, a last dim with a stride): copied, as F.rms_norm takes them.
-ANY_LAYOUTS = {
-    "transposed": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
-    "expanded": lambda t: t[:1].expand(t.shape),
-    "strided_last": lambda t: torch.stack([t, t], -1)[..., 0],
-}
-
-
+# Read-only inputs (x, residual, grad_out) in any layout, as F.rms_norm takes them.
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ANY_LAYOUTS)
 def test_any_input_layout(backend, dtype, layout):
