@@ -1,4 +1,5 @@
-"""Every public op under torch.inference_mode, the mode serving code runs in.
+"""Every public op under torch.inference_mode, the mode serving code runs in
+(and, last, the wrappers' shortcut under torch.no_grad).
 
 Inputs are made inside the mode (inference tensors, as a server's would be)
 and each result must equal the same call made outside it. An op that hands
@@ -7,6 +8,8 @@ without it, and writing an inference tensor from outside the mode raises.
 """
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -116,3 +119,48 @@ def test_layers():
                                 torchkiln.nn.SwiGLU(256, 384)).to(bf16)
 
     assert_same(*both_modes(lambda: (torch.randn(40, 512).to(bf16),), model))
+
+
+def test_no_grad_skips_the_autograd_layer(monkeypatch):
+    """Under torch.no_grad the wrappers call the ops below the Python autograd
+    layer (ops/_util.call). Each result equals the same call in grad mode,
+    made through that layer, and nothing is recorded for inputs that
+    require grad."""
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 96).to(bf16).requires_grad_(), torch.randn(96).to(bf16).requires_grad_()
+    gate_up = torch.randn(5, 192).to(bf16).requires_grad_()
+    q, k, v = (torch.randn(2, n, h, 64).to(bf16).requires_grad_() for n, h in ((3, 8), (40, 2), (40, 2)))
+    cos, sin = (torch.randn(64, 16) for _ in range(2))
+    pos = torch.tensor([0, 3, 9, 63, 1])
+    cu_q, cu_k = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([0, 30, 80], dtype=torch.int32)
+    int4, w8a8 = quantize(torch.randn(64, 96), "int4", group_size=32), quantize(torch.randn(64, 96), "w8a8")
+    calls = {
+        "rms_norm": lambda: torchkiln.rms_norm(x, w),
+        "silu_and_mul": lambda: torchkiln.silu_and_mul(gate_up),
+        "apply_rotary": lambda: torchkiln.apply_rotary(q[0], k[0, :3], cos, sin, pos[:3]),
+        "flash_attn_func": lambda: torchkiln.flash_attn_func(q, k, v, causal=True, return_lse=True),
+        "flash_attn_varlen_func": lambda: torchkiln.flash_attn_varlen_func(
+            q[0], k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 2, 50, causal=True, return_lse=True),
+        "quant_matmul int4": lambda: torchkiln.quant_matmul(x, int4),
+        "quant_matmul w8a8": lambda: torchkiln.quant_matmul(x, w8a8),
+    }
+    entered = []
+    below_autograd = torch._C._AutoDispatchBelowAutograd
+
+    def counting():  # the guard, noting which module entered it
+        entered.append(sys._getframe(1).f_globals["__name__"])
+        return below_autograd()
+
+    monkeypatch.setattr(torch._C, "_AutoDispatchBelowAutograd", counting)
+    for name, call in calls.items():
+        want = call()
+        entered.clear()
+        with torch.no_grad():
+            got = call()
+        # torch's own no-grad path (torch._library.autograd) enters it too, later
+        assert entered[:1] == ["torchkiln.ops._util"], f"{name}: went through the autograd layer: {entered}"
+        got, want = (r if isinstance(r, tuple) else (r,) for r in (got, want))
+        assert len(got) == len(want), name
+        for a, b in zip(got, want):
+            assert a.grad_fn is None and not a.requires_grad, f"{name}: recorded under no_grad"
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

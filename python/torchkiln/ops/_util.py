@@ -14,6 +14,19 @@ def needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def call(op, *args):
+    """op(*args) for an op whose autograd is registered in Python
+    (register_autograd). With grad mode off (torch.no_grad, as in Hugging
+    Face's generate) that layer would only redispatch below autograd, after
+    about 4 us of Python a call; this goes there directly, as torch's own
+    no-grad path does. Inference mode skips the layer by itself, and under
+    torch.compile the plain call is what gets traced."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def compute_dtype(t: Tensor) -> torch.dtype:
     """fp32 for low-precision inputs; the input dtype itself when it is wider
     (so the references can run in fp64)."""

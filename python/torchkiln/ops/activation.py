@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
-from ._util import needs_grad, register_fake
+from ._util import call, needs_grad, register_fake
 
 _ops = torch.ops.torchkiln
 
@@ -21,7 +21,7 @@ def silu_and_mul(x: Tensor, out: Tensor | None = None) -> Tensor:
     with ``out`` ((..., d), evenly strided rows), writes there and returns it
     (no allocation, no autograd)."""
     if out is None:
-        return _ops.silu_and_mul(x)
+        return call(_ops.silu_and_mul, x)
     if needs_grad(x):
         raise RuntimeError("torchkiln.silu_and_mul(out=...) does not support autograd; call it without out")
     _ops.silu_and_mul_out(out, x)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
-from ._util import register_fake
+from ._util import call, register_fake
 
 _ops = torch.ops.torchkiln
 
@@ -64,7 +64,7 @@ def flash_attn_func(
     _check_dropout(dropout_p)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     left, right = _window(causal, window_size)
-    out, lse = _ops.flash_attn_fwd(q, k, v, scale, left, right, softcap, alibi_slopes)
+    out, lse = call(_ops.flash_attn_fwd, q, k, v, scale, left, right, softcap, alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -104,9 +104,9 @@ def flash_attn_varlen_func(
     _check_dropout(dropout_p)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     left, right = _window(causal, window_size)
-    out, lse = _ops.flash_attn_varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, alibi_slopes,
-        block_table,
+    out, lse = call(
+        _ops.flash_attn_varlen_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+        softcap, alibi_slopes, block_table,
     )
     return (out, lse) if return_lse else out
 

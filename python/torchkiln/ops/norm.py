@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
-from ._util import compute_dtype, needs_grad, register_fake
+from ._util import call, compute_dtype, needs_grad, register_fake
 
 _ops = torch.ops.torchkiln
 
@@ -28,7 +28,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, out: Tensor | None = 
     (no allocation, no autograd).
     """
     if out is None:
-        return _ops.rms_norm(x, weight, eps)
+        return call(_ops.rms_norm, x, weight, eps)
     if needs_grad(x, weight):
         raise RuntimeError("torchkiln.rms_norm(out=...) does not support autograd; call it without out")
     _ops.rms_norm_out(out, x, weight, eps)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._ext import _C  # registers the ops
-from ._util import register_fake
+from ._util import call, register_fake
 
 if TYPE_CHECKING:
     from ..quant.weight import QuantizedWeight
@@ -52,8 +52,8 @@ def quant_matmul(x: Tensor, qw: "QuantizedWeight", bias: Tensor | None = None) -
     if qw.k_perm is not None:
         x = x.index_select(-1, qw.k_perm)
     if qw.scheme == "w8a8":
-        return _ops.quant_matmul_w8a8(x, qw.qweight, qw.scales, qw.weight_sums, bias)
-    return _ops.quant_matmul_weight_only(x, qw.qweight, qw.scales, qw.zeros, bias, qw.scheme, qw.group_size)
+        return call(_ops.quant_matmul_w8a8, x, qw.qweight, qw.scales, qw.weight_sums, bias)
+    return call(_ops.quant_matmul_weight_only, x, qw.qweight, qw.scales, qw.zeros, bias, qw.scheme, qw.group_size)
 
 
 # ---------------------------------------------------------------- fakes

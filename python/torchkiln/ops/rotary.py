@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._ext import _C  # noqa: F401  (registers the ops)
-from ._util import needs_grad, register_fake
+from ._util import call, needs_grad, register_fake
 
 _ops = torch.ops.torchkiln
 
@@ -42,8 +42,8 @@ def apply_rotary(
             )
         _ops.rotary_embedding_(q, k, cos, sin, positions, interleaved)
         return q, k
-    q_out = _ops.rotary_embedding(q, cos, sin, positions, interleaved, False)
-    k_out = None if k is None else _ops.rotary_embedding(k, cos, sin, positions, interleaved, False)
+    q_out = call(_ops.rotary_embedding, q, cos, sin, positions, interleaved, False)
+    k_out = None if k is None else call(_ops.rotary_embedding, k, cos, sin, positions, interleaved, False)
     return q_out, k_out
 
 
