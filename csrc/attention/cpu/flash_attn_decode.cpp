@@ -37,7 +37,22 @@ namespace attn {
 // forced AVX2 on the Zen 4 with a bound of 128, 16 rows GQA 57.6-58.8 ->
 // 60.9-62.4 ms, 32 rows 103.5-104.8 -> 135.3-136.3, MHA 64 rows 54.1-56.8 ->
 // 87.6-94.1.
+//
+// Shorter contexts move the bound down: the widening is then cheap against
+// the decode kernel's fixed costs (its task setup, partials) and, under a
+// causal mask, its scoring of every key for every row. Measured with the
+// kernel's tasks split over kv heads, bf16, causal, ms of decode kernel /
+// general path, 1 sequence x 32/8 heads unless noted: 8 vectors 64 keys
+// 0.025 / 0.032, 256 keys 0.055 / 0.085 (8 sequences: 0.125 / 0.208);
+// 16 vectors 64 keys 0.036 / 0.036, 256 keys 0.088 / 0.090, 1024 keys
+// 0.285 / 0.333; 32 vectors 256 keys 0.141 / 0.138, 1024 keys 0.461 /
+// 0.512; 64 vectors 256 keys 0.251 / 0.234, 1024 keys 0.831 / 0.885; 128
+// vectors 1024 keys 1.596 / 1.618, 4096 keys 6.50 / 7.55; 8 sequences, fp32,
+// 32 vectors, 256 keys 1.69-1.74 / 1.98-2.23. Hence the decode kernel for
+// up to 8 vectors, and beyond that from 8 keys per vector on.
 namespace {
+constexpr int64_t kAlwaysDecodeVectors = 8;
+constexpr int64_t kMinKeysPerVector = 8;
 #if defined(__AVX512BF16__)
 constexpr int64_t kMaxBf16Vectors = 128;
 #else
@@ -60,7 +75,9 @@ bool forward_in_decode_kernel(const FlashAttnParams& p) {
   } else {
     rows = p.seqlen_q;
   }
-  if (B < 1 || rows < 1 || rows * (H / p.heads_k) > max_vectors_per_kv_head(p.dtype)) return false;
+  const int64_t vectors = rows * (H / p.heads_k);  // query vectors per kv head
+  if (B < 1 || rows < 1 || vectors > max_vectors_per_kv_head(p.dtype)) return false;
+  if (vectors > kAlwaysDecodeVectors && sk < kMinKeysPerVector * vectors) return false;
   if (p.k.batch_stride != p.v.batch_stride || p.k.row_stride != p.v.row_stride || p.k.head_stride != p.v.head_stride)
     return false;
 

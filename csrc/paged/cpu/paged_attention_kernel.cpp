@@ -1,8 +1,10 @@
 // Paged decode attention, CPU (compiled once per ISA; see common/cpu/vec.h).
 //
 // Decode is bound by reading K and V once, so a task is (sequence, split of
-// the context) and reads each cache block it needs once, in memory order,
-// for every head; each K/V row serves all query heads of its GQA group. Keys
+// the context, kv heads) and reads each cache block it needs once, in memory
+// order, for its kv heads (all of them, unless a sequence has more query
+// vectors than a task holds well or too few keys to split); each K/V row
+// serves all query heads of its GQA group. Keys
 // are taken kChunk at a time: scores, one online-softmax rescale per chunk
 // and head, then P V. Splits write (m, l, o) partials that a combine step
 // merges (Flash-Decoding).
@@ -39,6 +41,12 @@ constexpr int64_t kDotScoresMinVectors = 8;  // query vectors per kv head from w
 // GEMM, 4 rows 10.0-10.6 -> 10.4-10.6, 6 rows 13.6-13.8 -> 13.0-13.2, 8 rows
 // 17.7-18.5 -> 16.2-16.8.
 constexpr int64_t kGemmScoresMinVectors = 24;
+// Most query vectors (rows x heads) one task holds: its fp32 queries and
+// accumulators (2 x 128 KiB at head_dim 128) and scores stay in L2. More
+// than that, and the task takes fewer kv heads. (flash_attn forward, bf16,
+// 1 sequence x 64 rows x 32 heads, 64 keys, causal: one task of all 2048
+// vectors, 2.74 ms; tasks of 4 kv heads, 0.38 ms.)
+constexpr int64_t kMaxTaskVectors = 256;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -398,8 +406,25 @@ struct HeadState {
 // Several query rows (flash_attn's few-query forward) are more query heads
 // of each GQA group: every K/V row is still read once, for all of them, and
 // the rows' different key ranges are masks on the scores.
+// Kv heads [hk0, hk0 + count) of `p` (and their query heads) as a problem of its own.
+template <class T>
+PagedAttnParams kv_head_slice(const PagedAttnParams& whole, int64_t hk0, int64_t count) {
+  PagedAttnParams p = whole;
+  const int64_t group = whole.heads / whole.cache.heads_k;
+  p.cache.heads_k = count;
+  p.heads = count * group;
+  p.key_cache = static_cast<const T*>(whole.key_cache) + hk0 * whole.cache.head_stride;
+  p.value_cache = static_cast<const T*>(whole.value_cache) + hk0 * whole.cache.head_stride;
+  p.q = static_cast<const T*>(whole.q) + hk0 * group * whole.q_head_stride;
+  if (whole.alibi_slopes) p.alibi_slopes = whole.alibi_slopes + hk0 * group;
+  return p;
+}
+
+// Kv heads [hk0, hk0 + kv_heads) of sequence s, keys of split `split`.
 template <int HT, class T>
-void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_per_split, Partials& part) {
+void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t keys_per_split, int64_t hk0,
+              int64_t kv_heads, Partials& part) {
+  const PagedAttnParams p = kv_head_slice<T>(whole, hk0, kv_heads);
   const CacheLayout& c = p.cache;
   const int64_t D = c.head_dim, dp = part.dp, group = p.heads / c.heads_k, rows = rows_of(p, s);
   const int64_t vgroup = rows * group, vectors = c.heads_k * vgroup;  // query vectors per kv head, in all
@@ -770,7 +795,7 @@ void run_task(const PagedAttnParams& p, int64_t s, int64_t split, int64_t keys_p
     }
   }
   for (int64_t h = 0; h < vectors; ++h) {
-    const int64_t at = (s * part.vectors + h) * part.splits + split;
+    const int64_t at = (s * part.vectors + hk0 * vgroup + h) * part.splits + split;
     part.m[at] = st[h].m;
     part.l[at] = st[h].l;
     std::copy_n(acc.data() + h * dp, dp, part.o.data() + at * dp);
@@ -786,14 +811,42 @@ void paged_attention(const PagedAttnParams& p) {
   int64_t unit = 0;
   for (int64_t s = 0; s < p.num_seqs; ++s) unit = std::gcd(unit, group * rows_of(p, s));
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
-  // Split the contexts into pieces of about a want-th of all keys, in whole
-  // blocks and at least kChunk keys: enough tasks to feed every thread, and
-  // in a batch of mixed lengths no single long sequence left to one thread.
   int64_t total_keys = 0;
   for (int64_t s = 0; s < p.num_seqs; ++s) total_keys += std::max<int64_t>(p.seq_lens[s], 0);
-  const int64_t keys_per_split = round_up(
-      std::max<int64_t>(std::min<int64_t>((total_keys + want - 1) / want, p.max_seq_len), kChunk), c.block_size);
-  const int64_t splits = std::max<int64_t>(1, (p.max_seq_len + keys_per_split - 1) / keys_per_split);
+  // Kv heads per task: all of them unless that is more than kMaxTaskVectors
+  // query vectors. Then the contexts are split into pieces of about a
+  // want-th of all keys (per kv-head group), in whole blocks and at least
+  // kChunk keys: enough tasks to feed every thread, and in a batch of mixed
+  // lengths no single long sequence left to one thread. Too few keys to
+  // split that far (a short prompt's forward), and the tasks take fewer kv
+  // heads until there are enough of them.
+  auto fewer_kv_heads = [&](int64_t hg) {
+    while (--hg > 1 && c.heads_k % hg != 0) {
+    }
+    return std::max<int64_t>(hg, 1);
+  };
+  int64_t task_kv_heads = c.heads_k;
+  while (task_kv_heads > 1 && task_kv_heads * group * p.max_rows > kMaxTaskVectors)
+    task_kv_heads = fewer_kv_heads(task_kv_heads);
+  // Several query rows (flash_attn's few-query forward) with several query
+  // vectors per kv head make a task compute bound: then fewer kv heads per
+  // task before any key split, which would repeat the task's query setup
+  // and add partials to combine. (bf16, 1 sequence x 8 rows x 32 / 8 heads,
+  // 1024 keys: 0.70 -> 0.46 ms; 4 rows: 0.44 -> 0.29.) Decode keeps every kv
+  // head in a task, reading each cache position in one run.
+  if (p.max_rows > 1 && group * p.max_rows >= kDotScoresMinVectors)
+    while (task_kv_heads > 1 && p.num_seqs * (c.heads_k / task_kv_heads) < want)
+      task_kv_heads = fewer_kv_heads(task_kv_heads);
+  int64_t keys_per_split = 0, splits = 0, head_groups = 0;
+  for (;;) {
+    head_groups = c.heads_k / task_kv_heads;
+    keys_per_split = round_up(
+        std::max<int64_t>(std::min<int64_t>((total_keys * head_groups + want - 1) / want, p.max_seq_len), kChunk),
+        c.block_size);
+    splits = std::max<int64_t>(1, (p.max_seq_len + keys_per_split - 1) / keys_per_split);
+    if (task_kv_heads == 1 || p.num_seqs * splits * head_groups >= want) break;
+    task_kv_heads = fewer_kv_heads(task_kv_heads);
+  }
 
   Partials part;
   part.splits = splits;
@@ -808,24 +861,26 @@ void paged_attention(const PagedAttnParams& p) {
   // in a batch of mixed lengths the short sequences' tasks are small or
   // empty, and fixed contiguous ranges of tasks would leave one thread most
   // of the long ones.
-  std::vector<int64_t> work(static_cast<size_t>(p.num_seqs * splits));
-  for (int64_t t = 0; t < p.num_seqs * splits; ++t) {
-    const int64_t s = t / splits, split = t % splits;
+  // Task t = ((s * splits) + split) * head_groups + kv-head group.
+  std::vector<int64_t> work(static_cast<size_t>(p.num_seqs * splits * head_groups));
+  for (int64_t t = 0; t < static_cast<int64_t>(work.size()); ++t) {
+    const int64_t s = t / head_groups / splits, split = t / head_groups % splits;
     const int64_t keys = std::min<int64_t>(p.seq_lens[s], (split + 1) * keys_per_split) - split * keys_per_split;
     work[t] = std::max<int64_t>(keys, 0) * rows_of(p, s);
   }
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     parallel_tasks_largest_first(work, [] { return 0; }, [&](int, int64_t t) {
-      const int64_t s = t / splits, split = t % splits;
+      const int64_t s = t / head_groups / splits, split = t / head_groups % splits;
+      const int64_t hk0 = t % head_groups * task_kv_heads;
       // Query vectors per register tile: the largest of 4, 2, 1 dividing
       // every sequence's count per kv head.
       if (unit % 4 == 0)
-        run_task<4, T>(p, s, split, keys_per_split, part);
+        run_task<4, T>(p, s, split, keys_per_split, hk0, task_kv_heads, part);
       else if (unit % 2 == 0)
-        run_task<2, T>(p, s, split, keys_per_split, part);
+        run_task<2, T>(p, s, split, keys_per_split, hk0, task_kv_heads, part);
       else
-        run_task<1, T>(p, s, split, keys_per_split, part);
+        run_task<1, T>(p, s, split, keys_per_split, hk0, task_kv_heads, part);
     });
     // Combine the splits of each (sequence, query vector).
     parallel_for(0, p.num_seqs * part.vectors, 16, [&](int64_t lo, int64_t hi) {

@@ -506,6 +506,14 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
         all_cases.append(
             BenchCase("attention", "flash_attn fwd+bwd", shape, bf16, _attention_fwd_bwd(b, h, s, d, bf16), cuda=False)
         )
+    # A short prompt: few enough queries that the forward weighs the decode
+    # kernel against the general one (csrc/attention/cpu/flash_attn_decode.cpp).
+    pb, ph, ps, pd = (1, 2, 32, 64) if quick else (1, 16, 128, 128)
+    for dt in (torch.float32, bf16):
+        all_cases.append(
+            BenchCase("attention", "flash_attn fwd, short prompt", f"{pb}x{ph}x{ps}x{pd} causal", dt,
+                      _attention_fwd(pb, ph, ps, pd, dt), cuda=False)
+        )
     all_cases.append(
         BenchCase(
             "attention", "flash_attn_varlen fwd", f"{len(varlen_lengths)} seqs, {sum(varlen_lengths)} tok, 8x128",
