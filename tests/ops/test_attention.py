@@ -148,7 +148,7 @@ def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
 # A few queries per sequence run in the decode kernel too, the rows as more
 # query heads of the group, up to 128 (bf16 with AVX512_BF16; 48 without) or
 # 64 (fp32, fp16) query vectors (rows x heads of a group) per kv head, and
-# beyond 8 vectors only with at least 8 keys per vector (see
+# from 24 vectors on only with at least 8 keys per vector (see
 # flash_attn_decode.cpp); 8 heads here, so a vector is 4 rows' worth with 2
 # kv heads, one row with 8 (MHA). Register tiles of 4, 2 or 1 vectors (rows
 # x group divisible by 4, 2, neither); bf16 with 8 or more vectors per kv
@@ -159,28 +159,28 @@ def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
 FEW_ROWS = [  # (sq, sk, heads_k, dtype, options)
     (2, 300, 2, torch.bfloat16, dict(causal=True)),
     (4, 257, 2, torch.float32, dict()),
-    (4, 280, 2, torch.float16, dict(window_size=(30, 2))),  # each row its own key range
-    (3, 200, 2, torch.bfloat16, dict(window_size=(-1, 1), softcap=4.0)),
-    (3, 200, 2, torch.float32, dict(causal=True, window_size=(10, -1), alibi_slopes="heads")),
-    (2, 1, 2, torch.float32, dict(causal=True)),  # the first row sees no key
+    (4, 140, 2, torch.float16, dict(window_size=(30, 2))),  # each row its own key range
+    (3, 90, 2, torch.bfloat16, dict(window_size=(-1, 1), softcap=4.0)),
+    (3, 64, 2, torch.float32, dict(causal=True, window_size=(10, -1), alibi_slopes="heads")),
+    (4, 2, 2, torch.float32, dict(causal=True)),  # the first 2 rows see no key
     (2, 150, 8, torch.float16, dict(causal=True, window_size=(20, 0))),  # MHA, tiles of 2
     (3, 150, 8, torch.bfloat16, dict(causal=True)),  # MHA, tiles of 1
-    (5, 330, 2, torch.float32, dict(alibi_slopes="heads", window_size=(-1, 2))),  # distances from each row's diagonal
-    (6, 400, 2, torch.bfloat16, dict(causal=True)),  # 24 vectors: GEMM scores
-    (7, 456, 2, torch.bfloat16, dict(window_size=(50, 0), softcap=3.0)),  # 28, a last chunk of 8 keys
-    (8, 512, 2, torch.bfloat16, dict(causal=True, window_size=(-1, 3))),  # 32, whole chunks
-    (12, 771, 2, torch.bfloat16, dict(causal=True, alibi_slopes="heads")),  # at bf16's limit without AVX512_BF16, odd key count
-    (32, 2049, 2, torch.bfloat16, dict(causal=True, softcap=2.0)),  # at the limit with it
-    (16, 1030, 2, torch.float32, dict(window_size=(40, 3))),
-    (12, 200, 8, torch.float16, dict(causal=True, alibi_slopes="batch")),
+    (5, 77, 2, torch.float32, dict(alibi_slopes="heads", window_size=(-1, 2))),  # distances from each row's diagonal
+    (6, 300, 2, torch.bfloat16, dict(causal=True)),  # 24 vectors: GEMM scores
+    (7, 264, 2, torch.bfloat16, dict(window_size=(50, 0), softcap=3.0)),  # 28, a last chunk of 8 keys
+    (8, 256, 2, torch.bfloat16, dict(causal=True, window_size=(-1, 3))),  # 32, whole chunks
+    (12, 387, 2, torch.bfloat16, dict(causal=True, alibi_slopes="heads")),  # at bf16's limit without AVX512_BF16, odd key count
+    (32, 1025, 2, torch.bfloat16, dict(causal=True, softcap=2.0)),  # at the limit with it
+    (16, 520, 2, torch.float32, dict(window_size=(40, 3))),
+    (12, 150, 8, torch.float16, dict(causal=True, alibi_slopes="batch")),
     (7, 3, 8, torch.bfloat16, dict(causal=True)),  # rows 0-3 see no key
-    (13, 840, 2, torch.bfloat16, dict(causal=True)),  # past bf16's limit without AVX512_BF16
-    (49, 800, 8, torch.bfloat16, dict(causal=True, window_size=(20, 0))),
-    (64, 1024, 8, torch.float32, dict(causal=True, alibi_slopes="batch")),  # 512 vectors: tasks of fewer kv heads
+    (13, 420, 2, torch.bfloat16, dict(causal=True)),  # past bf16's limit without AVX512_BF16
+    (49, 400, 8, torch.bfloat16, dict(causal=True, window_size=(20, 0))),
+    (64, 600, 8, torch.float32, dict(causal=True, alibi_slopes="batch")),  # 512 vectors: tasks of fewer kv heads
     (33, 200, 2, torch.bfloat16, dict(causal=True)),  # past every limit: the general kernel
     (129, 100, 8, torch.bfloat16, dict(causal=True, window_size=(20, 0))),
     (17, 100, 2, torch.float32, dict(causal=True)),
-    (16, 100, 8, torch.bfloat16, dict(causal=True)),  # too few keys per vector: the general kernel
+    (8, 200, 2, torch.bfloat16, dict(causal=True)),  # 32 vectors, too few keys each: the general kernel
 ]
 
 

@@ -40,18 +40,25 @@ namespace attn {
 //
 // Shorter contexts move the bound down: the widening is then cheap against
 // the decode kernel's fixed costs (its task setup, partials) and, under a
-// causal mask, its scoring of every key for every row. Measured with the
-// kernel's tasks split over kv heads, bf16, causal, ms of decode kernel /
-// general path, 1 sequence x 32/8 heads unless noted: 8 vectors 64 keys
-// 0.025 / 0.032, 256 keys 0.055 / 0.085 (8 sequences: 0.125 / 0.208);
-// 16 vectors 64 keys 0.036 / 0.036, 256 keys 0.088 / 0.090, 1024 keys
-// 0.285 / 0.333; 32 vectors 256 keys 0.141 / 0.138, 1024 keys 0.461 /
-// 0.512; 64 vectors 256 keys 0.251 / 0.234, 1024 keys 0.831 / 0.885; 128
-// vectors 1024 keys 1.596 / 1.618, 4096 keys 6.50 / 7.55; 8 sequences, fp32,
-// 32 vectors, 256 keys 1.69-1.74 / 1.98-2.23. Hence the decode kernel for
-// up to 8 vectors, and beyond that from 8 keys per vector on.
+// causal mask, its scoring of every key for every row; and from 24 vectors
+// on (with AVX512_BF16) the decode kernel transposes each chunk of keys for
+// its GEMM scores much as the general path widens them. Measured with the
+// kernel's tasks split over kv heads, causal, ms of decode kernel / general
+// path, 32/8 heads, 1 or 8 or 32 sequences:
+//   bf16, 12 and 20 vectors, 5 to 128 keys: 0.49-0.92 everywhere (e.g. 20
+//         vectors, 8 x 16 keys 0.164 / 0.267, 1 x 128 keys 0.064 / 0.079);
+//         32 vectors: 1 x 16 keys 0.047 / 0.043, 8 x 64 keys 0.494 /
+//         0.405, 1 x 256 keys 0.141 / 0.138, 1 x 1024 keys 0.461 / 0.512;
+//         64 vectors: 8 x 128 keys 1.206 / 1.065, 1 x 256 keys 0.251 /
+//         0.234, 1 x 1024 keys 0.831 / 0.885; 128 vectors, 1 x 1024 keys
+//         1.596 / 1.618, 4096 keys 6.50 / 7.55.
+//   fp32, 12 and 20 vectors, 5 to 512 keys: 0.48-0.84; 32 vectors: 8 x 32
+//         keys 0.621 / 0.518, 8 x 128 keys 1.136 / 1.245; 64 vectors: 8 x
+//         128 keys 2.447 / 2.103, 8 x 512 keys 7.822 / 7.834.
+// Hence the decode kernel below 24 vectors, and from there on only with at
+// least 8 keys per vector.
 namespace {
-constexpr int64_t kAlwaysDecodeVectors = 8;
+constexpr int64_t kFewVectors = 24;
 constexpr int64_t kMinKeysPerVector = 8;
 #if defined(__AVX512BF16__)
 constexpr int64_t kMaxBf16Vectors = 128;
@@ -77,7 +84,7 @@ bool forward_in_decode_kernel(const FlashAttnParams& p) {
   }
   const int64_t vectors = rows * (H / p.heads_k);  // query vectors per kv head
   if (B < 1 || rows < 1 || vectors > max_vectors_per_kv_head(p.dtype)) return false;
-  if (vectors > kAlwaysDecodeVectors && sk < kMinKeysPerVector * vectors) return false;
+  if (vectors >= kFewVectors && sk < kMinKeysPerVector * vectors) return false;
   if (p.k.batch_stride != p.v.batch_stride || p.k.row_stride != p.v.row_stride || p.k.head_stride != p.v.head_stride)
     return false;
 
