@@ -26,6 +26,8 @@ CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
     ([70, 5], 16, 4, 2, 192),  # P V: register blocks of head_dim plus a remainder in L1
     ([23, 70], 16, 8, 2, 72),  # groups of 4 heads: 4 x 4 scores with a partial last vector, then pairs
     ([37, 130], 16, 16, 2, 96),  # groups of 8: bf16 takes the vdpbf16ps loops (odd key counts, d % 64 != 0)
+    ([45, 300], 16, 4, 4, 160),  # MHA: P V a head at a time, 128 columns in registers, the rest in L1
+    ([20, 129], 16, 6, 2, 128),  # groups of 3: the same, one pass
     ([0, 17, 0, 100], 16, 4, 2, 64),  # length 0: padding entries of a decode batch (zeros, lse +inf)
     ([0, 0], 16, 4, 2, 64),  # no keys anywhere
 ]

@@ -528,8 +528,10 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   // in registers: kPvHeads query heads x kSlices vectors of head_dim. Groups
   // of 4 take all 4 heads in one pass, so each V vector is widened once for
   // every head of its group; other head dims / groups take the L1 loop.
-  constexpr int kPvHeads = kW < 16 ? 1 : (HT == 4 ? 4 : 2);
-  constexpr int kSlices = kW < 16 ? 8 : 16 / kPvHeads;
+  // Odd groups (MHA: one query head per kv head) go a head at a time, 8
+  // vectors (128 columns) a pass.
+  constexpr int kPvHeads = kW < 16 ? 1 : (HT == 4 ? 4 : HT == 2 ? 2 : 1);
+  constexpr int kSlices = kW < 16 || kPvHeads == 1 ? 8 : 16 / kPvHeads;
   const int64_t d_reg = D / (kSlices * kW) * (kSlices * kW);
   const bool pv_in_registers = four_head_pv || (d_reg > 0 && vgroup % kPvHeads == 0);
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
