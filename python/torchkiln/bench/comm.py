@@ -162,15 +162,23 @@ def _overlap_rank(rank: int, world: int, port: int, out: str, quick: bool, steps
         return statistics.median(once() for _ in range(5))
 
     # Backward is far from proportional to the batch (writing the 200 MB of
-    # weight gradients costs the same at any batch), so the batch from a
-    # probe is corrected once at its own size; rank 0's figures pick it for
-    # all ranks.
-    batch = 16
-    for _ in range(2):
+    # weight gradients costs the same at any batch): it is about a + b *
+    # rows, so the batch comes from the line through the last two probes
+    # (secant steps from 16 and 64 rows); rank 0's figures pick it for all
+    # ranks. (Scaling one probe proportionally, corrected once, left backward
+    # 16-18% short of the all-reduce in two runs, which queued buckets and
+    # hid 67-70% of the communication.)
+    probes = []
+    for batch in (16, 64, None, None):
+        if batch is None:  # next secant step
+            (b0, t0), (b1, t1) = probes[-2], probes[-1]
+            slope = (t1 - t0) / (b1 - b0) if b1 != b0 else 0.0
+            batch = b1 if slope <= 0 else min(1024, max(8, round(b1 + (allreduce_s - t1) / slope)))
         calib = torch.tensor([allreduce_s, backward_s(batch)], dtype=torch.float64)
         dist.broadcast(calib, 0)
-        batch = max(8, round(batch * calib[0].item() / calib[1].item()))
-    allreduce_s, batch_backward_s = calib[0].item(), backward_s(batch)  # reported: how close the sizing came
+        allreduce_s = calib[0].item()
+        probes.append((batch, calib[1].item()))
+    batch, batch_backward_s = probes[-1]  # reported: how close the sizing came
 
     odp = OverlappedDataParallel(_mlp(hidden, inner, layers), bucket_cap_mb=25)
     ddp = DDP(_mlp(hidden, inner, layers), bucket_cap_mb=25)
