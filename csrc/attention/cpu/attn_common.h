@@ -153,28 +153,56 @@ inline void shape_scores(const FlashAttnParams& p, const Sequence& s, int64_t i,
 // unrolled by pragma: left as loops, GCC kept the accumulators' first and
 // last values on the stack, 32 extra stores and loads a tile (fp32 forward
 // 2-4% slower on AVX-512, 2% on AVX2).
-template <int R, bool kAccumulate>
+// NC (at most kTileCols) vectors of columns: fewer where a causal diagonal
+// block leaves some of a tile's columns unseen by all of its rows.
+template <int R, bool kAccumulate, int NC = kTileCols>
 inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t depth) {
-  Vec acc[R][kTileCols];
+  Vec acc[R][NC];
 #pragma GCC unroll 8
   for (int rr = 0; rr < R; ++rr)
 #pragma GCC unroll 4
-    for (int t = 0; t < kTileCols; ++t) acc[rr][t] = kAccumulate ? vload(C + rr * ldc + t * kW) : vzero();
+    for (int t = 0; t < NC; ++t) acc[rr][t] = kAccumulate ? vload(C + rr * ldc + t * kW) : vzero();
   for (int64_t d = 0; d < depth; ++d) {
-    Vec b[kTileCols];
+    Vec b[NC];
 #pragma GCC unroll 4
-    for (int t = 0; t < kTileCols; ++t) b[t] = vload(B + d * ldb + t * kW);
+    for (int t = 0; t < NC; ++t) b[t] = vload(B + d * ldb + t * kW);
 #pragma GCC unroll 8
     for (int rr = 0; rr < R; ++rr) {
       const Vec a = vset1(A[rr * lda + d]);
 #pragma GCC unroll 4
-      for (int t = 0; t < kTileCols; ++t) acc[rr][t] = vfma(a, b[t], acc[rr][t]);
+      for (int t = 0; t < NC; ++t) acc[rr][t] = vfma(a, b[t], acc[rr][t]);
     }
   }
 #pragma GCC unroll 8
   for (int rr = 0; rr < R; ++rr)
 #pragma GCC unroll 4
-    for (int t = 0; t < kTileCols; ++t) vstore(C + rr * ldc + t * kW, acc[rr][t]);
+    for (int t = 0; t < NC; ++t) vstore(C + rr * ldc + t * kW, acc[rr][t]);
+}
+
+// Calls f(std::integral_constant<int, n>) for n in [1, kTileCols].
+static_assert(kTileCols == 2 || kTileCols == 4, "tiles of 2 or 4 column vectors");
+template <class F>
+inline void with_column_vectors(int64_t n, F&& f) {
+  if (n <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if constexpr (kTileCols == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (n == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (n == 3) {
+    f(std::integral_constant<int, 3>{});
+  } else {
+    f(std::integral_constant<int, 4>{});
+  }
+}
+
+// Column vectors [first, last) of the kTileW-wide tile at column c0 that
+// meet the columns [lo, hi) some row of a register tile needs.
+struct VectorSpan {
+  int64_t first, last;
+};
+inline VectorSpan needed_vectors(int64_t c0, int64_t lo, int64_t hi) {
+  return {std::max<int64_t>(0, (lo - c0) / kW), std::min<int64_t>(kTileCols, (hi - c0 + kW - 1) / kW)};
 }
 
 // Rows [0, rows) of a product (callers pad them to kRows), in tiles of
@@ -197,9 +225,9 @@ inline void for_row_tiles(int64_t rows, Tile&& tile) {
 // long power-of-two row maps every row of a tile to one L1 set).
 //
 // `seen` (optional, one per row, lo and hi never decreasing down the rows):
-// the columns each row needs. Tiles of columns no row of a register tile
+// the columns each row needs. Vectors of columns no row of a register tile
 // needs are skipped and left as they were (a causal diagonal block skips
-// about half its tiles); the caller overwrites those columns.
+// about half of them); the caller overwrites those columns.
 //
 // Both products walk column tiles outside and row tiles inside, so the
 // kTileW-wide slice of B a tile streams (8 KiB of K^T, 4 KiB of V on AVX2)
@@ -210,8 +238,12 @@ inline void gemm_nt(const float* A, int64_t lda, const float* BT, int64_t ldb, f
   for (int64_t c0 = 0; c0 < cols; c0 += kTileW)
     for_row_tiles(rows, [&](auto R, int64_t r) {
       const int64_t lo = seen ? seen[r].lo : 0, hi = seen ? seen[r + R() - 1].hi : cols;
-      if (c0 + kTileW <= lo || c0 >= hi) return;
-      gemm_tile<R(), false>(A + r * lda, lda, BT + c0 / kTileW * panel, ldb, C + r * ldc + c0, ldc, depth);
+      const VectorSpan v = needed_vectors(c0, lo, hi);
+      if (v.first >= v.last) return;
+      with_column_vectors(v.last - v.first, [&](auto NC) {
+        gemm_tile<R(), false, NC()>(A + r * lda, lda, BT + c0 / kTileW * panel + v.first * kW, ldb,
+                                    C + r * ldc + c0 + v.first * kW, ldc, depth);
+      });
     });
 }
 
@@ -241,40 +273,59 @@ inline __m512 dot_bf16(__m512 acc, uint32_t a_pair, const uint16_t* b) {
                           reinterpret_cast<__m512bh>(_mm512_loadu_si512(b)));
 }
 
+// kRows rows x NC vectors of gemm_nt_bf16, B2 and C at the tile's first column.
+template <int NC>
+inline void gemm_nt_bf16_tile(const uint16_t* A, int64_t lda, const uint16_t* B2, int64_t ldb, float* C, int64_t ldc,
+                              int64_t pairs, Vec vs) {
+  __m512 acc[kRows][NC];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* b = B2 + p * ldb * 2;
+    for (int64_t rr = 0; rr < kRows; ++rr) {
+      uint32_t a_pair;
+      std::memcpy(&a_pair, A + rr * lda + 2 * p, 4);
+      for (int t = 0; t < NC; ++t) acc[rr][t] = dot_bf16(acc[rr][t], a_pair, b + t * 2 * kW);
+    }
+  }
+  for (int64_t rr = 0; rr < kRows; ++rr)
+    for (int t = 0; t < NC; ++t) vstore(C + rr * ldc + t * kW, Vec{acc[rr][t]} * vs);
+}
+
 // C[r][c] = scale * sum_p A[r][pair p] . B2[p][c] for r < rows (multiple of
 // kRows), c < cols (multiple of kTileW); A rows are bf16 (lda elements, even),
-// B2 is (pairs x ldb x 2) bf16.
+// B2 is (pairs x ldb x 2) bf16. `seen` as in gemm_nt.
 inline void gemm_nt_bf16(const uint16_t* A, int64_t lda, const uint16_t* B2, int64_t ldb, float* C, int64_t ldc,
-                         int64_t rows, int64_t pairs, int64_t cols, float scale) {
+                         int64_t rows, int64_t pairs, int64_t cols, float scale, const KeyRange* seen = nullptr) {
   const Vec vs = vset1(scale);
   for (int64_t r = 0; r < rows; r += kRows) {
+    const int64_t lo = seen ? seen[r].lo : 0, hi = seen ? seen[r + kRows - 1].hi : cols;
     for (int64_t c0 = 0; c0 < cols; c0 += kTileW) {
-      __m512 acc[kRows][kTileCols];
-      for (auto& row : acc)
-        for (auto& a : row) a = _mm512_setzero_ps();
-      for (int64_t p = 0; p < pairs; ++p) {
-        const uint16_t* b = B2 + (p * ldb + c0) * 2;
-        for (int64_t rr = 0; rr < kRows; ++rr) {
-          uint32_t a_pair;
-          std::memcpy(&a_pair, A + (r + rr) * lda + 2 * p, 4);
-          for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = dot_bf16(acc[rr][t], a_pair, b + t * 2 * kW);
-        }
-      }
-      for (int64_t rr = 0; rr < kRows; ++rr)
-        for (int64_t t = 0; t < kTileCols; ++t) vstore(C + (r + rr) * ldc + c0 + t * kW, Vec{acc[rr][t]} * vs);
+      const VectorSpan v = needed_vectors(c0, lo, hi);
+      if (v.first >= v.last) continue;
+      const int64_t c = c0 + v.first * kW;
+      with_column_vectors(v.last - v.first, [&](auto NC) {
+        gemm_nt_bf16_tile<NC()>(A + r * lda, lda, B2 + c * 2, ldb, C + r * ldc + c, ldc, pairs, vs);
+      });
     }
   }
 }
 
 // C[r][x] += sum_p A[r][pair p] . B2[p][x] for x < width (multiple of kTileW).
+// With `seen` (as in gemm_nt, over A's columns), a group of kRows rows sums
+// only over the pairs some row of it needs: A must be zero outside each
+// row's range.
 inline void gemm_acc_bf16(const uint16_t* A, int64_t lda, const uint16_t* B2, int64_t ldb, float* C, int64_t ldc,
-                          int64_t rows, int64_t pairs, int64_t width) {
+                          int64_t rows, int64_t pairs, int64_t width, const KeyRange* seen = nullptr) {
   for (int64_t r = 0; r < rows; r += kRows) {
+    const int64_t p0 = seen ? seen[r].lo / 2 : 0;
+    const int64_t p1 = seen ? std::min(pairs, (seen[r + kRows - 1].hi + 1) / 2) : pairs;
+    if (p0 >= p1) continue;
     for (int64_t x0 = 0; x0 < width; x0 += kTileW) {
       __m512 acc[kRows][kTileCols];
       for (int64_t rr = 0; rr < kRows; ++rr)
         for (int64_t t = 0; t < kTileCols; ++t) acc[rr][t] = _mm512_loadu_ps(C + (r + rr) * ldc + x0 + t * kW);
-      for (int64_t p = 0; p < pairs; ++p) {
+      for (int64_t p = p0; p < p1; ++p) {
         const uint16_t* b = B2 + (p * ldb + x0) * 2;
         for (int64_t rr = 0; rr < kRows; ++rr) {
           uint32_t a_pair;

@@ -176,7 +176,7 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64
 #if defined(__AVX512BF16__)
         if constexpr (bf16_dot)
           gemm_nt_bf16(w.qb.data(), 2 * pairs, w.kt2.data() + (j0 - lo) * 2, w.ldk, w.s.data(), kBk, rows, pairs, kBk,
-                       p.scale);
+                       p.scale, w.seen.data());
         else
 #endif
           gemm_nt(w.q.data(), D, w.kt.data() + (j0 - lo) * D, kTileW, w.s.data(), kBk, rows, D, kBk, D * kTileW,
@@ -192,7 +192,7 @@ void run_task(const FlashAttnParams& p, int64_t b, int64_t hk, int64_t r0, int64
           auto* pb = reinterpret_cast<bf16_t*>(w.pb.data());
           for (int64_t c = 0; c < rows * kBk; c += kW) vstore(pb + c, vload(w.s.data() + c));
           gemm_acc_bf16(w.pb.data(), kBk, w.v2.data() + (j0 - lo) / 2 * w.dp * 2, w.dp, w.o.data(), w.dp, rows,
-                        (n + 1) / 2, w.dp);
+                        (n + 1) / 2, w.dp, w.seen.data());
         } else
 #endif
           gemm_acc(w.s.data(), kBk, w.v.data() + (j0 - lo) * w.dp, w.dp, w.o.data(), w.dp, rows, n, w.dp,
