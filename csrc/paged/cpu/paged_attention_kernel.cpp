@@ -390,22 +390,6 @@ void pv_registers(const float* sc, const T* const* vpos, int64_t n, int64_t v_of
     for (int i = 0; i < S; ++i) vstore(acc + (h0 + g) * dp + d0 + i * kW, a[g][i]);
 }
 
-// Online-softmax state of one query vector within a task.
-struct HeadState {
-  float m, l;
-};
-
-// One (sequence, split of its context), every head. Keys are visited chunk
-// by chunk, and within a chunk in memory order: position by position, every
-// kv head of a position (one contiguous run of the cache block) before the
-// next. The cache is then read as sequential streams, once for the scores
-// (K) and once for P V (V, a kv head at a time). Software prefetches into L2
-// run ahead of both (bf16 16 x 2048 decode 12.9 -> 5.0-5.2 ms on the Zen 4,
-// 26-27 GB/s of K/V from DRAM, against 29-34 with K/V in L3).
-//
-// Several query rows (flash_attn's few-query forward) are more query heads
-// of each GQA group: every K/V row is still read once, for all of them, and
-// the rows' different key ranges are masks on the scores.
 // Kv heads [hk0, hk0 + count) of `p` (and their query heads) as a problem of its own.
 template <class T>
 PagedAttnParams kv_head_slice(const PagedAttnParams& whole, int64_t hk0, int64_t count) {
@@ -420,7 +404,23 @@ PagedAttnParams kv_head_slice(const PagedAttnParams& whole, int64_t hk0, int64_t
   return p;
 }
 
-// Kv heads [hk0, hk0 + kv_heads) of sequence s, keys of split `split`.
+// Online-softmax state of one query vector within a task.
+struct HeadState {
+  float m, l;
+};
+
+// One (sequence, split of its context, group of kv heads), kv heads [hk0,
+// hk0 + kv_heads) and their query heads. Keys are visited chunk by chunk,
+// and within a chunk in memory order: position by position, every kv head
+// of the group at a position (one contiguous run of the cache block) before
+// the next. The cache is then read as sequential streams, once for the scores
+// (K) and once for P V (V, a kv head at a time). Software prefetches into L2
+// run ahead of both (bf16 16 x 2048 decode 12.9 -> 5.0-5.2 ms on the Zen 4,
+// 26-27 GB/s of K/V from DRAM, against 29-34 with K/V in L3).
+//
+// Several query rows (flash_attn's few-query forward) are more query heads
+// of each GQA group: every K/V row is still read once, for all of them, and
+// the rows' different key ranges are masks on the scores.
 template <int HT, class T>
 void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t keys_per_split, int64_t hk0,
               int64_t kv_heads, Partials& part) {
