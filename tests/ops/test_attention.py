@@ -149,13 +149,14 @@ def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
 # query heads of the group, up to 128 (bf16 with AVX512_BF16; 48 without) or
 # 64 (fp32, fp16) query vectors (rows x heads of a group) per kv head, and
 # from 24 vectors on only with at least 8 keys per vector (see
-# flash_attn_decode.cpp); 8 heads here, so a vector is 4 rows' worth with 2
-# kv heads, one row with 8 (MHA). Register tiles of 4, 2 or 1 vectors (rows
-# x group divisible by 4, 2, neither); bf16 with 8 or more vectors per kv
-# head in tiles of 4 takes the bf16 dot-product loops, with 24 or more its
-# scores as a GEMM against K transposed per chunk. With 8 or more vectors per
-# kv head a task takes one kv head (2 sequences here), and with more than
-# 256 vectors in all (MHA, 64 rows) fewer than all kv heads in any case.
+# flash_attn_decode.cpp); 8 heads here, so a row is 4 vectors with 2 kv
+# heads, 1 with 8 (MHA). Register tiles of 4, 2 or 1 vectors (rows x group
+# divisible by 4, 2, neither); bf16 with 8 or more vectors per kv head in
+# tiles of 4 takes the bf16 dot-product loops, with 24 or more its scores as
+# a GEMM against K transposed per chunk. With several rows and 8 or more
+# vectors per kv head the kernel's tasks take fewer kv heads (one or two
+# here, with 2 sequences), and with more than 256 vectors in all (MHA, 64
+# rows) fewer than all kv heads in any case.
 FEW_ROWS = [  # (sq, sk, heads_k, dtype, options)
     (2, 300, 2, torch.bfloat16, dict(causal=True)),
     (4, 257, 2, torch.float32, dict()),
