@@ -153,7 +153,8 @@ def test_decode_one_query(cpu_isa, dtype, heads, heads_k, d, opts):
 # heads, 1 with 8 (MHA). Register tiles of 4, 2 or 1 vectors (rows x group
 # divisible by 4, 2, neither); bf16 with 8 or more vectors per kv head in
 # tiles of 4 takes the bf16 dot-product loops, with 24 or more its scores as
-# a GEMM against K transposed per chunk. With several rows and 8 or more
+# a GEMM against K transposed per chunk (head_dim 72 here: never in the
+# lanes, see LANE_ROWS below). With several rows and 8 or more
 # vectors per kv head the kernel's tasks take fewer kv heads (one or two
 # here, with 2 sequences), and with more than 256 vectors in all (MHA, 64
 # rows) fewer than all kv heads in any case.
@@ -198,6 +199,33 @@ def test_decode_few_queries(cpu_isa, sq, sk, heads_k, dtype, opts):
     packed = torch.randn(2, max(sq, sk), 3, 8, 72).to(dtype)
     check(packed[:, :sq, 0], packed[:, :sk, 1, :heads_k], packed[:, :sk, 2, :heads_k], **opts)
     # the backward runs from this forward's out and lse
+    check_grads(q, k, v, **opts)
+
+
+# bf16 with AVX512_BF16, head_dim a multiple of 64 and 16 or 32 query
+# vectors (rows x group) per kv head: the decode kernel puts the vectors in
+# the lanes (scores key by key, softmax and P as vectors of 16 query
+# vectors); every mask must still act per row, i.e. per lane.
+LANE_ROWS = [  # (sq, sk, heads, heads_k, head_dim, options)
+    (4, 300, 8, 2, 128, dict(causal=True)),  # 16 vectors, odd key count over several chunks
+    (8, 517, 8, 2, 64, dict(causal=True, window_size=(40, 0))),  # 32 vectors: two lane blocks per tile
+    (4, 129, 16, 2, 256, dict(window_size=(-1, 1), softcap=4.0)),  # 32 vectors of a group of 8
+    (2, 200, 16, 2, 128, dict(causal=True, alibi_slopes="heads")),  # 2 rows x 8
+    (16, 90, 8, 8, 64, dict(causal=True, window_size=(7, 0))),  # MHA, 16 rows: each lane its own window
+    (4, 3, 8, 2, 192, dict(causal=True)),  # the first row sees no key: a lane with nothing
+    (4, 70, 8, 2, 128, dict(alibi_slopes="batch", window_size=(20, 3))),
+]
+
+
+@pytest.mark.parametrize("sq,sk,heads,heads_k,d,opts", LANE_ROWS, ids=str)
+def test_decode_few_queries_in_lanes(cpu_isa, sq, sk, heads, heads_k, d, opts):
+    opts = dict(opts)
+    if opts.get("alibi_slopes") == "heads":
+        opts["alibi_slopes"] = torch.rand(heads)
+    elif opts.get("alibi_slopes") == "batch":
+        opts["alibi_slopes"] = torch.rand(3, heads)
+    q, k, v = qkv(3, sq, sk, heads, heads_k, d, torch.bfloat16)
+    check(q * 2, k, v, **opts)
     check_grads(q, k, v, **opts)
 
 

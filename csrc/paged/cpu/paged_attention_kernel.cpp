@@ -12,7 +12,15 @@
 // With several query rows per sequence (flash_attn's few-query forward)
 // the work per K/V byte grows until the kernel is compute bound; then bf16
 // K and V go through bf16 dot products (AVX512_BF16) instead of being
-// widened to fp32: bf16 16 x 2048, 4 rows 14.0-14.5 -> 11.4 ms.
+// widened to fp32: bf16 16 x 2048, 4 rows 14.0-14.5 -> 11.4 ms. With a
+// multiple of 16 query vectors per kv head (rows x group) they run with the
+// query vectors in the lanes (lane_scores, lane_softmax): no horizontal
+// sums, and K's next chunk streams in during P V as V does during the
+// scores. On the Zen 4, against the 4 x 4 blocks and the GEMM route, medians
+// of 6 alternated runs: bf16 16 x 2048, 32 / 8 heads, 4 rows 11.6 -> 11.5
+// ms, 8 rows 18.9 -> 16.7, 2 x 2048 4 rows 1.68 -> 1.54; decode 16 x 2048
+// 32 / 2 heads 2.67 -> 2.57, 32 / 1 2.18 -> 1.89 (K/V in cache, 4 rows:
+// 9.2-9.5 -> 7.3-7.8 ms).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -36,7 +44,8 @@ constexpr int64_t kAheadBytes = 8 << 10;  // software prefetch distance of the s
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kDotScoresMinVectors = 8;  // query vectors per kv head from which bf16 K is scored in bf16
 // From this many query vectors per kv head the bf16 scores run as a GEMM
-// (see gemm_scores in run_task). bf16 16 x 2048, 32 / 8 heads, d128, on the
+// (see gemm_scores in run_task), unless they fit the lanes (a multiple of
+// 16 vectors, head_dim a multiple of 64). bf16 16 x 2048, 32 / 8 heads, d128, on the
 // Zen 4, query rows (vectors = 4 x rows): 2 rows 6.3-6.9 -> 8.5 ms as a
 // GEMM, 4 rows 10.0-10.6 -> 10.4-10.6, 6 rows 13.6-13.8 -> 13.0-13.2, 8 rows
 // 17.7-18.5 -> 16.2-16.8.
@@ -47,6 +56,10 @@ constexpr int64_t kGemmScoresMinVectors = 24;
 // 1 sequence x 64 rows x 32 heads, 64 keys, causal: one task of all 2048
 // vectors, 2.74 ms; tasks of 4 kv heads, 0.38 ms.)
 constexpr int64_t kMaxTaskVectors = 256;
+// Query vectors in the lanes (see lane_scores): keys per register tile,
+// and bf16 elements between staged K rows (the largest head_dim).
+constexpr int64_t kLaneKeys = 16;
+constexpr int64_t kStageStride = 256;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -315,37 +328,143 @@ void four_by_four_scores_bf16(const uint16_t* qb, int64_t dpb, int64_t D, const 
   _mm_storeu_ps(s + 3 * kChunk, _mm512_extractf32x4_ps(r, 3));
 }
 
-// P V in bf16 dot products for query vectors [h0, h0 + 4), head_dim
-// columns [d0, d0 + 64): pb holds each vector's probabilities as bf16
-// (pb_stride apart, key pairs as 32-bit words), v2 the chunk's V rows of
-// one kv head interleaved by key pairs (ld2 words per pair). Each step
-// adds two keys into 16 accumulators with 16 vdpbf16ps.
-void pv_pairs_registers(const uint16_t* pb, int64_t pb_stride, const uint16_t* v2, int64_t ld2, int64_t pairs,
-                        float* acc, int64_t dp, int64_t h0, int64_t d0) {
+// P V in bf16 dot products for 4 query vectors, head_dim columns [d0, d0 +
+// 64): the probabilities of vector g for keys 2t and 2t + 1 are the bf16
+// pair (32-bit word) at pw + g * pw_vec + t * pw_pair (uint16 offsets), its
+// accumulator row is acc + g * dp; v2 holds the chunk's V rows of one kv
+// head interleaved by key pairs (ld2 words per pair). Each step adds two
+// keys into 16 accumulators with 16 vdpbf16ps.
+// With pf, also prefetches into L2 the npf lines at pf, one per key pair.
+void pv_pairs_registers(const uint16_t* pw, int64_t pw_vec, int64_t pw_pair, const uint16_t* v2, int64_t ld2,
+                        int64_t pairs, float* acc, int64_t dp, int64_t d0, const char* const* pf = nullptr,
+                        int64_t npf = 0) {
   __m512 a[4][4];
 #pragma GCC unroll 4
   for (int g = 0; g < 4; ++g)
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) a[g][i] = _mm512_loadu_ps(acc + (h0 + g) * dp + d0 + 16 * i);
+    for (int i = 0; i < 4; ++i) a[g][i] = _mm512_loadu_ps(acc + g * dp + d0 + 16 * i);
   for (int64_t t = 0; t < pairs; ++t) {
-    __m512bh pw[4], vv[4];
+    if (t < npf) prefetch_l2(pf[t]);
+    __m512bh pv[4], vv[4];
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {
       uint32_t w;
-      std::memcpy(&w, pb + (h0 + g) * pb_stride + 2 * t, 4);
-      pw[g] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(w)));
+      std::memcpy(&w, pw + g * pw_vec + t * pw_pair, 4);
+      pv[g] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(w)));
     }
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) vv[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(v2 + 2 * (t * ld2 + d0 + 16 * i)));
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g)
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) a[g][i] = _mm512_dpbf16_ps(a[g][i], pw[g], vv[i]);
+      for (int i = 0; i < 4; ++i) a[g][i] = _mm512_dpbf16_ps(a[g][i], pv[g], vv[i]);
   }
+  for (int64_t t = pairs; t < npf; ++t) prefetch_l2(pf[t]);
 #pragma GCC unroll 4
   for (int g = 0; g < 4; ++g)
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + (h0 + g) * dp + d0 + 16 * i, a[g][i]);
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + g * dp + d0 + 16 * i, a[g][i]);
+}
+
+// Query vectors in the lanes (several query rows, a multiple of 16 vectors
+// per kv head): scores come out key by key as vectors of 16 query vectors,
+// with no horizontal sums (the 4 x 4 blocks above spend about 45 shuffles
+// and adds on every 16 scores) and no transpose of K (the GEMM route). K
+// rows are staged at a fixed stride so that each broadcast is a constant
+// offset from one register.
+
+// n <= kLaneKeys K rows (head_dim D, even) into the staging rows; rows past
+// n repeat row 0 (their scores are never read).
+inline void stage_key_rows(const bf16_t* const* k, int64_t n, int64_t D, uint16_t* stage) {
+  const __mmask32 tail = D % 32 ? static_cast<__mmask32>((1u << (D % 32)) - 1) : ~__mmask32{0};
+  for (int64_t j = 0; j < kLaneKeys; ++j) {
+    const auto* src = reinterpret_cast<const uint16_t*>(k[j < n ? j : 0]);
+    uint16_t* dst = stage + j * kStageStride;
+    int64_t d = 0;
+    for (; d + 32 <= D; d += 32) _mm512_storeu_si512(dst + d, _mm512_loadu_si512(src + d));
+    if (d < D) _mm512_mask_storeu_epi16(dst + d, tail, _mm512_maskz_loadu_epi16(tail, src + d));
+  }
+}
+
+// out[j * ldo + lane] = scale * (q of vector `lane`) . (staged K row j), for
+// the 16 vectors whose column pairs are the words qt[t * ldq + lane].
+// Not inlined: inside run_task GCC kept the 16 accumulators on the stack.
+// Also prefetches into L2 the npf lines at pf, one per pair of columns:
+// spread between the products, not in a burst ahead of them.
+__attribute__((noinline)) void lane_scores(const uint16_t* qt, int64_t ldq, int64_t pairs, const uint16_t* stage, float scale,
+                                                float* out, int64_t ldo, const char* const* pf, int64_t npf) {
+  __m512 a[kLaneKeys];
+#pragma GCC unroll 16
+  for (int j = 0; j < kLaneKeys; ++j) a[j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < pairs; ++t) {
+    if (t < npf) prefetch_l2(pf[t]);
+    const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qt + 2 * t * ldq));
+    // The K pair as an embedded broadcast of the product's memory operand
+    // (GCC emits a separate vpbroadcastd for the intrinsic form, an extra
+    // operation per product).
+#pragma GCC unroll 16
+    for (int j = 0; j < kLaneKeys; ++j)
+      asm("vdpbf16ps %2%{1to16%}, %1, %0"
+          : "+v"(a[j])
+          : "v"(qv), "m"(*reinterpret_cast<const uint32_t*>(stage + j * kStageStride + 2 * t)));
+  }
+  for (int64_t t = pairs; t < npf; ++t) prefetch_l2(pf[t]);
+  const __m512 vs = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
+  for (int j = 0; j < kLaneKeys; ++j) _mm512_storeu_ps(out + j * ldo, _mm512_mul_ps(a[j], vs));
+}
+
+// One chunk's online-softmax step for 16 query vectors in the lanes: s16
+// holds their scores, key j (position j0 + j) at s16 + j * ld, and gets
+// their probabilities, 0 where masked. softcap and ALiBi (slope: the
+// lanes' slopes, or null) as in the scalar loop of run_task; with
+// row_masks, keys outside a lane's [lo, hi] are masked. m and l are the
+// lanes' running max and sum; alpha gets the factor each lane's
+// accumulator must be scaled by.
+void lane_softmax(float* s16, int64_t ld, int64_t n, int64_t j0, float softcap, const int32_t* diag, const float* slope,
+                  const int32_t* lo, const int32_t* hi, bool row_masks, float* m, float* l, float* alpha) {
+  if (softcap > 0.0f)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t lane = 0; lane < 16; ++lane) s16[j * ld + lane] = softcap * std::tanh(s16[j * ld + lane] / softcap);
+  if (slope) {
+    const __m512i vdiag = _mm512_loadu_si512(diag);
+    const __m512 vslope = _mm512_loadu_ps(slope);
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512i dist = _mm512_abs_epi32(_mm512_sub_epi32(vdiag, _mm512_set1_epi32(static_cast<int32_t>(j0 + j))));
+      _mm512_storeu_ps(s16 + j * ld, _mm512_fnmadd_ps(vslope, _mm512_cvtepi32_ps(dist), _mm512_loadu_ps(s16 + j * ld)));
+    }
+  }
+  const __m512i vlo = _mm512_loadu_si512(lo), vhi = _mm512_loadu_si512(hi);
+  const bool masked = row_masks && (_mm512_cmpgt_epi32_mask(vlo, _mm512_set1_epi32(static_cast<int32_t>(j0))) |
+                                    _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j0 + n - 1)), vhi));
+  const __m512 ninf = _mm512_set1_ps(-kInf);
+  const __m512 m_old = _mm512_loadu_ps(m);
+  __m512 mx = m_old;
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 x = _mm512_loadu_ps(s16 + j * ld);
+    if (masked) {
+      const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(j0 + j));
+      const __mmask16 valid = _mm512_cmpge_epi32_mask(key, vlo) & _mm512_cmple_epi32_mask(key, vhi);
+      x = _mm512_mask_blend_ps(valid, ninf, x);
+      _mm512_storeu_ps(s16 + j * ld, x);
+    }
+    mx = _mm512_max_ps(mx, x);
+  }
+  // A lane with no key so far keeps max -inf and adds nothing.
+  const __mmask16 dead = _mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ);
+  const Vec m_use{_mm512_mask_blend_ps(dead, mx, _mm512_setzero_ps())};
+  Vec sum = vzero();
+  for (int64_t j = 0; j < n; ++j) {
+    const Vec x = vload(s16 + j * ld);
+    Vec e = vexp_nonpos(x - m_use);
+    if (masked) e = Vec{_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, ninf, _CMP_NEQ_OQ), e.v)};
+    vstore(s16 + j * ld, e);
+    sum = sum + e;
+  }
+  const Vec a = vexp_nonpos(Vec{m_old} - m_use);
+  vstore(l, vfma(vload(l), a, sum));
+  _mm512_storeu_ps(m, mx);
+  vstore(alpha, a);
 }
 #endif
 
@@ -500,8 +619,12 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   // in a 16-way shuffle reduction. The transpose costs about what the
   // reductions did at 16 vectors and less beyond (kGemmScoresMinVectors).
 #if defined(__AVX512BF16__)
-  const bool gemm_scores = dot_scores && vgroup >= kGemmScoresMinVectors;
+  // A multiple of 16 query vectors per kv head: scores with the vectors in
+  // the lanes (see lane_scores), then softmax and P as vectors of them.
+  const bool lanes = dot_scores && vgroup % 16 == 0 && D % 64 == 0 && D <= kStageStride;
+  const bool gemm_scores = dot_scores && !lanes && vgroup >= kGemmScoresMinVectors;
 #else
+  constexpr bool lanes = false;
   constexpr bool gemm_scores = false;
 #endif
   std::vector<uint16_t> kt2(gemm_scores ? static_cast<size_t>(dpb * kChunk) : 0);  // (dpb / 2 pairs, kChunk) words
@@ -510,6 +633,32 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
       const auto* qh = static_cast<const uint16_t*>(p.q) + s * p.q_seq_stride +
                        (first_token + row_of(v)) * p.q_row_stride + head_of(v) * p.q_head_stride;
       std::copy_n(qh, D, qb.data() + v * dpb);
+    }
+
+  // lanes: q as column-pair words (kv head, pair, vector of the head's
+  // group), the staged K rows, per-vector softmax state as arrays, and
+  // the vectors' diagonals as int32 lanes. sc then holds scores key-major
+  // (kv head, key, vector) and pb the P pair words (kv head, key pair,
+  // vector).
+  const int64_t qpairs = D / 2;
+  std::vector<uint16_t> qt(lanes ? static_cast<size_t>(vectors * D) : 0);
+  std::vector<uint16_t> stage(lanes ? static_cast<size_t>(kLaneKeys * kStageStride) : 0);
+  std::vector<const char*> pf_lines(lanes ? static_cast<size_t>(kChunk * ((D * static_cast<int64_t>(sizeof(T)) + 63) / 64)) : 0);
+  std::vector<float> lane_m(lanes ? static_cast<size_t>(vectors) : 0, -kInf), lane_l(lanes ? static_cast<size_t>(vectors) : 0);
+  std::vector<int32_t> diag32(lanes ? static_cast<size_t>(vectors) : 0), lo32(diag32.size()), hi32(diag32.size());
+  if (lanes)
+    for (int64_t v = 0; v < vectors; ++v) {
+      // The key range of the vector's row, clamped into int32 (lengths are far below its limit).
+      constexpr int64_t kBig = int64_t{1} << 30;
+      diag32[v] = static_cast<int32_t>(diag[v]);
+      lo32[v] = static_cast<int32_t>(p.window_left >= 0 ? std::max(diag[v] - p.window_left, -kBig) : -kBig);
+      hi32[v] = static_cast<int32_t>(p.window_right >= 0 ? std::min(diag[v] + p.window_right, kBig) : kBig);
+      const int64_t hk = v / vgroup, lv = v % vgroup;
+      for (int64_t t = 0; t < qpairs; ++t) {
+        uint16_t* w = qt.data() + 2 * ((hk * qpairs + t) * vgroup + lv);
+        w[0] = qb[v * dpb + 2 * t];
+        w[1] = qb[v * dpb + 2 * t + 1];
+      }
     }
 
   // Position addresses once per chunk: no division per key below.
@@ -548,6 +697,9 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   // of each other, 24 and 32 slower.
   const int64_t position_bytes = c.heads_k * row_bytes;
   const int64_t ahead = std::min(kChunk, round_up((kAheadBytes + position_bytes - 1) / position_bytes, 4));
+  // K positions of a chunk prefetched before its scores start (by the
+  // previous chunk's P V): lanes stage a tile of kLaneKeys at once.
+  const int64_t first_k = lanes ? std::max(ahead, kLaneKeys) : ahead;
   // K rows of kv head hk (and V rows, for the L1 loop) at positions [from, to) of kp / vp.
   auto prefetch_head = [&](const T* const* kp, const T* const* vp, int64_t from, int64_t to, int64_t hk) {
     for (int64_t at = from; at < to; ++at) {
@@ -562,7 +714,7 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
       std::copy_n(vpos_next, n, vpos);
     } else {
       positions(j0, n, kpos, vpos);
-      for (int64_t hk = 0; hk < c.heads_k; ++hk) prefetch_head(kpos, vpos, 0, std::min(ahead, n), hk);
+      for (int64_t hk = 0; hk < c.heads_k; ++hk) prefetch_head(kpos, vpos, 0, std::min(first_k, n), hk);
     }
     next_known = false;
     // While the scores work on kv head hk of positions [c0, c1), they
@@ -595,6 +747,36 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
           }
           attn::gemm_nt_bf16(qb.data() + (hk * vgroup + r0) * dpb, dpb, kt2.data(), kChunk,
                              sc + (hk * vgroup + r0) * kChunk, kChunk, 4, (D + 1) / 2, kChunk, p.scale);
+        }
+      }
+      c0 = n;
+    }
+#endif
+#if defined(__AVX512BF16__)
+    if (lanes) {
+      // kLaneKeys positions at a time, every kv head. The tile's V rows
+      // (for P V) are prefetched a line per pair of columns of its scores;
+      // K came in during the previous chunk's P V, except for a task's
+      // first chunk (then a tile ahead).
+      for (int64_t t0 = 0; t0 < n; t0 += kLaneKeys) {
+        const int64_t nk = std::min(kLaneKeys, n - t0);
+        for (int64_t hk = 0; hk < c.heads_k; ++hk) {
+          const int64_t off = hk * c.head_stride;
+          if (j0 == k0)  // later chunks' K came in during the previous P V
+            for (int64_t at = t0 + kLaneKeys; at < std::min(t0 + 2 * kLaneKeys, n); ++at)
+              prefetch_row(kpos[at] + off, row_bytes);
+          // This tile's V rows (for P V), a line per pair of columns of the scores.
+          int64_t npf = 0;
+          for (int64_t at = t0; at < t0 + nk; ++at)
+            for (int64_t b = 0; b < row_bytes; b += 64) pf_lines[npf++] = reinterpret_cast<const char*>(vpos[at] + off) + b;
+          const bf16_t* kr[kLaneKeys];
+          for (int64_t j = 0; j < nk; ++j) kr[j] = reinterpret_cast<const bf16_t*>(kpos[t0 + j] + off);
+          stage_key_rows(kr, nk, D, stage.data());
+          for (int64_t vb = 0; vb < vgroup; vb += 16) {
+            const int64_t first = std::min(npf, vb / 16 * qpairs);
+            lane_scores(qt.data() + 2 * (hk * qpairs * vgroup + vb), vgroup, qpairs, stage.data(), p.scale,
+                        sc + (hk * kChunk + t0) * vgroup + vb, vgroup, pf_lines.data() + first, npf - first);
+          }
         }
       }
       c0 = n;
@@ -663,6 +845,24 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
     }
     // softcap, ALiBi, the rows' own key ranges, then one online-softmax
     // rescale per chunk and query vector.
+#if defined(__AVX512BF16__)
+    if (lanes) {
+      alignas(64) float alpha[16];
+      for (int64_t hk = 0; hk < c.heads_k; ++hk)
+        for (int64_t vb = 0; vb < vgroup; vb += 16) {
+          const int64_t v0 = hk * vgroup + vb;
+          lane_softmax(sc + hk * kChunk * vgroup + vb, vgroup, n, j0, p.softcap, diag32.data() + v0,
+                       p.alibi_slopes ? slope.data() + v0 : nullptr, lo32.data() + v0, hi32.data() + v0, rows > 1,
+                       lane_m.data() + v0, lane_l.data() + v0, alpha);
+          for (int64_t lane = 0; lane < 16; ++lane)
+            if (alpha[lane] != 1.0f) {
+              float* a = acc.data() + (v0 + lane) * dp;
+              const Vec va = vset1(alpha[lane]);
+              for (int64_t d = 0; d < dp; d += kW) vstore(a + d, vload(a + d) * va);
+            }
+        }
+    } else
+#endif
     for (int64_t h = 0; h < vectors; ++h) {
       float* srow = sc + h * kChunk;
       HeadState& hs = st[h];
@@ -720,6 +920,19 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
 #if defined(__AVX512BF16__)
       if (dot_scores) {
         // P as bf16 key pairs, zero past n (an odd last key pairs with 0).
+        if (lanes) {  // words (kv head, key pair, vector): keys 2t and 2t + 1 of 16 lanes interleaved
+          const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                      22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+          for (int64_t hk = 0; hk < c.heads_k; ++hk)
+            for (int64_t t = 0; t < (n + 1) / 2; ++t)
+              for (int64_t vb = 0; vb < vgroup; vb += 16) {
+                const float* s0 = sc + (hk * kChunk + 2 * t) * vgroup + vb;
+                const __m512 odd = 2 * t + 1 < n ? _mm512_loadu_ps(s0 + vgroup) : _mm512_setzero_ps();
+                const __m512bh b = _mm512_cvtne2ps_pbh(odd, _mm512_loadu_ps(s0));
+                _mm512_storeu_si512(pb.data() + 2 * ((hk * (kChunk / 2) + t) * vgroup + vb),
+                                    _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(b)));
+              }
+        } else
         for (int64_t h = 0; h < vectors; ++h) {
           const float* srow = sc + h * kChunk;
           uint16_t* prow = pb.data() + h * kChunk;
@@ -732,23 +945,44 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
         }
         const int64_t pairs = (n + 1) / 2;
         const uint16_t* vrows[kChunk];
+        // lanes: the next chunk's K rows, in the order its scores read them,
+        // a share after every P V call: K streams in during P V as V did
+        // during the scores.
+        struct {
+          int64_t per_call = 0, pos = 0, head = 0;
+        } k_next;
+        if (lanes && next_known) {
+          const int64_t calls = c.heads_k * (d_reg / 64) * (vgroup / 4);
+          k_next.per_call = (n_next * c.heads_k + calls - 1) / calls;
+        }
         for (int64_t hk = 0; hk < c.heads_k; ++hk) {
           // The next chunk's first K rows; for gemm_scores all of the first
           // kv head's, a share per head (its transpose reads them at once;
           // 4 rows scored as a GEMM in a trial: 10.7-10.8 -> 10.4-10.6 ms
           // against only the first `ahead` rows).
-          if (next_known && gemm_scores)
+          if (lanes) {
+          } else if (next_known && gemm_scores)
             for (int64_t at = hk * n_next / c.heads_k; at < (hk + 1) * n_next / c.heads_k; ++at)
               prefetch_row(kpos_next[at], row_bytes);
           else if (next_known)
-            prefetch_head(kpos_next, vpos_next, 0, std::min(ahead, n_next), hk);
+            prefetch_head(kpos_next, vpos_next, 0, std::min(first_k, n_next), hk);
           // This kv head's V rows (in L2 since the scores), interleaved by key pairs.
           const int64_t off = hk * c.head_stride;
           for (int64_t c0 = 0; c0 < n; ++c0) vrows[c0] = reinterpret_cast<const uint16_t*>(vpos[c0] + off);
           interleave_row_pairs(vrows, n, d_reg, v2.data(), dpb);
           for (int64_t d0 = 0; d0 < d_reg; d0 += 64)
             for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += 4)
-              pv_pairs_registers(pb.data(), kChunk, v2.data(), dpb, pairs, acc.data(), dp, h0, d0);
+              if (lanes) {
+                int64_t npf = 0;
+                for (int64_t r = 0; r < k_next.per_call && k_next.pos < n_next; ++r) {
+                  const char* row = reinterpret_cast<const char*>(kpos_next[k_next.pos] + k_next.head * c.head_stride);
+                  for (int64_t b = 0; b < row_bytes; b += 64) pf_lines[npf++] = row + b;
+                  if (++k_next.head == c.heads_k) k_next.head = 0, ++k_next.pos;
+                }
+                pv_pairs_registers(pb.data() + 2 * (hk * (kChunk / 2) * vgroup + h0 - hk * vgroup), 2, 2 * vgroup,
+                                   v2.data(), dpb, pairs, acc.data() + h0 * dp, dp, d0, pf_lines.data(), npf);
+              } else
+                pv_pairs_registers(pb.data() + h0 * kChunk, kChunk, 2, v2.data(), dpb, pairs, acc.data() + h0 * dp, dp, d0);
         }
       } else
 #endif
@@ -796,6 +1030,8 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
       }
     }
   }
+  if (lanes)
+    for (int64_t h = 0; h < vectors; ++h) st[h] = HeadState{lane_m[h], lane_l[h]};
   for (int64_t h = 0; h < vectors; ++h) {
     const int64_t at = (s * part.vectors + hk0 * vgroup + h) * part.splits + split;
     part.m[at] = st[h].m;
