@@ -30,6 +30,9 @@ CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
     ([20, 129], 16, 6, 2, 128),  # groups of 3: the same, one pass
     ([0, 17, 0, 100], 16, 4, 2, 64),  # length 0: padding entries of a decode batch (zeros, lse +inf)
     ([0, 0], 16, 4, 2, 64),  # no keys anywhere
+    ([33, 200], 16, 4, 4, 64),  # MHA d64: P V in a register pass of 4 vectors (AVX2: 8)
+    ([100, 7], 16, 8, 4, 64),  # groups of 2, the same
+    ([20, 90], 16, 4, 4, 96),  # a pass of 4 vectors, then the rest in L1 (AVX2: 8 + 4)
     ([300, 1, 77], 16, 32, 2, 128),  # groups of 16: bf16 puts the query heads in the lanes
     ([129, 40], 1, 32, 1, 64),  # MQA, 32 heads: two lane blocks
     ([65, 16], 32, 16, 1, 256),
