@@ -214,6 +214,8 @@ LANE_ROWS = [  # (sq, sk, heads, heads_k, head_dim, options)
     (16, 90, 8, 8, 64, dict(causal=True, window_size=(7, 0))),  # MHA, 16 rows: each lane its own window
     (4, 3, 8, 2, 192, dict(causal=True)),  # the first row sees no key: a lane with nothing
     (4, 70, 8, 2, 128, dict(alibi_slopes="batch", window_size=(20, 3))),
+    (2, 300, 28, 4, 128, dict(causal=True)),  # 14 vectors padded to 16 (a lane of zero queries)
+    (3, 100, 20, 4, 64, dict(window_size=(9, 1), alibi_slopes="heads")),  # 15 padded to 16
 ]
 
 

@@ -546,7 +546,11 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   const PagedAttnParams p = kv_head_slice<T>(whole, hk0, kv_heads);
   const CacheLayout& c = p.cache;
   const int64_t D = c.head_dim, dp = part.dp, group = p.heads / c.heads_k, rows = rows_of(p, s);
-  const int64_t vgroup = rows * group, vectors = c.heads_k * vgroup;  // query vectors per kv head, in all
+  // Query vectors per kv head; with register tiles of 4, slots for them
+  // padded to a multiple of 4 with zero vectors whose results are dropped
+  // (see paged_attention); slots in all.
+  const int64_t per_kv = rows * group;
+  const int64_t vgroup = HT == 4 ? round_up(per_kv, 4) : per_kv, vectors = c.heads_k * vgroup;
   if (rows == 0) return;
   // Row r's diagonal is diag0 + r; the last row's is len - 1, so no row
   // sees past the end, and the rows together see [first row's left end, len).
@@ -566,10 +570,11 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   const T* vpos_next[kChunk];
   bool next_known = false;
   const Vec vs = vset1(p.scale);
-  // Query vector v = (kv head, row, head of the group): its diagonal and
-  // ALiBi slope, looked up per chunk below (no divisions there).
-  auto head_of = [&](int64_t v) { return v / vgroup * group + v % group; };
+  // Query vector (slot) v = (kv head, row, head of the group): its diagonal
+  // and ALiBi slope, looked up per chunk below (no divisions there).
+  auto head_of = [&](int64_t v) { return v / vgroup * group + v % vgroup % group; };
   auto row_of = [&](int64_t v) { return v % vgroup / group; };
+  auto padding = [&](int64_t v) { return v % vgroup >= per_kv; };
 #if defined(__AVX2__) && !defined(__AVX512F__)
   // P V four heads at a time for fp32 and bf16 (see pv_four_heads); bf16 K
   // and V widened by unpacking (see widen_unpacked).
@@ -581,6 +586,10 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   std::vector<int64_t> diag(static_cast<size_t>(vectors));
   std::vector<float> slope(p.alibi_slopes ? static_cast<size_t>(vectors) : 0);
   for (int64_t v = 0; v < vectors; ++v) {
+    if (padding(v)) {  // q stays 0
+      diag[v] = len - 1;
+      continue;
+    }
     diag[v] = diag0 + row_of(v);
     if (p.alibi_slopes) slope[v] = p.alibi_slopes[s * p.alibi_seq_stride + head_of(v)];
     const T* qh = static_cast<const T*>(p.q) + s * p.q_seq_stride + (first_token + row_of(v)) * p.q_row_stride +
@@ -630,6 +639,7 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   std::vector<uint16_t> kt2(gemm_scores ? static_cast<size_t>(dpb * kChunk) : 0);  // (dpb / 2 pairs, kChunk) words
   if (dot_scores)
     for (int64_t v = 0; v < vectors; ++v) {
+      if (padding(v)) continue;
       const auto* qh = static_cast<const uint16_t*>(p.q) + s * p.q_seq_stride +
                        (first_token + row_of(v)) * p.q_row_stride + head_of(v) * p.q_head_stride;
       std::copy_n(qh, D, qb.data() + v * dpb);
@@ -1047,7 +1057,8 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   if (lanes)
     for (int64_t h = 0; h < vectors; ++h) st[h] = HeadState{lane_m[h], lane_l[h]};
   for (int64_t h = 0; h < vectors; ++h) {
-    const int64_t at = (s * part.vectors + hk0 * vgroup + h) * part.splits + split;
+    if (padding(h)) continue;
+    const int64_t at = (s * part.vectors + (hk0 + h / vgroup) * per_kv + h % vgroup) * part.splits + split;
     part.m[at] = st[h].m;
     part.l[at] = st[h].l;
     std::copy_n(acc.data() + h * dp, dp, part.o.data() + at * dp);
@@ -1127,8 +1138,11 @@ void paged_attention(const PagedAttnParams& p) {
       const int64_t s = t / head_groups / splits, split = t / head_groups % splits;
       const int64_t hk0 = t % head_groups * task_kv_heads;
       // Query vectors per register tile: the largest of 4, 2, 1 dividing
-      // every sequence's count per kv head.
-      if (unit % 4 == 0)
+      // every sequence's count per kv head, or 4 with the counts padded
+      // to a multiple of 4 when they all have 3 or more (groups of 3, 5, 6,
+      // 7: tiles of 1 or 2 read every K and V vector once per tile, and
+      // decode ran at 8-16 GB/s where groups of 4 reach 22).
+      if (unit % 4 == 0 || unit >= 3)
         run_task<4, T>(p, s, split, keys_per_split, hk0, task_kv_heads, part);
       else if (unit % 2 == 0)
         run_task<2, T>(p, s, split, keys_per_split, hk0, task_kv_heads, part);
