@@ -565,6 +565,13 @@ def cases_for(family: str | None = None, quick: bool = False, device: str = "cpu
             _paged_decode(1, 32, 8, long_ctx, 128, 16, bf16, "sdpa"),
         )
     )
+    # groups of 7 query heads (Qwen2 7B: 28 / 4): tiles of 4, padded
+    all_cases.append(
+        BenchCase(
+            "paged", "paged_attention decode vs sdpa", f"{seqs}x{ctx} ctx, 28/4 heads, d128, block 16", bf16,
+            _paged_decode(seqs, 28, 4, ctx, 128, 16, bf16, "sdpa"),
+        )
+    )
     # GPU: the issue's H200 decode shape (target: 70% of copy bandwidth).
     gseqs, gctx = (4, 256) if quick else (64, 4096)
     all_cases.append(
