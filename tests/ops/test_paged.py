@@ -32,7 +32,9 @@ CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
     ([0, 0], 16, 4, 2, 64),  # no keys anywhere
     ([33, 200], 16, 4, 4, 64),  # MHA d64: P V in a register pass of 4 vectors (AVX2: 8)
     ([100, 7], 16, 8, 4, 64),  # groups of 2, the same
-    ([20, 90], 16, 4, 4, 96),  # a pass of 4 vectors, then the rest in L1 (AVX2: 8 + 4)
+    ([20, 90], 16, 4, 4, 96),  # passes of 4 and 2 vectors (AVX2: 8 and 4)
+    ([31, 66], 16, 8, 2, 80),  # tiles of 4 heads: passes of 4 and 1 vectors
+    ([50, 3], 16, 4, 4, 72),  # a last partial vector in L1
     ([300, 17, 2], 16, 28, 4, 128),  # groups of 7 (Qwen2 7B): tiles of 4, padded with a zero query head
     ([50, 1], 16, 10, 2, 64),  # groups of 5: padded to 8
     ([300, 1, 77], 16, 32, 2, 128),  # groups of 16: bf16 puts the query heads in the lanes

@@ -692,14 +692,16 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   constexpr int kPvHeads = kW < 16 ? 1 : (HT == 4 ? 4 : HT == 2 ? 2 : 1);
   constexpr int kSlices = kW < 16 || kPvHeads == 1 ? 8 : 16 / kPvHeads;
   const int64_t d_reg = D / (kSlices * kW) * (kSlices * kW);
-  // Passes of 8 vectors leave a remainder of 4 or more (head_dim 64, 192
-  // on AVX-512) to a pass of 4 rather than the L1 loop. Decode 16 x 2048
-  // on the Zen 4, medians of 4 alternated runs: MHA 16 heads d64 bf16 7.7 ->
-  // 5.8 ms, fp32 13.9 -> 12.1; 16 / 8 heads d64 bf16 3.85 -> 3.28; MHA d192
-  // bf16 (8 x 2048) 11.9 -> 9.3.
-  constexpr int kHalfSlices = kSlices / 2;
-  const int64_t d_half = kSlices == 8 && D - d_reg >= kHalfSlices * kW ? kHalfSlices * kW : 0;
-  const bool pv_in_registers = four_head_pv || (d_reg + d_half > 0 && vgroup % kPvHeads == 0);
+  // What whole passes of kSlices vectors leave of head_dim goes to passes
+  // of half, a quarter ... of them, one vector at least, rather than the L1
+  // loop: d_vec is where the register passes end (the last partial vector,
+  // if any, takes the L1 loop). Decode 16 x 2048 on the Zen 4, medians of 4
+  // alternated runs: MHA 16 heads d64 bf16 7.7 -> 5.8 ms, fp32 13.9 ->
+  // 12.1; 16 / 8 heads d64 bf16 3.85 -> 3.28; MHA d192 bf16 (8 x 2048) 11.9
+  // -> 9.3 (a pass of 4 vectors after those of 8).
+  const int64_t d_vec = D / kW * kW;
+  const bool pv_in_registers =
+      four_head_pv || (vgroup % kPvHeads == 0 && (dot_scores ? d_reg > 0 : d_vec > 0));
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   // Software prefetches into L2, issued a few at a time between the
   // products rather than in bursts (a burst of more misses than the core
@@ -1030,16 +1032,23 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
               pv_registers<kPvHeads, kSlices, true, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
             else
               pv_registers<kPvHeads, kSlices, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
-        if constexpr (kHalfSlices > 0)
-          if (d_half > 0)
-            for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += kPvHeads)
-              if (h0 == hk * vgroup)
-                pv_registers<kPvHeads, kHalfSlices, true, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d_reg, next * hs);
-              else
-                pv_registers<kPvHeads, kHalfSlices, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d_reg, next * hs);
+        // The rest of d_vec in passes of kSlices / 2, kSlices / 4, ... vectors.
+        int64_t d0 = d_reg;
+        auto narrower_pass = [&]<int S>() {
+          if (d_vec - d0 < S * kW) return;
+          for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += kPvHeads)
+            if (h0 == hk * vgroup)
+              pv_registers<kPvHeads, S, true, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
+            else
+              pv_registers<kPvHeads, S, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
+          d0 += S * kW;
+        };
+        if constexpr (kSlices >= 8) narrower_pass.template operator()<4>();
+        if constexpr (kSlices >= 4) narrower_pass.template operator()<2>();
+        if constexpr (kSlices >= 2) narrower_pass.template operator()<1>();
       }
     }
-    const int64_t d_rest = four_head_pv ? D : pv_in_registers ? d_reg + d_half : 0;
+    const int64_t d_rest = four_head_pv ? D : !pv_in_registers ? 0 : dot_scores ? d_reg : d_vec;
     if (d_rest < D)
     for (int64_t c0 = 0; c0 < n; ++c0) {
       for (int64_t hk = 0; hk < c.heads_k; ++hk) {
