@@ -981,6 +981,7 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
           // 4 rows scored as a GEMM in a trial: 10.7-10.8 -> 10.4-10.6 ms
           // against only the first `ahead` rows).
           if (lanes) {
+            // K comes in a share at a time inside the P V calls below
           } else if (next_known && gemm_scores)
             for (int64_t at = hk * n_next / c.heads_k; at < (hk + 1) * n_next / c.heads_k; ++at)
               prefetch_row(kpos_next[at], row_bytes);
@@ -1027,16 +1028,10 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
         // The row each key prefetches: the next head's at that key (for the
         // last head, the row just read: a no-op).
         const int64_t hs = c.head_stride, next = hk + 1 < c.heads_k ? hk + 1 : hk;
-        for (int64_t d0 = 0; d0 < d_reg; d0 += kSlices * kW)
-          for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += kPvHeads)
-            if (h0 == hk * vgroup)
-              pv_registers<kPvHeads, kSlices, true, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
-            else
-              pv_registers<kPvHeads, kSlices, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
-        // The rest of d_vec in passes of kSlices / 2, kSlices / 4, ... vectors.
-        int64_t d0 = d_reg;
-        auto narrower_pass = [&]<int S>() {
-          if (d_vec - d0 < S * kW) return;
+        // Passes of S vectors of head_dim from d0: kSlices up to d_reg, then
+        // kSlices / 2, kSlices / 4, ... for the rest of d_vec.
+        int64_t d0 = 0;
+        auto pass = [&]<int S>() {
           for (int64_t h0 = hk * vgroup; h0 < (hk + 1) * vgroup; h0 += kPvHeads)
             if (h0 == hk * vgroup)
               pv_registers<kPvHeads, S, true, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
@@ -1044,9 +1039,13 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
               pv_registers<kPvHeads, S, false, T>(sc, vpos, n, hk * hs, acc.data(), dp, h0, d0, next * hs);
           d0 += S * kW;
         };
-        if constexpr (kSlices >= 8) narrower_pass.template operator()<4>();
-        if constexpr (kSlices >= 4) narrower_pass.template operator()<2>();
-        if constexpr (kSlices >= 2) narrower_pass.template operator()<1>();
+        while (d0 < d_reg) pass.template operator()<kSlices>();
+        if constexpr (kSlices >= 8)
+          if (d_vec - d0 >= 4 * kW) pass.template operator()<4>();
+        if constexpr (kSlices >= 4)
+          if (d_vec - d0 >= 2 * kW) pass.template operator()<2>();
+        if constexpr (kSlices >= 2)
+          if (d_vec - d0 >= kW) pass.template operator()<1>();
       }
     }
     const int64_t d_rest = four_head_pv ? D : !pv_in_registers ? 0 : dot_scores ? d_reg : d_vec;
