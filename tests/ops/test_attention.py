@@ -216,6 +216,12 @@ LANE_ROWS = [  # (sq, sk, heads, heads_k, head_dim, options)
     (4, 70, 8, 2, 128, dict(alibi_slopes="batch", window_size=(20, 3))),
     (2, 300, 28, 4, 128, dict(causal=True)),  # 14 vectors padded to 16 (a lane of zero queries)
     (3, 100, 20, 4, 64, dict(window_size=(9, 1), alibi_slopes="heads")),  # 15 padded to 16
+    # 8 vectors per kv head: one in each lane pair, against two keys
+    (2, 301, 8, 2, 128, dict(causal=True)),  # 2 rows x 4, odd key count
+    (1, 263, 16, 2, 64, dict(window_size=(100, 0), softcap=3.0, alibi_slopes="heads")),
+    (2, 97, 16, 4, 256, dict(causal=True, window_size=(30, 0))),  # each row its own range
+    (1, 150, 14, 2, 64, dict(alibi_slopes="batch")),  # 7 padded to 8
+    (1, 1, 16, 2, 128, dict()),  # one key: its partner lane masked
 ]
 
 

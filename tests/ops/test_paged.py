@@ -38,6 +38,7 @@ CASES = [  # (seq_lens, block_size, heads, kv_heads, head_dim)
     ([300, 17, 2], 16, 28, 4, 128),  # groups of 7 (Qwen2 7B): tiles of 4, padded with a zero query head
     ([50, 1], 16, 10, 2, 64),  # groups of 5: padded to 8
     ([300, 1, 77], 16, 32, 2, 128),  # groups of 16: bf16 puts the query heads in the lanes
+    ([37, 130, 1, 64], 16, 16, 2, 128),  # groups of 8: a query head in each lane pair, against two keys
     ([129, 40], 1, 32, 1, 64),  # MQA, 32 heads: two lane blocks
     ([65, 16], 32, 16, 1, 256),
 ]

@@ -20,7 +20,8 @@
 // of 6 alternated runs: bf16 16 x 2048, 32 / 8 heads, 4 rows 11.6 -> 11.5
 // ms, 8 rows 18.9 -> 16.7, 2 x 2048 4 rows 1.68 -> 1.54; decode 16 x 2048
 // 32 / 2 heads 2.67 -> 2.57, 32 / 1 2.18 -> 1.89 (K/V in cache, 4 rows:
-// 9.2-9.5 -> 7.3-7.8 ms).
+// 9.2-9.5 -> 7.3-7.8 ms). Exactly 8 query vectors per kv head take the
+// lanes too, two keys per vector (pair_lane_scores).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -422,6 +423,56 @@ __attribute__((noinline)) void lane_scores(const uint16_t* qt, int64_t ldq, int6
   for (int j = 0; j < kLaneKeys; ++j) _mm512_storeu_ps(out + j * ldo, _mm512_mul_ps(a[j], vs));
 }
 
+// Groups of 8 query vectors per kv head fill half the lanes; instead each
+// lane pair holds one vector against two keys (lane 2v + e: vector v, key
+// 2i + e of key pair i), so that a 16-lane product still does 16 useful
+// dot-product steps. K is staged by key pairs: the 32-bit column pairs of
+// keys 2i and 2i + 1 side by side, one 64-bit broadcast per product.
+
+// n <= 2 * kLaneKeys K rows (head_dim D, a multiple of 32) into the
+// staging rows of key pairs, kStageStride 32-bit words apart; rows past n
+// repeat row 0 (their scores are masked).
+inline void stage_key_pairs(const bf16_t* const* k, int64_t n, int64_t D, uint32_t* stage) {
+  // Dwords of a (even key) and b (odd key) interleaved: column pairs 0-7, then 8-15.
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t i = 0; i < kLaneKeys; ++i) {
+    const auto* even = reinterpret_cast<const uint16_t*>(k[2 * i < n ? 2 * i : 0]);
+    const auto* odd = reinterpret_cast<const uint16_t*>(k[2 * i + 1 < n ? 2 * i + 1 : 0]);
+    uint32_t* dst = stage + i * kStageStride;
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512i a = _mm512_loadu_si512(even + d), b = _mm512_loadu_si512(odd + d);
+      _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi32(a, first, b));
+      _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi32(a, second, b));
+    }
+  }
+}
+
+// out[i * ldo + 2v + e] = scale * (q of vector v) . (K row 2i + e), for the
+// 8 vectors whose column pairs are the words qt[t * ldq + 2v + e] (each
+// twice), against kLaneKeys staged key pairs. Prefetches the npf lines at
+// pf spread over the column pairs, as lane_scores does.
+__attribute__((noinline)) void pair_lane_scores(const uint16_t* qt, int64_t ldq, int64_t pairs, const uint32_t* stage,
+                                                float scale, float* out, int64_t ldo, const char* const* pf, int64_t npf) {
+  __m512 a[kLaneKeys];
+#pragma GCC unroll 16
+  for (int i = 0; i < kLaneKeys; ++i) a[i] = _mm512_setzero_ps();
+  const int64_t pf_step = (npf + pairs - 1) / pairs;
+  for (int64_t t = 0; t < pairs; ++t) {
+    for (int64_t i = t * pf_step; i < std::min(npf, (t + 1) * pf_step); ++i) prefetch_l2(pf[i]);
+    const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qt + 2 * t * ldq));
+#pragma GCC unroll 16
+    for (int i = 0; i < kLaneKeys; ++i) {
+      int64_t kk;
+      std::memcpy(&kk, stage + i * kStageStride + 2 * t, 8);
+      a[i] = _mm512_dpbf16_ps(a[i], qv, reinterpret_cast<__m512bh>(_mm512_set1_epi64(kk)));
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
+  for (int i = 0; i < kLaneKeys; ++i) _mm512_storeu_ps(out + i * ldo, _mm512_mul_ps(a[i], vs));
+}
+
 // One chunk's online-softmax step for 16 query vectors in the lanes: s16
 // holds their scores, key j (position j0 + j) at s16 + j * ld, and gets
 // their probabilities, 0 where masked. softcap and ALiBi (slope: the
@@ -429,46 +480,60 @@ __attribute__((noinline)) void lane_scores(const uint16_t* qt, int64_t ldq, int6
 // row_masks, keys outside a lane's [lo, hi] are masked. m and l are the
 // lanes' running max and sum; alpha gets the factor each lane's
 // accumulator must be scaled by.
+// With pairs (see pair_lane_scores), row j holds keys 2j and 2j + 1 of
+// 8 vectors (lanes 2v, 2v + 1; their diag, slope, lo, hi, m, l, alpha
+// given twice), the same computation with the two lanes' max and sum
+// joined; a lone last key's partner lane gets probability 0.
 void lane_softmax(float* s16, int64_t ld, int64_t n, int64_t j0, float softcap, const int32_t* diag, const float* slope,
-                  const int32_t* lo, const int32_t* hi, bool row_masks, float* m, float* l, float* alpha) {
+                  const int32_t* lo, const int32_t* hi, bool row_masks, bool pairs, float* m, float* l, float* alpha) {
+  const int64_t lw = pairs ? 2 : 1, n_rows = (n + lw - 1) / lw;
+  // Key of each lane in row j: first + lw * j.
+  const __m512i first = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j0)),
+                                         pairs ? _mm512_set_epi32(1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0)
+                                               : _mm512_setzero_si512());
+  auto key_of_row = [&](int64_t j) { return _mm512_add_epi32(first, _mm512_set1_epi32(static_cast<int32_t>(lw * j))); };
   if (softcap > 0.0f)
-    for (int64_t j = 0; j < n; ++j)
+    for (int64_t j = 0; j < n_rows; ++j)
       for (int64_t lane = 0; lane < 16; ++lane) s16[j * ld + lane] = softcap * std::tanh(s16[j * ld + lane] / softcap);
   if (slope) {
     const __m512i vdiag = _mm512_loadu_si512(diag);
     const __m512 vslope = _mm512_loadu_ps(slope);
-    for (int64_t j = 0; j < n; ++j) {
-      const __m512i dist = _mm512_abs_epi32(_mm512_sub_epi32(vdiag, _mm512_set1_epi32(static_cast<int32_t>(j0 + j))));
+    for (int64_t j = 0; j < n_rows; ++j) {
+      const __m512i dist = _mm512_abs_epi32(_mm512_sub_epi32(vdiag, key_of_row(j)));
       _mm512_storeu_ps(s16 + j * ld, _mm512_fnmadd_ps(vslope, _mm512_cvtepi32_ps(dist), _mm512_loadu_ps(s16 + j * ld)));
     }
   }
-  const __m512i vlo = _mm512_loadu_si512(lo), vhi = _mm512_loadu_si512(hi);
-  const bool masked = row_masks && (_mm512_cmpgt_epi32_mask(vlo, _mm512_set1_epi32(static_cast<int32_t>(j0))) |
-                                    _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j0 + n - 1)), vhi));
+  // Keys at or past j0 + n: an odd n's partner lane of the last pair.
+  const __m512i vlo = _mm512_loadu_si512(lo), vhi = _mm512_min_epi32(_mm512_loadu_si512(hi), _mm512_set1_epi32(static_cast<int32_t>(j0 + n - 1)));
+  const bool masked = (row_masks && (_mm512_cmpgt_epi32_mask(vlo, _mm512_set1_epi32(static_cast<int32_t>(j0))) |
+                                     _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j0 + n - 1)), vhi))) ||
+                      n % lw != 0;
   const __m512 ninf = _mm512_set1_ps(-kInf);
   const __m512 m_old = _mm512_loadu_ps(m);
   __m512 mx = m_old;
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = 0; j < n_rows; ++j) {
     __m512 x = _mm512_loadu_ps(s16 + j * ld);
     if (masked) {
-      const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(j0 + j));
+      const __m512i key = key_of_row(j);
       const __mmask16 valid = _mm512_cmpge_epi32_mask(key, vlo) & _mm512_cmple_epi32_mask(key, vhi);
       x = _mm512_mask_blend_ps(valid, ninf, x);
       _mm512_storeu_ps(s16 + j * ld, x);
     }
     mx = _mm512_max_ps(mx, x);
   }
+  if (pairs) mx = _mm512_max_ps(mx, _mm512_permute_ps(mx, 0xB1));  // each lane pair's max
   // A lane with no key so far keeps max -inf and adds nothing.
   const __mmask16 dead = _mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ);
   const Vec m_use{_mm512_mask_blend_ps(dead, mx, _mm512_setzero_ps())};
   Vec sum = vzero();
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = 0; j < n_rows; ++j) {
     const Vec x = vload(s16 + j * ld);
     Vec e = vexp_nonpos(x - m_use);
     if (masked) e = Vec{_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, ninf, _CMP_NEQ_OQ), e.v)};
     vstore(s16 + j * ld, e);
     sum = sum + e;
   }
+  if (pairs) sum = sum + Vec{_mm512_permute_ps(sum.v, 0xB1)};  // each lane pair's sum
   const Vec a = vexp_nonpos(Vec{m_old} - m_use);
   vstore(l, vfma(vload(l), a, sum));
   _mm512_storeu_ps(m, mx);
@@ -646,12 +711,22 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
 #if defined(__AVX512BF16__)
   // A multiple of 16 query vectors per kv head: scores with the vectors in
   // the lanes (see lane_scores), then softmax and P as vectors of them.
-  const bool lanes = dot_scores && vgroup % 16 == 0 && D % 64 == 0 && D <= kStageStride;
+  // 8 vectors (a group of 8, or 7 padded, or 2 rows of a group of 4): a
+  // vector in each lane pair, against two keys (see pair_lane_scores).
+  // Against the 4 x 4 blocks, bf16 decode 16 x 2048 on the Zen 4, medians
+  // of 15 alternated calls: 64 / 8 heads 1.11x, 32 / 4 d128 1.10x, d64
+  // (x 4096) 1.16x, 28 / 4 1.09x, 16 / 2 (x 8192) 1.11x; 8 / 1 d256 0.99x.
+  // What remains besides the products: staging K by pairs and
+  // interleaving V, each about 15% of the time with K / V in cache.
+  const bool pair_lanes = dot_scores && vgroup == 8 && D % 64 == 0 && D <= kStageStride;
+  const bool lanes = pair_lanes || (dot_scores && vgroup % 16 == 0 && D % 64 == 0 && D <= kStageStride);
   const bool gemm_scores = dot_scores && !lanes && vgroup >= kGemmScoresMinVectors;
 #else
-  constexpr bool lanes = false;
+  constexpr bool lanes = false, pair_lanes = false;
   constexpr bool gemm_scores = false;
 #endif
+  // Lanes per query vector, vectors per 16 lanes, keys per score tile.
+  const int64_t lw = pair_lanes ? 2 : 1, lane_vectors = 16 / lw, tile_keys = kLaneKeys * lw;
   std::vector<uint16_t> kt2(gemm_scores ? static_cast<size_t>(dpb * kChunk) : 0);  // (dpb / 2 pairs, kChunk) words
   if (dot_scores)
     for (int64_t v = 0; v < vectors; ++v) {
@@ -662,30 +737,34 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
     }
 
   // lanes: q as column-pair words (kv head, pair, vector of the head's
-  // group), the staged K rows, per-vector softmax state as arrays, and
-  // the vectors' diagonals as int32 lanes. sc then holds scores key-major
-  // (kv head, key, vector) and pb the P pair words (kv head, key pair,
-  // vector).
-  const int64_t qpairs = D / 2;
-  std::vector<uint16_t> qt(lanes ? static_cast<size_t>(vectors * D) : 0);
-  std::vector<uint16_t> stage(lanes ? static_cast<size_t>(kLaneKeys * kStageStride) : 0);
+  // group, lw copies), the staged K rows, per-lane softmax state as
+  // arrays, and the lanes' diagonals as int32. sc then holds scores
+  // key-major (kv head, key / lw, vector, key % lw) and pb the P pair
+  // words (kv head, key pair, vector).
+  const int64_t qpairs = D / 2, lanes_all = vectors * lw;
+  std::vector<uint16_t> qt(lanes ? static_cast<size_t>(lanes_all * D) : 0);
+  std::vector<uint16_t> stage(lanes ? static_cast<size_t>(2 * kLaneKeys * kStageStride) : 0);
   std::vector<const char*> pf_lines(lanes ? static_cast<size_t>(kChunk * ((D * static_cast<int64_t>(sizeof(T)) + 63) / 64)) : 0);
-  std::vector<float> lane_m(lanes ? static_cast<size_t>(vectors) : 0, -kInf), lane_l(lanes ? static_cast<size_t>(vectors) : 0);
-  std::vector<int32_t> diag32(lanes ? static_cast<size_t>(vectors) : 0), lo32(diag32.size()), hi32(diag32.size());
+  std::vector<float> lane_m(lanes ? static_cast<size_t>(lanes_all) : 0, -kInf), lane_l(lanes ? static_cast<size_t>(lanes_all) : 0);
+  std::vector<int32_t> diag32(lanes ? static_cast<size_t>(lanes_all) : 0), lo32(diag32.size()), hi32(diag32.size());
+  std::vector<float> lane_slope(lanes && p.alibi_slopes ? static_cast<size_t>(lanes_all) : 0);
   if (lanes)
-    for (int64_t v = 0; v < vectors; ++v) {
-      // The key range of the vector's row, clamped into int32 (lengths are far below its limit).
-      constexpr int64_t kBig = int64_t{1} << 30;
-      diag32[v] = static_cast<int32_t>(diag[v]);
-      lo32[v] = static_cast<int32_t>(p.window_left >= 0 ? std::max(diag[v] - p.window_left, -kBig) : -kBig);
-      hi32[v] = static_cast<int32_t>(p.window_right >= 0 ? std::min(diag[v] + p.window_right, kBig) : kBig);
-      const int64_t hk = v / vgroup, lv = v % vgroup;
-      for (int64_t t = 0; t < qpairs; ++t) {
-        uint16_t* w = qt.data() + 2 * ((hk * qpairs + t) * vgroup + lv);
-        w[0] = qb[v * dpb + 2 * t];
-        w[1] = qb[v * dpb + 2 * t + 1];
+    for (int64_t v = 0; v < vectors; ++v)
+      for (int64_t e = 0; e < lw; ++e) {
+        // The key range of the vector's row, clamped into int32 (lengths are far below its limit).
+        constexpr int64_t kBig = int64_t{1} << 30;
+        const int64_t lane = v * lw + e;
+        diag32[lane] = static_cast<int32_t>(diag[v]);
+        lo32[lane] = static_cast<int32_t>(p.window_left >= 0 ? std::max(diag[v] - p.window_left, -kBig) : -kBig);
+        hi32[lane] = static_cast<int32_t>(p.window_right >= 0 ? std::min(diag[v] + p.window_right, kBig) : kBig);
+        if (p.alibi_slopes) lane_slope[lane] = slope[v];
+        const int64_t hk = v / vgroup, lv = v % vgroup;
+        for (int64_t t = 0; t < qpairs; ++t) {
+          uint16_t* w = qt.data() + 2 * (((hk * qpairs + t) * vgroup + lv) * lw + e);
+          w[0] = qb[v * dpb + 2 * t];
+          w[1] = qb[v * dpb + 2 * t + 1];
+        }
       }
-    }
 
   // Position addresses once per chunk: no division per key below.
   auto positions = [&](int64_t j0, int64_t n, const T** kp, const T** vp) {
@@ -735,7 +814,7 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   const int64_t ahead = std::min(kChunk, round_up((kAheadBytes + position_bytes - 1) / position_bytes, 4));
   // K positions of a chunk prefetched before its scores start (by the
   // previous chunk's P V): lanes stage a tile of kLaneKeys at once.
-  const int64_t first_k = lanes ? std::max(ahead, kLaneKeys) : ahead;
+  const int64_t first_k = lanes ? std::max(ahead, tile_keys) : ahead;
   // K rows of kv head hk (and V rows, for the L1 loop) at positions [from, to) of kp / vp.
   auto prefetch_head = [&](const T* const* kp, const T* const* vp, int64_t from, int64_t to, int64_t hk) {
     for (int64_t at = from; at < to; ++at) {
@@ -794,19 +873,26 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
       // (for P V) are prefetched a line per pair of columns of its scores;
       // K came in during the previous chunk's P V, except for a task's
       // first chunk (then a tile ahead).
-      for (int64_t t0 = 0; t0 < n; t0 += kLaneKeys) {
-        const int64_t nk = std::min(kLaneKeys, n - t0);
+      for (int64_t t0 = 0; t0 < n; t0 += tile_keys) {
+        const int64_t nk = std::min(tile_keys, n - t0);
         for (int64_t hk = 0; hk < c.heads_k; ++hk) {
           const int64_t off = hk * c.head_stride;
           if (j0 == k0)  // later chunks' K came in during the previous P V
-            for (int64_t at = t0 + kLaneKeys; at < std::min(t0 + 2 * kLaneKeys, n); ++at)
+            for (int64_t at = t0 + tile_keys; at < std::min(t0 + 2 * tile_keys, n); ++at)
               prefetch_row(kpos[at] + off, row_bytes);
           // This tile's V rows (for P V), a line per pair of columns of the scores.
           int64_t npf = 0;
           for (int64_t at = t0; at < t0 + nk; ++at)
             for (int64_t b = 0; b < row_bytes; b += 64) pf_lines[npf++] = reinterpret_cast<const char*>(vpos[at] + off) + b;
-          const bf16_t* kr[kLaneKeys];
+          const bf16_t* kr[2 * kLaneKeys];
           for (int64_t j = 0; j < nk; ++j) kr[j] = reinterpret_cast<const bf16_t*>(kpos[t0 + j] + off);
+          if (pair_lanes) {
+            stage_key_pairs(kr, nk, D, reinterpret_cast<uint32_t*>(stage.data()));
+            pair_lane_scores(qt.data() + 2 * hk * qpairs * vgroup * lw, vgroup * lw, qpairs,
+                             reinterpret_cast<const uint32_t*>(stage.data()), p.scale, sc + (hk * kChunk + t0) * vgroup,
+                             vgroup * lw, pf_lines.data(), npf);
+            continue;
+          }
           stage_key_rows(kr, nk, D, stage.data());
           for (int64_t vb = 0; vb < vgroup; vb += 16) {
             const int64_t first = std::min(npf, vb / 16 * qpairs);
@@ -900,14 +986,14 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
     if (lanes) {
       alignas(64) float alpha[16];
       for (int64_t hk = 0; hk < c.heads_k; ++hk)
-        for (int64_t vb = 0; vb < vgroup; vb += 16) {
-          const int64_t v0 = hk * vgroup + vb;
-          lane_softmax(sc + hk * kChunk * vgroup + vb, vgroup, n, j0, p.softcap, diag32.data() + v0,
-                       p.alibi_slopes ? slope.data() + v0 : nullptr, lo32.data() + v0, hi32.data() + v0, rows > 1,
-                       lane_m.data() + v0, lane_l.data() + v0, alpha);
-          for (int64_t lane = 0; lane < 16; ++lane)
+        for (int64_t vb = 0; vb < vgroup; vb += lane_vectors) {
+          const int64_t v0 = hk * vgroup + vb, l0 = v0 * lw;
+          lane_softmax(sc + hk * kChunk * vgroup + vb * lw, vgroup * lw, n, j0, p.softcap, diag32.data() + l0,
+                       p.alibi_slopes ? lane_slope.data() + l0 : nullptr, lo32.data() + l0, hi32.data() + l0, rows > 1,
+                       pair_lanes, lane_m.data() + l0, lane_l.data() + l0, alpha);
+          for (int64_t lane = 0; lane < 16; lane += lw)
             if (alpha[lane] != 1.0f) {
-              float* a = acc.data() + (v0 + lane) * dp;
+              float* a = acc.data() + (v0 + lane / lw) * dp;
               const Vec va = vset1(alpha[lane]);
               for (int64_t d = 0; d < dp; d += kW) vstore(a + d, vload(a + d) * va);
             }
@@ -971,7 +1057,12 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
 #if defined(__AVX512BF16__)
       if (dot_scores) {
         // P as bf16 key pairs, zero past n (an odd last key pairs with 0).
-        if (lanes) {  // words (kv head, key pair, vector): keys 2t and 2t + 1 of 16 lanes interleaved
+        if (pair_lanes) {  // a row of scores is 8 vectors' key pairs: its bf16 words are P's
+          for (int64_t hk = 0; hk < c.heads_k; ++hk)
+            for (int64_t t = 0; t < (n + 1) / 2; ++t)
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb.data() + 2 * (hk * (kChunk / 2) + t) * vgroup),
+                                  reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sc + (hk * kChunk + 2 * t) * vgroup))));
+        } else if (lanes) {  // words (kv head, key pair, vector): keys 2t and 2t + 1 of 16 lanes interleaved
           const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                       22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
           for (int64_t hk = 0; hk < c.heads_k; ++hk)
@@ -1128,7 +1219,7 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
     }
   }
   if (lanes)
-    for (int64_t h = 0; h < vectors; ++h) st[h] = HeadState{lane_m[h], lane_l[h]};
+    for (int64_t h = 0; h < vectors; ++h) st[h] = HeadState{lane_m[h * lw], lane_l[h * lw]};
   for (int64_t h = 0; h < vectors; ++h) {
     if (padding(h)) continue;
     const int64_t at = (s * part.vectors + (hk0 + h / vgroup) * per_kv + h % vgroup) * part.splits + split;
