@@ -77,6 +77,9 @@ int64_t rows_of(const PagedAttnParams& p, int64_t s) {
 struct Partials {
   std::vector<float> o, m, l;  // (seqs, vectors, splits, D) and (seqs, vectors, splits)
   int64_t splits = 1, dp = 0, vectors = 0;
+  // One split: the tasks write the output and lse themselves, with no
+  // partials and no combine step (a second round of the thread pool).
+  bool direct = false;
 };
 
 // Scores of HT query heads (rows of q, dp apart) against two key rows:
@@ -1222,6 +1225,19 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
     for (int64_t h = 0; h < vectors; ++h) st[h] = HeadState{lane_m[h * lw], lane_l[h * lw]};
   for (int64_t h = 0; h < vectors; ++h) {
     if (padding(h)) continue;
+    if (part.direct) {  // as the combine step writes a single split
+      const int64_t token = first_token + row_of(h), head = hk0 * group + head_of(h);
+      T* out = static_cast<T*>(p.out) + s * p.out_seq_stride + token * p.out_row_stride + head * p.out_head_stride;
+      const float l = st[h].l;
+      const Vec inv = vset1(l > 0.0f ? 1.0f / l : 0.0f);
+      const float* o = acc.data() + h * dp;
+      int64_t d = 0;
+      for (; d + kW <= D; d += kW) vstore(out + d, vload(o + d) * inv);
+      if (d < D) vstore_partial(out + d, vload_partial(o + d, D - d) * inv, D - d);
+      p.lse[s * p.lse_seq_stride + token * p.lse_row_stride + head * p.lse_head_stride] =
+          l > 0.0f ? st[h].m + std::log(l) : kInf;
+      continue;
+    }
     const int64_t at = (s * part.vectors + (hk0 + h / vgroup) * per_kv + h % vgroup) * part.splits + split;
     part.m[at] = st[h].m;
     part.l[at] = st[h].l;
@@ -1280,7 +1296,8 @@ void paged_attention(const PagedAttnParams& p) {
   part.splits = splits;
   part.dp = round_up(D, kW);
   part.vectors = p.heads * p.max_rows;
-  const int64_t partial_rows = p.num_seqs * part.vectors * splits;
+  part.direct = splits == 1;
+  const int64_t partial_rows = part.direct ? 0 : p.num_seqs * part.vectors * splits;
   part.o.assign(static_cast<size_t>(partial_rows * part.dp), 0.0f);
   part.m.assign(static_cast<size_t>(partial_rows), -kInf);
   part.l.assign(static_cast<size_t>(partial_rows), 0.0f);
@@ -1313,6 +1330,7 @@ void paged_attention(const PagedAttnParams& p) {
       else
         run_task<1, T>(p, s, split, keys_per_split, hk0, task_kv_heads, part);
     });
+    if (part.direct) return;
     // Combine the splits of each (sequence, query vector).
     parallel_for(0, p.num_seqs * part.vectors, 16, [&](int64_t lo, int64_t hi) {
       std::vector<float> o(static_cast<size_t>(part.dp));
