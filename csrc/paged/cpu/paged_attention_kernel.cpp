@@ -714,11 +714,12 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
 #if defined(__AVX512BF16__)
   // A multiple of 16 query vectors per kv head: scores with the vectors in
   // the lanes (see lane_scores), then softmax and P as vectors of them.
-  // 8 vectors (a group of 8, or 7 padded, or 2 rows of a group of 4): a
-  // vector in each lane pair, against two keys (see pair_lane_scores).
-  // Against the 4 x 4 blocks, bf16 decode 16 x 2048 on the Zen 4, medians
-  // of 15 alternated calls: 64 / 8 heads 1.11x, 32 / 4 d128 1.10x, d64
-  // (x 4096) 1.16x, 28 / 4 1.09x, 16 / 2 (x 8192) 1.11x; 8 / 1 d256 0.99x.
+  // 8 vectors (a group of 8, or of 5 to 7 padded, or 2 rows of a group of
+  // 4): a vector in each lane pair, against two keys (see
+  // pair_lane_scores). Against the 4 x 4 blocks, bf16 decode 16 x 2048 on
+  // the Zen 4, medians of 15 alternated calls: 64 / 8 heads 1.11x, 32 / 4
+  // d128 1.10x, d64 (x 4096) 1.16x, 28 / 4 1.09x, 16 / 2 (x 8192) 1.11x,
+  // 10 / 2 and 12 / 2 (x 4096) 1.10x and 1.11x; 8 / 1 d256 0.99x.
   // What remains besides the products: staging K by pairs and
   // interleaving V, each about 15% of the time with K / V in cache.
   const bool pair_lanes = dot_scores && vgroup == 8 && D % 64 == 0 && D <= kStageStride;
