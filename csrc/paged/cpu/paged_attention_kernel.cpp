@@ -507,7 +507,8 @@ void lane_softmax(float* s16, int64_t ld, int64_t n, int64_t j0, float softcap, 
     }
   }
   // Keys at or past j0 + n: an odd n's partner lane of the last pair.
-  const __m512i vlo = _mm512_loadu_si512(lo), vhi = _mm512_min_epi32(_mm512_loadu_si512(hi), _mm512_set1_epi32(static_cast<int32_t>(j0 + n - 1)));
+  const __m512i vlo = _mm512_loadu_si512(lo);
+  const __m512i vhi = _mm512_min_epi32(_mm512_loadu_si512(hi), _mm512_set1_epi32(static_cast<int32_t>(j0 + n - 1)));
   const bool masked = (row_masks && (_mm512_cmpgt_epi32_mask(vlo, _mm512_set1_epi32(static_cast<int32_t>(j0))) |
                                      _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j0 + n - 1)), vhi))) ||
                       n % lw != 0;
