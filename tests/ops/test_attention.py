@@ -183,6 +183,11 @@ FEW_ROWS = [  # (sq, sk, heads_k, dtype, options)
     (129, 100, 8, torch.bfloat16, dict(causal=True, window_size=(20, 0))),
     (17, 100, 2, torch.float32, dict(causal=True)),
     (8, 200, 2, torch.bfloat16, dict(causal=True)),  # 32 vectors, too few keys each: the general kernel
+    # at most 16 keys: the decode kernel at any vector count (within the bounds)
+    (12, 16, 2, torch.bfloat16, dict(causal=True)),  # 48 vectors, 16 keys
+    (16, 9, 2, torch.float32, dict(window_size=(3, 1))),  # 64 vectors, 9 keys
+    (24, 16, 8, torch.float16, dict(causal=True, softcap=3.0)),  # MHA, 24 vectors, rows 0-7 see no key
+    (8, 17, 2, torch.bfloat16, dict(causal=True)),  # one key past the bound: the general kernel
 ]
 
 

@@ -748,7 +748,7 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   // words (kv head, key pair, vector).
   const int64_t qpairs = D / 2, lanes_all = vectors * lw;
   std::vector<uint16_t> qt(lanes ? static_cast<size_t>(lanes_all * D) : 0);
-  std::vector<uint16_t> stage(lanes ? static_cast<size_t>(2 * kLaneKeys * kStageStride) : 0);
+  std::vector<uint16_t> stage(lanes ? static_cast<size_t>(lw * kLaneKeys * kStageStride) : 0);  // pairs: 32-bit words
   std::vector<const char*> pf_lines(lanes ? static_cast<size_t>(kChunk * ((D * static_cast<int64_t>(sizeof(T)) + 63) / 64)) : 0);
   std::vector<float> lane_m(lanes ? static_cast<size_t>(lanes_all) : 0, -kInf), lane_l(lanes ? static_cast<size_t>(lanes_all) : 0);
   std::vector<int32_t> diag32(lanes ? static_cast<size_t>(lanes_all) : 0), lo32(diag32.size()), hi32(diag32.size());
