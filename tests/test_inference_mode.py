@@ -121,20 +121,18 @@ def test_layers():
     assert_same(*both_modes(lambda: (torch.randn(40, 512).to(bf16),), model))
 
 
-def test_no_grad_skips_the_autograd_layer(monkeypatch):
-    """Under torch.no_grad the wrappers call the ops below the Python autograd
-    layer (ops/_util.call). Each result equals the same call in grad mode,
-    made through that layer, and nothing is recorded for inputs that
-    require grad."""
+def _wrapper_calls(requires_grad: bool) -> dict:
+    """One call of each wrapper that goes through ops/_util.call, on inputs
+    that require grad or not."""
     torch.manual_seed(0)
-    x, w = torch.randn(5, 96).to(bf16).requires_grad_(), torch.randn(96).to(bf16).requires_grad_()
-    gate_up = torch.randn(5, 192).to(bf16).requires_grad_()
-    q, k, v = (torch.randn(2, n, h, 64).to(bf16).requires_grad_() for n, h in ((3, 8), (40, 2), (40, 2)))
+    x, w = torch.randn(5, 96).to(bf16).requires_grad_(requires_grad), torch.randn(96).to(bf16).requires_grad_(requires_grad)
+    gate_up = torch.randn(5, 192).to(bf16).requires_grad_(requires_grad)
+    q, k, v = (torch.randn(2, n, h, 64).to(bf16).requires_grad_(requires_grad) for n, h in ((3, 8), (40, 2), (40, 2)))
     cos, sin = (torch.randn(64, 16) for _ in range(2))
     pos = torch.tensor([0, 3, 9, 63, 1])
     cu_q, cu_k = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([0, 30, 80], dtype=torch.int32)
     int4, w8a8 = quantize(torch.randn(64, 96), "int4", group_size=32), quantize(torch.randn(64, 96), "w8a8")
-    calls = {
+    return {
         "rms_norm": lambda: torchkiln.rms_norm(x, w),
         "silu_and_mul": lambda: torchkiln.silu_and_mul(gate_up),
         "apply_rotary": lambda: torchkiln.apply_rotary(q[0], k[0, :3], cos, sin, pos[:3]),
@@ -144,14 +142,48 @@ def test_no_grad_skips_the_autograd_layer(monkeypatch):
         "quant_matmul int4": lambda: torchkiln.quant_matmul(x, int4),
         "quant_matmul w8a8": lambda: torchkiln.quant_matmul(x, w8a8),
     }
+
+
+def _count_guard_entries(monkeypatch) -> list:
+    """Patches torch._C._AutoDispatchBelowAutograd to note, per entry, the
+    module that entered it; returns the (shared) list of names."""
     entered = []
     below_autograd = torch._C._AutoDispatchBelowAutograd
 
-    def counting():  # the guard, noting which module entered it
+    def counting():
         entered.append(sys._getframe(1).f_globals["__name__"])
         return below_autograd()
 
     monkeypatch.setattr(torch._C, "_AutoDispatchBelowAutograd", counting)
+    return entered
+
+
+def test_grad_mode_without_grad_inputs_skips_the_autograd_layer(monkeypatch):
+    """In grad mode with no input requiring grad (a frozen model called
+    without torch.no_grad) there is nothing to record: the wrappers call the
+    ops below the Python autograd layer. With inputs that require grad they
+    go through it and the results carry a grad_fn."""
+    entered = _count_guard_entries(monkeypatch)
+    for name, call in _wrapper_calls(requires_grad=False).items():
+        entered.clear()
+        got = call()
+        assert entered[:1] == ["torchkiln.ops._util"], f"{name}: went through the autograd layer: {entered}"
+        for a in got if isinstance(got, tuple) else (got,):
+            assert a.grad_fn is None and not a.requires_grad, name
+    for name, call in _wrapper_calls(requires_grad=True).items():
+        entered.clear()
+        got = call()
+        assert entered[:1] != ["torchkiln.ops._util"], f"{name}: skipped the autograd layer with inputs needing grad"
+        assert (got[0] if isinstance(got, tuple) else got).grad_fn is not None, name
+
+
+def test_no_grad_skips_the_autograd_layer(monkeypatch):
+    """Under torch.no_grad the wrappers call the ops below the Python autograd
+    layer (ops/_util.call). Each result equals the same call in grad mode,
+    made through that layer, and nothing is recorded for inputs that
+    require grad."""
+    calls = _wrapper_calls(requires_grad=True)
+    entered = _count_guard_entries(monkeypatch)
     for name, call in calls.items():
         want = call()
         entered.clear()
