@@ -142,7 +142,7 @@ void run_task(const FlashAttnBwdParams& bp, const float* delta, float* dq_partia
     return;
   }
   constexpr bool bf16_dot = use_bf16_dot<T>();
-  const int64_t pairs = (D + 1) / 2;
+  [[maybe_unused]] const int64_t pairs = (D + 1) / 2;  // bf16 dot-product path only
 #if defined(__AVX512BF16__)
   if constexpr (bf16_dot) {
     load_keys_bf16(p, b, s, hk, k0, nk, w);

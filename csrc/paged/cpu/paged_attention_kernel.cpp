@@ -666,7 +666,8 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   const bool four_head_pv = (std::is_same_v<T, bf16_t> || std::is_same_v<T, float>) && HT == 4 && D % 16 == 0;
   const bool unpack_widen = four_head_pv && std::is_same_v<T, bf16_t>;
 #else
-  constexpr bool four_head_pv = false, unpack_widen = false;
+  constexpr bool four_head_pv = false;
+  [[maybe_unused]] constexpr bool unpack_widen = false;
 #endif
   std::vector<int64_t> diag(static_cast<size_t>(vectors));
   std::vector<float> slope(p.alibi_slopes ? static_cast<size_t>(vectors) : 0);
@@ -731,7 +732,8 @@ void run_task(const PagedAttnParams& whole, int64_t s, int64_t split, int64_t ke
   constexpr bool gemm_scores = false;
 #endif
   // Lanes per query vector, vectors per 16 lanes, keys per score tile.
-  const int64_t lw = pair_lanes ? 2 : 1, lane_vectors = 16 / lw, tile_keys = kLaneKeys * lw;
+  const int64_t lw = pair_lanes ? 2 : 1, tile_keys = kLaneKeys * lw;
+  [[maybe_unused]] const int64_t lane_vectors = 16 / lw;
   std::vector<uint16_t> kt2(gemm_scores ? static_cast<size_t>(dpb * kChunk) : 0);  // (dpb / 2 pairs, kChunk) words
   if (dot_scores)
     for (int64_t v = 0; v < vectors; ++v) {
