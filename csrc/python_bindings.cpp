@@ -10,7 +10,9 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "common/cpu/compute_peak.h"
 #include "common/cpu_gemm_choice.h"
 #include "common/cpu_isa.h"
 #include "common/op_checks.h"
@@ -82,6 +84,30 @@ int parallel_thread_count(int64_t items) {
     ids.insert(std::this_thread::get_id());
   });
   return static_cast<int>(ids.size());
+}
+
+// Arithmetic ceilings of the CPU with every thread of torch's pool busy (the
+// clock of one busy core is higher): each thread times its own loops for
+// `seconds`, the rates add up. GFLOP/s, 0 where the active ISA has no such
+// instruction.
+py::dict measure_compute_peak(double seconds) {
+  if (!(seconds > 0.0 && seconds <= 10.0)) throw std::invalid_argument("seconds must lie in (0, 10]");
+  const int threads = torchkiln::num_threads();
+  std::vector<torchkiln::ComputePeak> each(static_cast<size_t>(threads));
+  {
+    py::gil_scoped_release no_gil;
+    torchkiln::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) TK_CPU_DISPATCH(measure_compute_peak, seconds, &each[i]);
+    });
+  }
+  double fma = 0.0, dot = 0.0;
+  for (const auto& e : each) fma += e.fp32_fma, dot += e.bf16_dot;
+  py::dict d;
+  d["threads"] = threads;
+  d["isa"] = torchkiln::cpu_isa_name(torchkiln::active_cpu_isa());
+  d["fp32_fma_gflops"] = fma / 1e9;
+  d["bf16_dot_gflops"] = dot / 1e9;
+  return d;
 }
 
 // Token ids from any Python sequence of ints, without pybind11's per-element
@@ -255,6 +281,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "torchkiln native module: custom ops (torch.ops.torchkiln) and runtime queries";
   m.def("cpu_info", &cpu_info, "CPU code path detected and in use, and torch's intra-op thread count.");
   m.def("build_info", &build_info, "How this extension was built: torch version, CUDA, archs, compiler.");
+  m.def("measure_compute_peak", &measure_compute_peak, py::arg("seconds") = 0.2,
+        "Measured fp32 FMA and bf16 dot-product GFLOP/s of the CPU, all of torch's threads busy.");
   m.def("parallel_thread_count", &parallel_thread_count, py::arg("items"),
         "Distinct threads that CPU kernels' parallel_for uses for `items` tasks (a test probe).");
   m.def(

@@ -70,6 +70,32 @@ def test_kernels_use_torch_thread_pool():
         torch.set_num_threads(before)
 
 
+def test_compute_peak_probe(cpu_isa):
+    """The bench's measured ceilings: the widest fp32 FMA of the active ISA
+    and bf16 dot products where it has them, at rates a core can reach (one
+    thread: at most 64 fp32 FLOPs a cycle at 6 GHz, dot products at most
+    2.2x that; a probe whose identical chains the compiler merged reported
+    4x its FMA rate)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        peak = torchkiln._C.measure_compute_peak(0.05)
+    finally:
+        torch.set_num_threads(before)
+    assert peak["threads"] == 1 and peak["isa"] == cpu_isa
+    fma, dot = peak["fp32_fma_gflops"], peak["bf16_dot_gflops"]
+    if cpu_isa == "scalar":
+        assert fma == 0 and dot == 0
+        return
+    assert 0 < fma <= 64 * 6.0
+    if cpu_isa == "avx512bf16":
+        assert 0 < dot <= 2.2 * fma
+    else:
+        assert dot == 0
+    with pytest.raises(ValueError, match="seconds"):
+        torchkiln._C.measure_compute_peak(0.0)
+
+
 def test_cli_bench_writes_table_json_and_plot(tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     cmd = [sys.executable, "-m", "torchkiln", "bench", "--quick", "--repeat", "1", "--warmup", "1",

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from .cases import BenchCase
-from .timing import copy_bandwidth_gbs, time_pair
+from .timing import compute_peak, copy_bandwidth_gbs, time_pair
 
 
 @dataclass
@@ -29,6 +29,7 @@ class BenchResult:
     pct_of_copy: float
     ours_gflops: float | None = None  # compute-bound ops: useful FLOPs / our time
     baseline_gflops: float | None = None
+    peak: dict | None = None  # measured CPU ceilings in the same run (bench.timing.compute_peak)
 
 
 def run_cases(
@@ -39,10 +40,11 @@ def run_cases(
     (a run cut short still shows what it got). With an `errors` list, a case
     that raises is recorded there and the run goes on; without one it raises."""
     copy = copy_bandwidth_gbs(device)
+    peak = compute_peak(device)
     results = []
     for case in cases:
         try:
-            result = _run_case(case, device, repeat, warmup, copy)
+            result = _run_case(case, device, repeat, warmup, copy, peak)
         except Exception as exc:
             if errors is None:
                 raise
@@ -58,7 +60,8 @@ def run_cases(
     return results
 
 
-def _run_case(case: BenchCase, device: str, repeat: int, warmup: int, copy: float) -> BenchResult:
+def _run_case(case: BenchCase, device: str, repeat: int, warmup: int, copy: float, peak: dict | None
+              ) -> BenchResult:
     prepared = case.setup(device)
     ours, base = time_pair(prepared.ours, prepared.baseline, device, warmup=warmup, repeat=repeat)
     gbs = prepared.min_bytes / ours / 1e9
@@ -66,7 +69,7 @@ def _run_case(case: BenchCase, device: str, repeat: int, warmup: int, copy: floa
     return BenchResult(
         case.family, case.name, case.shape, str(case.dtype).removeprefix("torch."), device,
         ours * 1e3, base * 1e3, base / ours, gbs, copy, 100.0 * gbs / copy,
-        flops / ours / 1e9 if flops else None, flops / base / 1e9 if flops else None,
+        flops / ours / 1e9 if flops else None, flops / base / 1e9 if flops else None, peak,
     )
 
 
@@ -96,6 +99,11 @@ def format_table(results: list[BenchResult]) -> str:
         if any(r.ours_gflops is None for r in results):
             out.append("GB/s counts each input read and output written once; kernels that stream their stores "
                        "past the cache can beat copy_, which also reads every destination line before writing it")
+        peak = results[0].peak
+        if peak and any(r.ours_gflops for r in results):
+            dot = f", bf16 dot products {peak['bf16_dot_gflops']:.0f}" if peak["bf16_dot_gflops"] else ""
+            fma = f"fp32 FMA {peak['fp32_fma_gflops']:.0f}" if peak["fp32_fma_gflops"] else "no vector FMA timed"
+            out.append(f"compute ceiling (cpu, {peak['threads']} threads, {peak['isa']}, measured): {fma}{dot} GFLOP/s")
         if any(r.family == "attention" for r in results):
             out.append("attention: useful FLOPs (masked pairs not counted; backward = 2.5x forward); baseline = "
                        "torch SDPA (varlen: SDPA on the batch padded to the longest sequence)")

@@ -65,6 +65,17 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 256 << 20, repeat: int = 10) -
     return 2 * nbytes / t / 1e9
 
 
+def compute_peak(device: str) -> dict | None:
+    """Measured arithmetic ceilings of the CPU with all of torch's threads
+    busy (torchkiln._C.measure_compute_peak): fp32 FMA and bf16 dot-product
+    GFLOP/s, 0 where the active ISA lacks the instruction. None on CUDA."""
+    if device != "cpu":
+        return None
+    from .._ext import _C
+
+    return dict(_C.measure_compute_peak(0.2))
+
+
 def keep_freed_memory_mapped() -> bool:
     """Make glibc malloc serve large tensors from its heap and keep freed
     memory, as a long-running trainer or server with jemalloc/tcmalloc would.
