@@ -10,6 +10,7 @@
 // accumulator counts twice: hence 12.)
 #include "common/cpu/compute_peak.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 
@@ -38,8 +39,9 @@ double timed_rate(double seconds, double flops_per_step, const F& f) {
   return flops_per_step * static_cast<double>(steps) / elapsed;
 }
 
-// Keeps a result observable so the loops are not removed.
-volatile float g_sink;
+// Keeps a result observable so the loops are not removed (every thread
+// stores here: atomic, relaxed).
+std::atomic<float> g_sink{0.0f};
 
 // `ins` acc_k += x * y (AT&T operand order: y, x, acc) for accumulators
 // 0 .. 11 in operands %0 .. %11, x and y in operands 12 and 13.
@@ -71,7 +73,8 @@ double zmm_rate(double seconds, double flops_per_product, V x, V y, bool bf16_do
     }
     const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
                                    _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
-    g_sink = _mm512_reduce_add_ps(_mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11))));
+    g_sink.store(_mm512_reduce_add_ps(_mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)))),
+                 std::memory_order_relaxed);
   });
 }
 #elif defined(__AVX2__)
@@ -89,7 +92,7 @@ double ymm_fma_rate(double seconds) {
                                    _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11))));
-    g_sink = lanes[0];
+    g_sink.store(lanes[0], std::memory_order_relaxed);
   });
 }
 #endif
