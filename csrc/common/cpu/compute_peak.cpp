@@ -3,10 +3,10 @@
 // units of latency 4 need 8), timed in rounds until `seconds` have passed.
 //
 // The products are one asm statement a step. Written as intrinsics, GCC
-// merged the identical chains into one (a rate 4x the real one: perhaps how
-// this project's notes came to 346 GFLOP/s for two Zen 4 cores, whose fp32
-// FMA peak measures 233 here); one asm per product kept the accumulators
-// on the stack, a store after each. (An asm takes at most 30 operands, an
+// merged the identical chains (two Zen 4 cores then "measured" 931 GFLOP/s
+// with AVX-512 and 346 with AVX2, the figure this project's notes give; the
+// real fp32 FMA peak is 233); one asm per product kept the accumulators on
+// the stack, a store after each. (An asm takes at most 30 operands, an
 // accumulator counts twice: hence 12.)
 #include "common/cpu/compute_peak.h"
 
