@@ -74,8 +74,9 @@ def test_compute_peak_probe(cpu_isa):
     """The bench's measured ceilings: the widest fp32 FMA of the active ISA
     and bf16 dot products where it has them, at rates a core can reach (one
     thread: at most 64 fp32 FLOPs a cycle at 6 GHz, dot products at most
-    2.2x that; a probe whose identical chains the compiler merged reported
-    4x its FMA rate)."""
+    2.2x that). The bound catches the AVX-512 probe written with intrinsics,
+    whose identical chains GCC merged (466 GFLOP/s a thread on the Zen 4);
+    the AVX2 one merged the same way (173) stays under it."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
