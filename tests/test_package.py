@@ -73,10 +73,13 @@ def test_kernels_use_torch_thread_pool():
 def test_compute_peak_probe(cpu_isa):
     """The bench's measured ceilings: the widest fp32 FMA of the active ISA
     and bf16 dot products where it has them, at rates a core can reach (one
-    thread: at most 64 fp32 FLOPs a cycle at 6 GHz, dot products at most
-    2.2x that). The bound catches the AVX-512 probe written with intrinsics,
-    whose identical chains GCC merged (466 GFLOP/s a thread on the Zen 4);
-    the AVX2 one merged the same way (173) stays under it."""
+    thread at 6 GHz: at most 64 fp32 FLOPs a cycle, 128 for dot products,
+    which do two multiply-adds a lane). The bounds are absolute: a bound on
+    the ratio of the two rates failed under CI's parallel load, which slowed
+    one measurement and not the other. The fp32 bound catches the AVX-512
+    probe written with intrinsics, whose identical chains GCC merged (466
+    GFLOP/s a thread on the Zen 4); the AVX2 one merged the same way (173)
+    and the merged dot products (612) stay under theirs."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -90,7 +93,7 @@ def test_compute_peak_probe(cpu_isa):
         return
     assert 0 < fma <= 64 * 6.0
     if cpu_isa == "avx512bf16":
-        assert 0 < dot <= 2.2 * fma
+        assert 0 < dot <= 128 * 6.0
     else:
         assert dot == 0
     with pytest.raises(ValueError, match="seconds"):
